@@ -1,0 +1,109 @@
+"""FLEAD's settings: the one place every knob lives.
+
+Each field has a default that runs the whole system on this machine and an environment
+variable ``FLEAD_<FIELD>`` (upper case) that overrides it, so an existing Kafka cluster,
+TimescaleDB or Flink/Spark cluster can be used instead of the local ones. Only the standard
+library is imported here: the PyFlink job's separate environment imports this module too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Topics:
+    readings: str = "edge-iiot-stream"
+    anomalies: str = "anomalies"
+    local_updates: str = "local-model-updates"
+    global_updates: str = "global-model-updates"
+    dead_letter: str = "flead-dead-letter"
+
+    def all(self) -> list[str]:
+        return [getattr(self, f.name) for f in fields(self)]
+
+
+@dataclass(frozen=True)
+class Settings:
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    kafka_partitions: int = 4
+    kafka_replication: int = 1
+    kafka_retention_ms: int = -1  # keep all: replayed readings carry event times in the past
+    kafka_heap: str = "1g"
+    topics: Topics = field(default_factory=Topics)
+    # PostgreSQL (the application database; Dagster's instance has its own)
+    database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead"
+    dagster_database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead_dagster"
+    # Local services: where their data, logs and pids live
+    state_dir: Path = REPO_ROOT / ".flead"
+    # Replay of the default data set
+    source: str = "synthetic"
+    synthetic_devices: int = 2407
+    synthetic_readings_per_device: int = 200
+    synthetic_anomaly_rate: float = 0.02
+    seed: int = 42
+    replay_rate: float = 0.0  # readings/s; 0 = as fast as possible
+    replay_speedup: float = 0.0  # event-time compression factor; 0 = off
+
+    @property
+    def jars_dir(self) -> Path:
+        return self.state_dir / "jars"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.state_dir / "run"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+
+def _coerce(raw: str, default: Any) -> Any:
+    if isinstance(default, bool):
+        return raw.strip().lower() in {"1", "true", "yes", "on"}
+    if isinstance(default, int):
+        return int(raw)
+    if isinstance(default, float):
+        return float(raw)
+    if isinstance(default, Path):
+        return Path(raw).expanduser().resolve()
+    return raw
+
+
+def _override(obj: Any, prefix: str, env: dict[str, str]) -> Any:
+    changes: dict[str, Any] = {}
+    for f in fields(obj):
+        current = getattr(obj, f.name)
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(current):
+            changes[f.name] = _override(current, f"{name}_", env)
+        elif name in env:
+            try:
+                changes[f.name] = _coerce(env[name], current)
+            except ValueError as exc:
+                raise ValueError(f"{name}={env[name]!r} is not a valid {type(current).__name__}") from exc
+    return dataclasses.replace(obj, **changes)
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Defaults overridden by ``FLEAD_*`` variables, e.g. ``FLEAD_KAFKA_BOOTSTRAP`` or
+    ``FLEAD_TOPICS_READINGS``."""
+    return _override(Settings(), "FLEAD_", dict(os.environ if env is None else env))
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """Settings as plain JSON-able values, for ``flead status`` and docs."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value):
+            return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+        return str(value) if isinstance(value, Path) else value
+
+    return plain(settings)

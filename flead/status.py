@@ -1,0 +1,67 @@
+"""What is running and what is stored: the data behind ``flead status``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flead import db, kafka, services
+from flead.config import Settings, describe
+
+MANAGED_SERVICES = ("postgres", "kafka")
+
+
+def _service_health(settings: Settings) -> dict[str, dict[str, Any]]:
+    endpoints = {
+        "postgres": services.postgres_endpoint(settings.database_url),
+        "kafka": services.kafka_endpoint(settings),
+    }
+    health: dict[str, dict[str, Any]] = {}
+    for name in MANAGED_SERVICES:
+        endpoint = endpoints[name]
+        health[name] = {
+            "address": f"{endpoint.host}:{endpoint.port}",
+            "healthy": endpoint.answers(),
+            "pid": services.recorded_pid(settings, name),  # None when not started by FLEAD
+            "log": str(settings.log_dir / f"{name}.log"),
+        }
+    return health
+
+
+def collect(settings: Settings) -> dict[str, Any]:
+    """Service health, per-topic message counts and per-table row counts; errors are reported
+    in place so one dead service never hides the others."""
+    report: dict[str, Any] = {"services": _service_health(settings)}
+    if report["services"]["kafka"]["healthy"]:
+        try:
+            report["topics"] = kafka.topic_message_counts(settings)
+        except Exception as exc:  # status must report, not crash
+            report["topics"] = {"error": str(exc)}
+    else:
+        report["topics"] = {"error": "Kafka is not reachable"}
+    if report["services"]["postgres"]["healthy"]:
+        try:
+            report["tables"] = db.table_row_counts(settings.database_url)
+        except Exception as exc:
+            report["tables"] = {"error": str(exc)}
+    else:
+        report["tables"] = {"error": "PostgreSQL is not reachable"}
+    report["settings"] = describe(settings)
+    return report
+
+
+def render(report: dict[str, Any]) -> str:
+    lines = ["Services"]
+    for name, info in report["services"].items():
+        state = "up" if info["healthy"] else "DOWN"
+        pid = f"pid {info['pid']}" if info["pid"] else "not started by flead"
+        lines.append(f"  {name:<10} {state:<5} {info['address']:<22} {pid}")
+    for title, key, unit in (("Topics", "topics", "messages"), ("Tables", "tables", "rows")):
+        lines.append(title)
+        section = report[key]
+        if "error" in section:
+            lines.append(f"  unavailable: {section['error']}")
+            continue
+        for name, count in section.items():
+            shown = "missing" if count is None else f"{count:,} {unit}"
+            lines.append(f"  {name:<28} {shown}")
+    return "\n".join(lines)
