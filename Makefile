@@ -32,7 +32,7 @@ up: install
 	$(FLEAD) up
 
 replay: up
-	$(FLEAD) replay
+	$(FLEAD) replay --unless-present
 
 stop:
 	@test -x $(FLEAD) && $(FLEAD) down || echo "nothing to stop: flead is not installed"

@@ -18,8 +18,10 @@ def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
     print(f"PostgreSQL  {services.ensure_postgres(settings)}  {settings.database_url}")
     print(f"Kafka       {services.ensure_kafka(settings)}  {settings.kafka_bootstrap}")
     created = kafka.ensure_topics(settings)
-    print(f"Topics      {', '.join(settings.topics.all())}"
-          + (f" (created {len(created)})" if created else ""))
+    print(
+        f"Topics      {', '.join(settings.topics.all())}"
+        + (f" (created {len(created)})" if created else "")
+    )
     applied = db.apply_schema(settings.database_url)
     print(f"Schema      {'applied ' + ', '.join(applied) if applied else 'up to date'}")
     print(f"State       {settings.state_dir}  (logs in {settings.log_dir})")
@@ -49,26 +51,39 @@ def _source_options(settings: Settings, args: argparse.Namespace) -> tuple[dict,
 
 
 def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
+    topic = args.topic or settings.topics.readings
+    if args.unless_present:
+        held = kafka.topic_message_counts(settings, [topic])[topic]
+        if held:
+            print(
+                f"Replay skipped: {topic} already holds {held:,} messages "
+                "(run `flead replay` to add them again)"
+            )
+            return 0
     options, total = _source_options(settings, args)
     report = sources.LoadReport()
     readings = sources.open_source(args.source, report=report, **options)
     if args.limit:
         readings = (r for i, r in zip(range(args.limit), readings, strict=False))
         total = min(total or args.limit, args.limit)
-    topic = args.topic or settings.topics.readings
     try:
         result = replay(
-            readings, kafka.producer_config(settings), topic,
+            readings,
+            kafka.producer_config(settings),
+            topic,
             rate=args.rate if args.rate is not None else settings.replay_rate,
             speedup=args.speedup if args.speedup is not None else settings.replay_speedup,
-            total=total, progress=not args.quiet,
+            total=total,
+            progress=not args.quiet,
         )
     except ReplayError as exc:
         print(f"replay failed: {exc}", file=sys.stderr)
         return 1
-    print(f"Replayed {result.readings:,} readings to {topic} in {result.seconds:.1f} s "
-          f"({result.rate:,.0f} readings/s); bad rows skipped: {report.bad_rows:,}"
-          + (f" {dict(report.reasons)}" if report.bad_rows else ""))
+    print(
+        f"Replayed {result.readings:,} readings to {topic} in {result.seconds:.1f} s "
+        f"({result.rate:,.0f} readings/s); bad rows skipped: {report.bad_rows:,}"
+        + (f" {dict(report.reasons)}" if report.bad_rows else "")
+    )
     return 0
 
 
@@ -85,8 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("up", help="start PostgreSQL and Kafka, create topics, apply the schema")
     commands.add_parser("down", help="stop the services flead started (by their recorded pids)")
     replay_cmd = commands.add_parser("replay", help="replay a data set into the readings topic")
-    replay_cmd.add_argument("--source", default=None, choices=sources.SOURCE_NAMES,
-                            help="data set (default: settings.source)")
+    replay_cmd.add_argument(
+        "--source",
+        default=None,
+        choices=sources.SOURCE_NAMES,
+        help="data set (default: settings.source)",
+    )
     replay_cmd.add_argument("--path", help="file or folder for csv, edge_iiot, skab and wsn")
     replay_cmd.add_argument("--devices", type=int, help="synthetic fleet size")
     replay_cmd.add_argument("--readings-per-device", type=int, help="synthetic readings per device")
@@ -95,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--speedup", type=float, help="event-time compression factor")
     replay_cmd.add_argument("--topic", help="target topic (default: the readings topic)")
     replay_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
+    replay_cmd.add_argument(
+        "--unless-present",
+        action="store_true",
+        help="do nothing if the topic already holds messages (make run)",
+    )
     status_cmd = commands.add_parser("status", help="service health, topic and table counts")
     status_cmd.add_argument("--json", action="store_true", help="print JSON")
     return parser

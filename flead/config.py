@@ -88,7 +88,9 @@ def _override(obj: Any, prefix: str, env: dict[str, str]) -> Any:
             try:
                 changes[f.name] = _coerce(env[name], current)
             except ValueError as exc:
-                raise ValueError(f"{name}={env[name]!r} is not a valid {type(current).__name__}") from exc
+                raise ValueError(
+                    f"{name}={env[name]!r} is not a valid {type(current).__name__}"
+                ) from exc
     return dataclasses.replace(obj, **changes)
 
 

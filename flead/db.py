@@ -53,6 +53,5 @@ def table_row_counts(url: str) -> dict[str, int]:
             )
         ]
         return {
-            table: conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0]
-            for table in tables
+            table: conn.execute(f'SELECT count(*) FROM "{table}"').fetchone()[0] for table in tables
         }

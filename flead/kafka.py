@@ -27,8 +27,9 @@ def producer_config(settings: Settings, **overrides: object) -> dict[str, object
     }
 
 
-def ensure_topics(settings: Settings, names: list[str] | None = None,
-                  timeout: float = 30.0) -> list[str]:
+def ensure_topics(
+    settings: Settings, names: list[str] | None = None, timeout: float = 30.0
+) -> list[str]:
     """Create the missing topics (all of FLEAD's by default); return the ones created."""
     client = admin(settings)
     wanted = names if names is not None else settings.topics.all()
@@ -54,13 +55,19 @@ def ensure_topics(settings: Settings, names: list[str] | None = None,
     return [t.topic for t in new]
 
 
-def topic_message_counts(settings: Settings, names: list[str] | None = None,
-                         timeout: float = 10.0) -> dict[str, int | None]:
+def topic_message_counts(
+    settings: Settings, names: list[str] | None = None, timeout: float = 10.0
+) -> dict[str, int | None]:
     """Messages held per topic (high minus low watermark over partitions); None if missing."""
     wanted = names if names is not None else settings.topics.all()
     metadata = admin(settings).list_topics(timeout=timeout)
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": "flead-status",
-                         "enable.auto.commit": False})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": "flead-status",
+            "enable.auto.commit": False,
+        }
+    )
     try:
         counts: dict[str, int | None] = {}
         for name in wanted:

@@ -86,16 +86,25 @@ def recorded_pid(settings: Settings, name: str) -> int | None:
     return pid
 
 
-def spawn(settings: Settings, name: str, argv: list[str], env: dict[str, str] | None = None,
-          user: str | None = None) -> int:
+def spawn(
+    settings: Settings,
+    name: str,
+    argv: list[str],
+    env: dict[str, str] | None = None,
+    user: str | None = None,
+) -> int:
     """Start ``argv`` detached, logging to ``<state>/logs/<name>.log``, and record its pid."""
     settings.run_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.log_dir / f"{name}.log"
     with log_path.open("ab") as out:
         process = subprocess.Popen(
-            argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})}, start_new_session=True,
+            argv,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
+            start_new_session=True,
             user=user,
         )
     pid_file(settings, name).write_text(f"{process.pid}\n")
@@ -156,9 +165,15 @@ def ensure_postgres(settings: Settings) -> str:
     if not (data_dir / "PG_VERSION").exists():
         _init_postgres(settings, data_dir, user)
     argv = [
-        str(_postgres_bin("postgres")), "-D", str(data_dir),
-        "-c", f"listen_addresses={endpoint.host}", "-c", f"port={endpoint.port}",
-        "-c", f"unix_socket_directories={data_dir}",
+        str(_postgres_bin("postgres")),
+        "-D",
+        str(data_dir),
+        "-c",
+        f"listen_addresses={endpoint.host}",
+        "-c",
+        f"port={endpoint.port}",
+        "-c",
+        f"unix_socket_directories={data_dir}",
     ]
     spawn(settings, "postgres", argv, user=user)
     wait_until(endpoint.answers, 60, "PostgreSQL", settings.log_dir / "postgres.log")
@@ -177,10 +192,21 @@ def _init_postgres(settings: Settings, data_dir: Path, user: str | None) -> None
         shutil.chown(pwfile, user)
     data_dir.chmod(0o700)
     subprocess.run(
-        [str(_postgres_bin("initdb")), "-D", str(data_dir), "-U", parts.username or "flead",
-         f"--pwfile={pwfile}", "--auth-local=trust", "--auth-host=scram-sha-256",
-         "--encoding=UTF8", "--locale=C.UTF-8"],
-        check=True, user=user, capture_output=True,
+        [
+            str(_postgres_bin("initdb")),
+            "-D",
+            str(data_dir),
+            "-U",
+            parts.username or "flead",
+            f"--pwfile={pwfile}",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C.UTF-8",
+        ],
+        check=True,
+        user=user,
+        capture_output=True,
     )
     pwfile.unlink()
 
@@ -208,7 +234,9 @@ def _create_databases(settings: Settings) -> None:
     with psycopg.connect(_admin_url(settings), autocommit=True) as conn:
         for url in (settings.database_url, settings.dagster_database_url):
             name = urlsplit(url).path.lstrip("/")
-            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone()
+            exists = conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
+            ).fetchone()
             if not exists:
                 conn.execute(f'CREATE DATABASE "{name}"')
 
@@ -240,25 +268,27 @@ logger.apache.level = WARN
 def _kafka_properties(settings: Settings, data_dir: Path) -> str:
     endpoint = kafka_endpoint(settings)
     controller_port = endpoint.port + 1
-    return "\n".join([
-        "process.roles=broker,controller",
-        "node.id=1",
-        f"controller.quorum.voters=1@{endpoint.host}:{controller_port}",
-        f"listeners=PLAINTEXT://{endpoint.host}:{endpoint.port},"
-        f"CONTROLLER://{endpoint.host}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{endpoint.host}:{endpoint.port}",
-        "controller.listener.names=CONTROLLER",
-        "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-        f"log.dirs={data_dir}",
-        f"num.partitions={settings.kafka_partitions}",
-        "offsets.topic.replication.factor=1",
-        "share.coordinator.state.topic.replication.factor=1",
-        "transaction.state.log.replication.factor=1",
-        "transaction.state.log.min.isr=1",
-        "group.initial.rebalance.delay.ms=0",
-        "auto.create.topics.enable=false",
-        "",
-    ])
+    return "\n".join(
+        [
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@{endpoint.host}:{controller_port}",
+            f"listeners=PLAINTEXT://{endpoint.host}:{endpoint.port},"
+            f"CONTROLLER://{endpoint.host}:{controller_port}",
+            f"advertised.listeners=PLAINTEXT://{endpoint.host}:{endpoint.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={data_dir}",
+            f"num.partitions={settings.kafka_partitions}",
+            "offsets.topic.replication.factor=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            "auto.create.topics.enable=false",
+            "",
+        ]
+    )
 
 
 def _kafka_java(settings: Settings, main_class: str, *args: str) -> list[str]:
@@ -267,9 +297,14 @@ def _kafka_java(settings: Settings, main_class: str, *args: str) -> list[str]:
         raise ServiceError(f"no Kafka jars in {jars}; `make run` copies them with Maven")
     config_dir = settings.state_dir / "kafka"
     return [
-        shutil.which("java") or "java", "-Xms256m", f"-Xmx{settings.kafka_heap}",
+        shutil.which("java") or "java",
+        "-Xms256m",
+        f"-Xmx{settings.kafka_heap}",
         f"-Dlog4j2.configurationFile={config_dir / 'log4j2.properties'}",
-        "-cp", f"{jars}/*", main_class, *args,
+        "-cp",
+        f"{jars}/*",
+        main_class,
+        *args,
     ]
 
 
@@ -293,9 +328,17 @@ def ensure_kafka(settings: Settings) -> str:
     if not (data_dir / "meta.properties").exists():
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
         subprocess.run(
-            _kafka_java(settings, "kafka.tools.StorageTool", "format", "-t", cluster_id,
-                        "-c", str(properties)),
-            check=True, capture_output=True,
+            _kafka_java(
+                settings,
+                "kafka.tools.StorageTool",
+                "format",
+                "-t",
+                cluster_id,
+                "-c",
+                str(properties),
+            ),
+            check=True,
+            capture_output=True,
         )
     spawn(settings, "kafka", _kafka_java(settings, "kafka.Kafka", str(properties)))
     wait_until(endpoint.answers, 90, "Kafka", settings.log_dir / "kafka.log")

@@ -52,7 +52,9 @@ class _Pacer:
         elif self.speedup:
             if self.event_start_ms is None:
                 self.event_start_ms = reading.timestamp_ms
-            due = self.wall_start + (reading.timestamp_ms - self.event_start_ms) / 1000 / self.speedup
+            due = (
+                self.wall_start + (reading.timestamp_ms - self.event_start_ms) / 1000 / self.speedup
+            )
         else:
             return
         delay = due - time.monotonic()
@@ -79,8 +81,14 @@ def replay(
             failures.append(error)
 
     pacer = _Pacer(rate, speedup)
-    bar = tqdm(total=total, unit=" readings", unit_scale=True, disable=not progress,
-               desc=f"replay → {topic}", mininterval=0.5)
+    bar = tqdm(
+        total=total,
+        unit=" readings",
+        unit_scale=True,
+        disable=not progress,
+        desc=f"replay → {topic}",
+        mininterval=0.5,
+    )
     started = time.monotonic()
     count = 0
     for count, reading in enumerate(readings, start=1):

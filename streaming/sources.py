@@ -138,13 +138,13 @@ def _parse_csv_time_us(raw: str) -> int:
     return _parse_iso_us(raw)
 
 
-def _parse_value(raw: str | None) -> float:
+def _parse_value(raw: str) -> float:
     try:
-        value = float(raw) if raw is not None else math.nan
+        value = float(raw)
     except ValueError as exc:
         raise _BadRow("unparsable value") from exc
     if not math.isfinite(value):  # the stream contract only carries finite numbers
-        raise _BadRow("unparsable value" if raw is None or not raw.strip() else "non-finite value")
+        raise _BadRow("non-finite value")
     return value
 
 
@@ -203,10 +203,8 @@ class _Columns:
         n = len(self.ts_us)
         ts = np.frombuffer(self.ts_us, dtype=np.int64) if n else np.zeros(0, np.int64)
         dev = np.frombuffer(self.device, dtype=np.int32) if n else np.zeros(0, np.int32)
-        rank = np.empty(len(self.device_ids), dtype=np.int64)
-        rank[sorted(range(len(self.device_ids)), key=self.device_ids.__getitem__)] = np.arange(
-            len(self.device_ids)
-        )
+        rank = np.empty(len(self.device_ids), dtype=np.int64)  # device id -> its sort position
+        rank[np.argsort(np.array(self.device_ids, dtype=str))] = np.arange(len(rank))
         order = np.lexsort((np.arange(n), rank[dev], ts))
         values = np.frombuffer(self.value, dtype=np.float64) if n else np.zeros(0)
         labels = np.frombuffer(self.label, dtype=np.int8) if n else np.zeros(0, np.int8)
@@ -239,7 +237,7 @@ def _read_rows(
         for row in reader:
             if not row or (len(row) == 1 and not row[0].strip()):
                 continue  # blank line: not a row at all
-            where = f"{path}:{reader.line_num}"
+            where = f"line {reader.line_num}"
             if len(row) != n_fields:
                 tally.bad("wrong field count", where)
                 continue
@@ -344,7 +342,26 @@ def _chunk_events(
     start = (rng.random(len(dev)) * (n_readings - length + 1)).astype(np.int64)
     magnitude = _MAG_LO[kind] + rng.random(len(dev)) * (_MAG_HI[kind] - _MAG_LO[kind])
     magnitude *= np.where(rng.random(len(dev)) < 0.5, -1.0, 1.0)
-    return dev, kind, start, length, magnitude
+    keep = _non_overlapping(dev, start, length, n_readings)
+    return dev[keep], kind[keep], start[keep], length[keep], magnitude[keep]
+
+
+def _non_overlapping(
+    dev: np.ndarray, start: np.ndarray, length: np.ndarray, n_readings: int
+) -> np.ndarray:
+    """Mask of events to keep so that a device's events neither overlap nor touch.
+
+    One kind per labelled point keeps the ground truth unambiguous, and a normal reading before
+    every event gives a stuck stretch a normal value to hold. Greedy in start order per device.
+    """
+    order = np.lexsort((start, dev))
+    stride = n_readings + 2  # offsets devices apart so one running max serves all of them
+    begin = dev[order] * stride + start[order]
+    end = begin + length[order]  # first index after the event
+    prev_end = np.maximum.accumulate(np.concatenate(([-1], end[:-1])))
+    keep = np.zeros(len(dev), dtype=bool)
+    keep[order] = begin > prev_end
+    return keep
 
 
 def _inject(
@@ -386,7 +403,7 @@ def synthetic_fleet_arrays(
     """Generate the synthetic fleet as columnar numpy arrays in event-time order.
 
     Vectorised over blocks of devices (no per-reading Python), so 100,000 devices x 200 readings
-    fit in memory (~0.6 GB peak) and take seconds. Deterministic for a seed; device i's stream is
+    fit in memory (~0.5 GB) and take seconds. Deterministic for a seed; device i's stream is
     the same whatever ``num_devices`` is. Device i samples at ``start + offset_i + k*interval``
     with ``0 <= offset_i < interval``, so the event-time order is: by k, then offset, then device.
     """
@@ -399,26 +416,29 @@ def synthetic_fleet_arrays(
         raise ValueError(f"interval_s must be at least 1 ms, got {interval_s}")
     start_ms = _to_us(start) // 1000
     n, t_len = num_devices, readings_per_device
-    values = np.empty((n, t_len))
-    kinds = np.empty((n, t_len), dtype=np.int8)
+    # [time step, device] layout: event order is then each row permuted the same way, in place.
+    values = np.empty((t_len, n))
+    kinds = np.empty((t_len, n), dtype=np.int8)
     offsets = np.empty(n, dtype=np.int64)
     for c, lo in enumerate(range(0, n, _CHUNK)):
         rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(c,))))
         vals, sigma, offset_ms = _chunk_signal(rng, t_len, start_ms, interval_ms)
         chunk_kinds = _inject(rng, vals, sigma, _chunk_events(rng, t_len, anomaly_rate))
         hi = min(lo + _CHUNK, n)
-        values[lo:hi], kinds[lo:hi], offsets[lo:hi] = vals[: hi - lo], chunk_kinds[: hi - lo], (
-            offset_ms[: hi - lo]
-        )
+        values[:, lo:hi] = vals[: hi - lo].T
+        kinds[:, lo:hi] = chunk_kinds[: hi - lo].T
+        offsets[lo:hi] = offset_ms[: hi - lo]
     perm = np.argsort(offsets, kind="stable")  # ties in offset: device order
+    for row in range(t_len):  # one row at a time keeps the peak at one copy of the data
+        values[row] = values[row, perm]
+        kinds[row] = kinds[row, perm]
     steps = np.arange(t_len, dtype=np.int64)[:, None] * interval_ms
-    kind_flat = kinds.T[:, perm].ravel()
     return FleetArrays(
         device=np.tile(perm.astype(np.int32), t_len),
         timestamp_ms=(start_ms + offsets[perm][None, :] + steps).ravel(),
-        value=values.T[:, perm].ravel(),
-        label=(kind_flat > 0).astype(np.int8),
-        anomaly_kind=kind_flat,
+        value=values.ravel(),
+        label=(kinds > 0).astype(np.int8).ravel(),
+        anomaly_kind=kinds.ravel(),
         device_ids=_device_ids(n),
     )
 
@@ -533,7 +553,7 @@ def _skab_file(path: Path, experiment: str, tally: _Tally, columns: _Columns) ->
         for row in reader:
             if not row:
                 continue
-            where = f"{path}:{reader.line_num}"
+            where = f"{path.parent.name}/{path.name} line {reader.line_num}"
             try:
                 if len(row) != len(header):
                     raise _BadRow("wrong field count")
@@ -619,7 +639,8 @@ def wsn_readings(
 # 5. Edge-IIoTset
 # --------------------------------------------------------------------------------------------
 
-_MONTHS = {m: i for i, m in enumerate("Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split(), 1)}
+_MONTH_NAMES = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+_MONTHS = {name: number for number, name in enumerate(_MONTH_NAMES, 1)}
 # "2021 11:44:10.081753000": year and time of day only (the common form in DNN-EdgeIIoT).
 _EDGE_PARTIAL = re.compile(r"^(\d{4})\s+(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d+))?$")
 # Wireshark's absolute time, "Nov 14, 2021 13:42:08.797669000 EET" (zone name ignored -> UTC).
@@ -678,10 +699,10 @@ def edge_iiot_readings(
     cols = _column_index(header, wanted, str(path))
 
     def parse(row: list[str], _line: int) -> tuple[int, str, float, int | None]:
+        ts = parse_edge_iiot_time(row[cols["frame.time"]])  # first: it exposes shifted rows
         device = row[cols["ip.src_host"]].strip()
         if device in _EDGE_MISSING:
             raise _BadRow("missing device")
-        ts = parse_edge_iiot_time(row[cols["frame.time"]])
         value = _parse_value(row[cols[value_field]])
         return ts, device, value, _parse_label(row[cols["Attack_label"]], optional=False)
 
@@ -699,14 +720,21 @@ SOURCES: dict[str, Callable[..., Iterator[Reading]]] = {
     "wsn": wsn_readings,
     "edge_iiot": edge_iiot_readings,
 }
+SOURCE_NAMES: tuple[str, ...] = tuple(SOURCES)
 
 
 def open_source(name: str, **options: Any) -> Iterator[Reading]:
-    """A source by name (for CLIs and config files); ``options`` go to its function."""
+    """A source by name (for CLIs and config files); ``options`` go to its function.
+
+    Every file-backed source takes ``path``: for ``skab`` it is the folder (alias of ``root``),
+    so a CLI can pass one ``--path`` whatever the source.
+    """
     try:
         source = SOURCES[name]
     except KeyError:
         raise ValueError(
             f"unknown source {name!r}; valid names: {', '.join(sorted(SOURCES))}"
         ) from None
+    if name == "skab" and "path" in options:
+        options["root"] = options.pop("path")
     return source(**options)

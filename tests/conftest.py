@@ -1,0 +1,86 @@
+"""Fixtures for the integration tests: the real PostgreSQL and Kafka broker.
+
+They are started through the same code as ``flead up`` when they are not running and reused
+when they are. Each test run works in its own database and on its own topics, so a developer's
+running system is never touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Iterator
+from urllib.parse import urlsplit
+
+import psycopg
+import pytest
+
+from flead import db, services
+from flead.config import Settings, Topics, load_settings
+
+
+@pytest.fixture(scope="session")
+def base_settings() -> Settings:
+    return load_settings()
+
+
+@pytest.fixture(scope="session")
+def postgres(base_settings: Settings) -> Settings:
+    services.ensure_postgres(base_settings)
+    return base_settings
+
+
+@pytest.fixture(scope="session")
+def kafka_broker(base_settings: Settings) -> Settings:
+    services.ensure_kafka(base_settings)
+    return base_settings
+
+
+def _with_database(settings: Settings, name: str) -> str:
+    return urlsplit(settings.database_url)._replace(path=f"/{name}").geturl()
+
+
+@pytest.fixture
+def empty_database(postgres: Settings) -> Iterator[str]:
+    """A new, empty database on the real server; dropped after the test."""
+    name = f"flead_test_{uuid.uuid4().hex[:10]}"
+    admin = _with_database(postgres, "postgres")
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield _with_database(postgres, name)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def database(empty_database: str) -> str:
+    db.apply_schema(empty_database)
+    return empty_database
+
+
+@pytest.fixture
+def settings(kafka_broker: Settings, database: str) -> Settings:
+    """Settings for one test: its own topics (created) and its own migrated database."""
+    from flead import kafka
+
+    suffix = uuid.uuid4().hex[:8]
+    topics = Topics(
+        **{f.name: f"test-{suffix}-{getattr(Topics(), f.name)}" for f in dataclasses.fields(Topics)}
+    )
+    test_settings = dataclasses.replace(kafka_broker, topics=topics, database_url=database)
+    kafka.ensure_topics(test_settings)
+    return test_settings
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """The FLEAD_* variables that make a subprocess see ``settings``."""
+    env = {
+        "FLEAD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
+        "FLEAD_DATABASE_URL": settings.database_url,
+        "FLEAD_STATE_DIR": str(settings.state_dir),
+    }
+    for f in dataclasses.fields(Topics):
+        env[f"FLEAD_TOPICS_{f.name.upper()}"] = getattr(settings.topics, f.name)
+    return env
