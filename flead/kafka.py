@@ -46,7 +46,7 @@ def ensure_topics(
     ]
     if not new:
         return []
-    for name, future in client.create_topics(new, request_timeout=timeout).items():
+    for future in client.create_topics(new, request_timeout=timeout).values():
         try:
             future.result()
         except KafkaException as exc:
