@@ -51,6 +51,26 @@ class Settings:
     seed: int = 42
     replay_rate: float = 0.0  # readings/s; 0 = as fast as possible
     replay_speedup: float = 0.0  # event-time compression factor; 0 = off
+    replay_batch: int = 1  # readings of one device per message (1 = the single-reading form)
+    # Edge learning: the PyFlink job
+    flink_parallelism: int = 1
+    flink_execution_mode: str = "thread"  # PyFlink's "thread" (fast) or "process"
+    checkpoint_interval_ms: int = 10_000
+    train_every: int = 50  # readings per local round ...
+    train_interval_s: float = 60.0  # ... or seconds, whichever comes first
+    min_round_samples: int = 10  # a timer-triggered round needs at least this many readings
+    holdout_fraction: float = 0.1  # share of devices that are scored but never train
+    feature_set: str = "scale_free"  # or "original" ([mean, std, z], to compare against)
+    learning_rate: float = 0.05
+    local_epochs: int = 5
+    anomaly_z: float = 2.5
+    critical_z: float = 4.0
+    # Federated averaging: the FedAvg service
+    fedavg_min_devices: int = 20  # distinct devices buffered before a new global version
+    fedavg_strategy: str = "fedavg"  # fedavg | trimmed_mean | median | clipped_fedavg
+    fedavg_trim_fraction: float = 0.2
+    fedavg_max_norm: float = 0.0  # clipped_fedavg's bound; 0 = the median update norm
+    fedavg_staleness_alpha: float = 0.5  # weight (1 + staleness)^-alpha; 0 = no staleness weighting
 
     @property
     def jars_dir(self) -> Path:

@@ -108,3 +108,178 @@ def dead_letter(topic: str, payload: bytes | None, reason: str) -> bytes:
             "timestamp": format_timestamp(datetime.now(UTC)),
         }
     ).encode()
+
+
+# --- anomalies, local-model-updates, global-model-updates ------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    device_id: str
+    value: float
+    z_score: float
+    severity: str  # "warning" | "critical"
+    timestamp: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class LocalUpdate:
+    device_id: str
+    model_version: int  # the device's round counter, 1, 2, ...
+    base_global_version: int  # the global model the round started from (0 = none yet)
+    weights: tuple[float, ...]
+    bias: float
+    accuracy: float  # training accuracy of the round: never reported as model quality
+    loss: float
+    samples_processed: int
+    timestamp: datetime
+    label_source: str = "ground_truth"  # or "pseudo" (the z-score rule)
+
+
+@dataclass(frozen=True, slots=True)
+class GlobalUpdate:
+    version: int
+    aggregation_round: int
+    weights: tuple[float, ...]
+    bias: float
+    accuracy: float | None  # sample-weighted mean training accuracy of the updates
+    num_devices: int
+    strategy: str
+    timestamp: datetime
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def _loads_object(payload: bytes | str) -> dict[str, Any]:
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise InvalidMessage("a message must be a JSON object")
+    return obj
+
+
+def _number(obj: dict[str, Any], name: str, *, optional: bool = False) -> float | None:
+    value = obj.get(name)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise InvalidMessage(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def _count(obj: dict[str, Any], name: str, minimum: int = 0) -> int:
+    value = obj.get(name)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise InvalidMessage(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _text(obj: dict[str, Any], name: str) -> str:
+    value = obj.get(name)
+    if not isinstance(value, str) or not value:
+        raise InvalidMessage(f"{name} must be a non-empty string")
+    return value
+
+
+def _weights(obj: dict[str, Any]) -> tuple[float, ...]:
+    weights = obj.get("weights")
+    if not isinstance(weights, list) or not weights:
+        raise InvalidMessage("weights must be a non-empty list of numbers")
+    return tuple(_number({"weights[]": w}, "weights[]") for w in weights)
+
+
+def encode_anomaly(anomaly: Anomaly) -> bytes:
+    return _dumps(
+        {
+            "device_id": anomaly.device_id,
+            "value": anomaly.value,
+            "z_score": anomaly.z_score,
+            "severity": anomaly.severity,
+            "timestamp": format_timestamp(anomaly.timestamp),
+        }
+    )
+
+
+def decode_anomaly(payload: bytes | str) -> Anomaly:
+    obj = _loads_object(payload)
+    severity = obj.get("severity")
+    if severity not in ("warning", "critical"):
+        raise InvalidMessage(f"severity must be 'warning' or 'critical', got {severity!r}")
+    return Anomaly(
+        _text(obj, "device_id"),
+        _number(obj, "value"),
+        _number(obj, "z_score"),
+        severity,
+        parse_timestamp(obj.get("timestamp")),
+    )
+
+
+def encode_local_update(update: LocalUpdate) -> bytes:
+    return _dumps(
+        {
+            "device_id": update.device_id,
+            "model_version": update.model_version,
+            "base_global_version": update.base_global_version,
+            "weights": list(update.weights),
+            "bias": update.bias,
+            "accuracy": update.accuracy,
+            "loss": update.loss,
+            "samples_processed": update.samples_processed,
+            "timestamp": format_timestamp(update.timestamp),
+            "label_source": update.label_source,
+        }
+    )
+
+
+def decode_local_update(payload: bytes | str) -> LocalUpdate:
+    obj = _loads_object(payload)
+    label_source = obj.get("label_source", "ground_truth")
+    if label_source not in ("ground_truth", "pseudo"):
+        raise InvalidMessage(
+            f"label_source must be 'ground_truth' or 'pseudo', got {label_source!r}"
+        )
+    return LocalUpdate(
+        device_id=_text(obj, "device_id"),
+        model_version=_count(obj, "model_version", 1),
+        base_global_version=_count(obj, "base_global_version"),
+        weights=_weights(obj),
+        bias=_number(obj, "bias"),
+        accuracy=_number(obj, "accuracy"),
+        loss=_number(obj, "loss"),
+        samples_processed=_count(obj, "samples_processed", 1),
+        timestamp=parse_timestamp(obj.get("timestamp")),
+        label_source=label_source,
+    )
+
+
+def encode_global_update(update: GlobalUpdate) -> bytes:
+    return _dumps(
+        {
+            "version": update.version,
+            "aggregation_round": update.aggregation_round,
+            "weights": list(update.weights),
+            "bias": update.bias,
+            "accuracy": update.accuracy,
+            "num_devices": update.num_devices,
+            "strategy": update.strategy,
+            "timestamp": format_timestamp(update.timestamp),
+        }
+    )
+
+
+def decode_global_update(payload: bytes | str) -> GlobalUpdate:
+    obj = _loads_object(payload)
+    return GlobalUpdate(
+        version=_count(obj, "version", 1),
+        aggregation_round=_count(obj, "aggregation_round", 1),
+        weights=_weights(obj),
+        bias=_number(obj, "bias"),
+        accuracy=_number(obj, "accuracy", optional=True),
+        num_devices=_count(obj, "num_devices", 1),
+        strategy=_text(obj, "strategy"),
+        timestamp=parse_timestamp(obj.get("timestamp")),
+    )

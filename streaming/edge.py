@@ -1,0 +1,159 @@
+"""One device's on-device learner, as pure functions of its state.
+
+The Flink job keeps a :class:`DeviceState` per key in managed keyed state and calls
+:func:`observe` for each reading and :func:`train_round` every ``train_every`` readings or
+``train_interval_s`` seconds; keeping the logic here, free of Flink, lets it be unit-tested and
+reused by benchmarks (local-only and central baselines) with exactly the job's behaviour.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import numpy as np
+
+from streaming import model
+from streaming.messages import Anomaly, GlobalUpdate, LocalUpdate, Reading
+
+
+@dataclass(frozen=True)
+class EdgeConfig:
+    """The knobs of the edge learner (filled from :class:`flead.config.Settings`)."""
+
+    train_every: int = 50
+    min_round_samples: int = 10
+    feature_set: str = "scale_free"
+    learning_rate: float = 0.05
+    epochs: int = 5
+    anomaly_z: float = model.ANOMALY_Z
+    critical_z: float = model.CRITICAL_Z
+    holdout_fraction: float = 0.1
+    seed: int = 42
+
+    @classmethod
+    def from_settings(cls, settings) -> EdgeConfig:
+        return cls(
+            train_every=settings.train_every,
+            min_round_samples=settings.min_round_samples,
+            feature_set=settings.feature_set,
+            learning_rate=settings.learning_rate,
+            epochs=settings.local_epochs,
+            anomaly_z=settings.anomaly_z,
+            critical_z=settings.critical_z,
+            holdout_fraction=settings.holdout_fraction,
+            seed=settings.seed,
+        )
+
+
+def is_held_out(device_id: str, fraction: float, seed: int = 42) -> bool:
+    """Whether ``device_id`` is an evaluation device: scored, never trained on.
+
+    A hash, not a list, so the Flink job, the FedAvg service and the Spark evaluation agree on
+    the split without sharing state, for any fleet, deterministically for a seed.
+    """
+    digest = hashlib.blake2b(f"{seed}:{device_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+@dataclass
+class DeviceState:
+    """Everything one device remembers; bounded: the round buffer holds at most
+    ``train_every`` rows."""
+
+    stats: model.RunningStats = field(default_factory=model.RunningStats)
+    last_value: float | None = None
+    features: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    pseudo_labels: int = 0  # rows of the buffer labelled by the z-score rule
+    rounds: int = 0
+    local_model: model.LinearModel | None = None
+
+
+def observe(
+    state: DeviceState, reading: Reading, config: EdgeConfig, trains: bool
+) -> Anomaly | None:
+    """Score one reading against the device's history, then learn from it.
+
+    The z-score and features use the statistics *before* the reading, so an anomaly cannot
+    hide itself by inflating the standard deviation first.
+    """
+    z = model.z_score(state.stats, reading.value)
+    if trains:
+        state.features.append(
+            model.reading_features(reading.value, state.last_value, state.stats, config.feature_set)
+        )
+        if reading.label is None:
+            state.labels.append(model.pseudo_label(z, config.anomaly_z))
+            state.pseudo_labels += 1
+        else:
+            state.labels.append(reading.label)
+    state.stats = model.update_stats(state.stats, reading.value)
+    state.last_value = reading.value
+    severity = model.severity(z, config.anomaly_z, config.critical_z)
+    if severity is None:
+        return None
+    return Anomaly(reading.device_id, reading.value, z, severity, reading.timestamp)
+
+
+def round_due(state: DeviceState, config: EdgeConfig) -> bool:
+    return len(state.labels) >= config.train_every
+
+
+def starting_model(
+    state: DeviceState, latest_global: GlobalUpdate | None, config: EdgeConfig
+) -> tuple[model.LinearModel, int]:
+    """The newest global model the device has received, else its own last local model, else
+    zeros; with the global version it came from (0 = none)."""
+    if latest_global is not None:
+        weights = np.asarray(latest_global.weights, dtype=np.float64)
+        if weights.size == model.feature_count(config.feature_set):
+            return model.LinearModel(weights, latest_global.bias), latest_global.version
+    if state.local_model is not None:
+        return state.local_model, 0
+    return model.LinearModel.zeros(model.feature_count(config.feature_set)), 0
+
+
+def train_round(
+    state: DeviceState,
+    device_id: str,
+    latest_global: GlobalUpdate | None,
+    config: EdgeConfig,
+    now: datetime,
+) -> LocalUpdate | None:
+    """One local SGD round on the buffered readings; clears the buffer. None when the buffer
+    is smaller than ``min_round_samples`` (a timer fired on a quiet device)."""
+    if len(state.labels) < config.min_round_samples:
+        return None
+    start, base_version = starting_model(state, latest_global, config)
+    X = np.vstack(state.features)
+    y = np.asarray(state.labels, dtype=np.int64)
+    version = state.rounds + 1
+    # Seeded by device and round: a round recomputed after a restore gives the same weights.
+    seed = zlib.crc32(f"{config.seed}:{device_id}:{version}".encode())
+    trained, metrics = model.sgd_round(
+        start, X, y, learning_rate=config.learning_rate, epochs=config.epochs, seed=seed
+    )
+    label_source = "pseudo" if state.pseudo_labels * 2 > len(y) else "ground_truth"
+    state.rounds = version
+    state.local_model = trained
+    state.features, state.labels, state.pseudo_labels = [], [], 0
+    return LocalUpdate(
+        device_id=device_id,
+        model_version=version,
+        base_global_version=base_version,
+        weights=tuple(float(w) for w in trained.weights),
+        bias=float(trained.bias),
+        accuracy=float(metrics.train_accuracy),
+        loss=float(metrics.train_loss),
+        samples_processed=int(metrics.samples),
+        timestamp=now,
+        label_source=label_source,
+    )
+
+
+def newer(current: GlobalUpdate | None, candidate: GlobalUpdate) -> GlobalUpdate:
+    """Devices only ever move forward: an old or repeated global version is ignored."""
+    return candidate if current is None or candidate.version > current.version else current

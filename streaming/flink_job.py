@@ -1,0 +1,277 @@
+"""The edge tier as a PyFlink job: every key is one device's on-device learner.
+
+    edge-iiot-stream ──parse──► key_by(device) ──┐
+                        │                        ├─► EdgeLearner ──► anomalies
+    global-model-updates ──parse──► broadcast ───┘        └──(side)──► local-model-updates
+                        └──── invalid input ───────────────────────► dead-letter topic
+
+Run it with ``python -m streaming.flink_job`` (a local mini-cluster) or submit the same file to a
+Flink cluster with ``flink run -py streaming/flink_job.py``. Settings come from
+:mod:`flead.config` (``FLEAD_*`` variables). With checkpointing on and retained checkpoints,
+``--resume`` (the default of ``flead``'s launcher) restarts from the newest one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pickle
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from pyflink.common import Configuration, Types, WatermarkStrategy
+from pyflink.common.serialization import SimpleStringSchema
+from pyflink.datastream import (
+    CheckpointingMode,
+    ExternalizedCheckpointRetention,
+    OutputTag,
+    StreamExecutionEnvironment,
+)
+from pyflink.datastream.connectors.base import DeliveryGuarantee
+from pyflink.datastream.connectors.kafka import (
+    KafkaOffsetResetStrategy,
+    KafkaOffsetsInitializer,
+    KafkaRecordSerializationSchema,
+    KafkaSink,
+    KafkaSource,
+)
+from pyflink.datastream.functions import KeyedBroadcastProcessFunction, ProcessFunction
+from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+
+from flead.config import Settings, load_settings
+from streaming import edge
+from streaming.messages import (
+    InvalidMessage,
+    dead_letter,
+    decode_global_update,
+    decode_readings,
+    encode_anomaly,
+    encode_local_update,
+)
+
+DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
+LOCAL_UPDATES = OutputTag("local-updates", Types.STRING())
+GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
+LATEST = "latest"
+
+
+class ParseReadings(ProcessFunction):
+    """JSON → ``(device_id, [Reading, ...])``; anything else → the dead-letter side output."""
+
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def process_element(self, value: str, ctx: ProcessFunction.Context):
+        try:
+            readings = decode_readings(value)
+        except InvalidMessage as exc:
+            yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
+            return
+        by_device: dict[str, list] = {}
+        for reading in readings:
+            by_device.setdefault(reading.device_id, []).append(reading)
+        yield from by_device.items()
+
+
+class ParseGlobalModels(ProcessFunction):
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+
+    def process_element(self, value: str, ctx: ProcessFunction.Context):
+        try:
+            yield decode_global_update(value)
+        except InvalidMessage as exc:
+            yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
+
+
+class EdgeLearner(KeyedBroadcastProcessFunction):
+    """Scores every reading, trains a local round every ``train_every`` readings or
+    ``train_interval_s`` seconds, and adopts each new global model.
+
+    Keyed state: ``device`` (the :class:`~streaming.edge.DeviceState`: running stats, the
+    round's buffer, the round counter) and ``timer`` (the pending round timer). They are one
+    value each rather than one per field because every state access crosses from Python into
+    the JVM; the state is bounded (the buffer never exceeds ``train_every`` rows).
+    Broadcast state: the newest global model.
+    """
+
+    def __init__(self, config: edge.EdgeConfig, train_interval_ms: int) -> None:
+        self.config = config
+        self.train_interval_ms = train_interval_ms
+
+    def open(self, runtime_context) -> None:
+        self.device = runtime_context.get_state(
+            ValueStateDescriptor("device", Types.PICKLED_BYTE_ARRAY())
+        )
+        self.timer = runtime_context.get_state(ValueStateDescriptor("timer", Types.LONG()))
+        self.trains: dict[str, bool] = {}  # a cache of a pure function, not state
+
+    def _trains(self, device_id: str) -> bool:
+        if device_id not in self.trains:
+            self.trains[device_id] = not edge.is_held_out(
+                device_id, self.config.holdout_fraction, self.config.seed
+            )
+        return self.trains[device_id]
+
+    def process_element(self, value, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
+        device_id, readings = value
+        state = self.device.value() or edge.DeviceState()
+        trains = self._trains(device_id)
+        for reading in readings:
+            anomaly = edge.observe(state, reading, self.config, trains)
+            if anomaly is not None:
+                yield encode_anomaly(anomaly).decode()
+            if trains and edge.round_due(state, self.config):
+                yield from self._round(state, device_id, ctx)
+        if trains and state.labels and self.timer.value() is None:
+            due = ctx.timer_service().current_processing_time() + self.train_interval_ms
+            ctx.timer_service().register_processing_time_timer(due)
+            self.timer.update(due)
+        self.device.update(state)
+
+    def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
+        self.timer.clear()
+        state = self.device.value()
+        if state is None or not state.labels:
+            return
+        yield from self._round(state, ctx.get_current_key(), ctx)
+        self.device.update(state)
+
+    def _round(self, state: edge.DeviceState, device_id: str, ctx):
+        latest = ctx.get_broadcast_state(GLOBAL_MODEL).get(LATEST)
+        update = edge.train_round(state, device_id, latest, self.config, datetime.now(UTC))
+        if update is not None:
+            yield LOCAL_UPDATES, encode_local_update(update).decode()
+        pending = self.timer.value()
+        if pending is not None and not state.labels:
+            ctx.timer_service().delete_processing_time_timer(pending)
+            self.timer.clear()
+
+    def process_broadcast_element(self, value, ctx: KeyedBroadcastProcessFunction.Context):
+        models = ctx.get_broadcast_state(GLOBAL_MODEL)
+        current = models.get(LATEST) if models.contains(LATEST) else None
+        models.put(LATEST, edge.newer(current, value))
+
+
+# --- wiring ------------------------------------------------------------------------------------
+
+
+def kafka_source(settings: Settings, topic: str, group: str) -> KafkaSource:
+    return (
+        KafkaSource.builder()
+        .set_bootstrap_servers(settings.kafka_bootstrap)
+        .set_topics(topic)
+        .set_group_id(group)
+        .set_starting_offsets(
+            KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST)
+        )
+        .set_value_only_deserializer(SimpleStringSchema())
+        .build()
+    )
+
+
+def kafka_sink(settings: Settings, topic: str) -> KafkaSink:
+    # At-least-once: a record re-sent after a restore carries the same natural key
+    # (device_id, model_version) or (device_id, timestamp), so every consumer's write is an
+    # idempotent upsert and nothing is counted twice.
+    return (
+        KafkaSink.builder()
+        .set_bootstrap_servers(settings.kafka_bootstrap)
+        .set_record_serializer(
+            KafkaRecordSerializationSchema.builder()
+            .set_topic(topic)
+            .set_value_serialization_schema(SimpleStringSchema())
+            .build()
+        )
+        .set_delivery_guarantee(DeliveryGuarantee.AT_LEAST_ONCE)
+        .build()
+    )
+
+
+def environment(settings: Settings, restore_from: Path | None) -> StreamExecutionEnvironment:
+    config = Configuration()
+    config.set_string("python.execution-mode", settings.flink_execution_mode)
+    config.set_string("python.executable", sys.executable)
+    config.set_string("python.client.executable", sys.executable)
+    config.set_string("execution.checkpointing.dir", checkpoint_dir(settings).as_uri())
+    if restore_from is not None:
+        config.set_string("execution.state-recovery.path", str(restore_from))
+    env = StreamExecutionEnvironment.get_execution_environment(config)
+    env.set_parallelism(settings.flink_parallelism)
+    env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.AT_LEAST_ONCE)
+    env.get_checkpoint_config().set_externalized_checkpoint_retention(
+        ExternalizedCheckpointRetention.RETAIN_ON_CANCELLATION
+    )
+    jar_dir = settings.jars_dir / "flink"
+    env.add_jars(*(jar.as_uri() for jar in sorted(jar_dir.glob("*.jar"))))
+    return env
+
+
+def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
+    """Source → transforms → sinks."""
+    topics = settings.topics
+    no_watermarks = WatermarkStrategy.no_watermarks()
+
+    raw = env.from_source(
+        kafka_source(settings, topics.readings, "flead-edge"), no_watermarks, "readings"
+    )
+    readings = raw.process(ParseReadings(topics.readings)).name("parse readings")
+    raw_models = env.from_source(
+        kafka_source(settings, topics.global_updates, "flead-edge-models"),
+        no_watermarks,
+        "global models",
+    )
+    global_models = raw_models.process(ParseGlobalModels(topics.global_updates)).name(
+        "parse global models"
+    )
+
+    learner = EdgeLearner(
+        edge.EdgeConfig.from_settings(settings), int(settings.train_interval_s * 1000)
+    )
+    anomalies = (
+        readings.key_by(lambda device_and_readings: device_and_readings[0], Types.STRING())
+        .connect(global_models.broadcast(GLOBAL_MODEL))
+        .process(learner, output_type=Types.STRING())
+        .name("edge learner")
+    )
+
+    anomalies.sink_to(kafka_sink(settings, topics.anomalies)).name("anomalies")
+    anomalies.get_side_output(LOCAL_UPDATES).sink_to(
+        kafka_sink(settings, topics.local_updates)
+    ).name("local model updates")
+    readings.get_side_output(DEAD_LETTERS).union(
+        global_models.get_side_output(DEAD_LETTERS)
+    ).sink_to(kafka_sink(settings, topics.dead_letter)).name("dead letters")
+
+
+def checkpoint_dir(settings: Settings) -> Path:
+    return settings.state_dir / "flink" / "checkpoints"
+
+
+def latest_checkpoint(settings: Settings) -> Path | None:
+    """The newest completed, retained checkpoint (one with its ``_metadata``), if any."""
+    completed = [p.parent for p in checkpoint_dir(settings).glob("*/chk-*/_metadata")]
+    return max(completed, key=lambda p: p.stat().st_mtime, default=None)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore retained checkpoints and start from committed offsets",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    settings = load_settings()
+    restore_from = None if args.fresh else latest_checkpoint(settings)
+    if restore_from is not None:
+        logging.info("resuming from checkpoint %s", restore_from)
+    env = environment(settings, restore_from)
+    build(env, settings)
+    env.execute("flead-edge-learning")
+
+
+if __name__ == "__main__":
+    main()
