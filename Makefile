@@ -12,7 +12,9 @@ MVN        := mvn -q -B -f jvm/pom.xml
 
 run: install up replay status
 
-install: system-packages $(VENV)/.installed $(JARS)/.kafka
+FLINK_VENV := .venv-flink
+
+install: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JARS)/.kafka $(JARS)/.flink
 
 system-packages:
 	@scripts/install-system-packages.sh
@@ -21,6 +23,20 @@ $(VENV)/.installed: pyproject.toml
 	python3.11 -m venv $(VENV) 2>/dev/null || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[orchestration,dev]'
+	touch $@
+
+# PyFlink cannot share .venv (DESIGN §6); the job imports the project from the repo too.
+$(FLINK_VENV)/.installed: requirements/flink.txt pyproject.toml
+	python3.11 -m venv $(FLINK_VENV) 2>/dev/null || python3 -m venv $(FLINK_VENV)
+	$(FLINK_VENV)/bin/python -m pip install -q --upgrade pip
+	$(FLINK_VENV)/bin/python -m pip install -q -r requirements/flink.txt
+	$(FLINK_VENV)/bin/python -m pip install -q --no-deps -e .
+	touch $@
+
+# The Flink connector is a shaded jar: copied without its (already bundled) dependencies.
+$(JARS)/.flink: jvm/pom.xml
+	rm -rf $(JARS)/flink
+	$(MVN) -P flink dependency:copy-dependencies -DexcludeTransitive=true -DoutputDirectory=$(abspath $(JARS))/flink
 	touch $@
 
 $(JARS)/.%: jvm/pom.xml

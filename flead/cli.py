@@ -14,7 +14,7 @@ from streaming import sources
 from streaming.replay import ReplayError, replay
 
 
-def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
+def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     print(f"PostgreSQL  {services.ensure_postgres(settings)}  {settings.database_url}")
     print(f"Kafka       {services.ensure_kafka(settings)}  {settings.kafka_bootstrap}")
     created = kafka.ensure_topics(settings)
@@ -24,13 +24,19 @@ def cmd_up(settings: Settings, _args: argparse.Namespace) -> int:
     )
     applied = db.apply_schema(settings.database_url)
     print(f"Schema      {'applied ' + ', '.join(applied) if applied else 'up to date'}")
+    if not args.no_streaming:
+        for name, outcome in services.ensure_streaming(settings).items():
+            print(f"{name:<11} {outcome}  (log {settings.log_dir / (name + '.log')})")
     print(f"State       {settings.state_dir}  (logs in {settings.log_dir})")
     return 0
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
-    for name, stop in (("kafka", services.stop_kafka), ("postgres", services.stop_postgres)):
-        print(f"{name:<10} {'stopped' if stop(settings) else 'was not started by flead'}")
+    stopped = services.stop_streaming(settings)
+    stopped["kafka"] = services.stop_kafka(settings)
+    stopped["postgres"] = services.stop_postgres(settings)
+    for name, was_running in stopped.items():
+        print(f"{name:<13} {'stopped' if was_running else 'was not running'}")
     return 0
 
 
@@ -90,14 +96,21 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     report = status.collect(settings)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
-    healthy = all(info["healthy"] for info in report["services"].values())
+    healthy = all(report["services"][name]["healthy"] for name in status.MANAGED_SERVICES)
     return 0 if healthy else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flead", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("up", help="start PostgreSQL and Kafka, create topics, apply the schema")
+    up_cmd = commands.add_parser(
+        "up", help="start PostgreSQL, Kafka, topics, schema, the Flink job and FedAvg service"
+    )
+    up_cmd.add_argument(
+        "--no-streaming",
+        action="store_true",
+        help="only the storage services: no Flink job, FedAvg or anomaly sink",
+    )
     commands.add_parser("down", help="stop the services flead started (by their recorded pids)")
     replay_cmd = commands.add_parser("replay", help="replay a data set into the readings topic")
     replay_cmd.add_argument(

@@ -53,6 +53,7 @@ class Settings:
     replay_speedup: float = 0.0  # event-time compression factor; 0 = off
     replay_batch: int = 1  # readings of one device per message (1 = the single-reading form)
     # Edge learning: the PyFlink job
+    flink_python: Path = REPO_ROOT / ".venv-flink" / "bin" / "python"  # the job's environment
     flink_parallelism: int = 1
     flink_execution_mode: str = "thread"  # PyFlink's "thread" (fast) or "process"
     checkpoint_interval_ms: int = 10_000

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flead.config import Settings
+from flead.config import REPO_ROOT, Settings
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ def spawn(
             env={**os.environ, **(env or {})},
             start_new_session=True,
             user=user,
+            cwd=REPO_ROOT,
         )
     pid_file(settings, name).write_text(f"{process.pid}\n")
     return process.pid
@@ -347,3 +348,52 @@ def ensure_kafka(settings: Settings) -> str:
 
 def stop_kafka(settings: Settings) -> bool:
     return stop_pid(settings, "kafka", timeout=60)
+
+
+# --- the streaming services ------------------------------------------------------------------
+
+
+def _flink_env(settings: Settings) -> dict[str, str]:
+    """PyFlink's thread mode loads ``pemja`` from PyFlink's own site-packages."""
+    site = subprocess.run(
+        [str(settings.flink_python), "-c", "import site; print(site.getsitepackages()[0])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    return {"PYTHONPATH": os.pathsep.join([site, str(REPO_ROOT)])}
+
+
+def streaming_commands(settings: Settings) -> dict[str, list[str]]:
+    """name → argv of each long-running streaming process, in start order."""
+    python = str(REPO_ROOT / ".venv" / "bin" / "python")
+    return {
+        "flink-job": [str(settings.flink_python), "-m", "streaming.flink_job"],
+        "fedavg": [python, "-m", "streaming.fedavg"],
+        "anomaly-sink": [python, "-m", "streaming.anomaly_sink"],
+    }
+
+
+STREAMING_SERVICES = ("flink-job", "fedavg", "anomaly-sink")
+
+
+def ensure_streaming(settings: Settings) -> dict[str, str]:
+    """Start the Flink job, the FedAvg service and the anomaly sink unless they are running."""
+    if not settings.flink_python.exists():
+        raise ServiceError(
+            f"the PyFlink environment {settings.flink_python} is missing; `make run` creates it"
+        )
+    outcome: dict[str, str] = {}
+    for name, argv in streaming_commands(settings).items():
+        if recorded_pid(settings, name) is not None:
+            outcome[name] = "running"
+            continue
+        env = _flink_env(settings) if name == "flink-job" else None
+        spawn(settings, name, argv, env=env)
+        outcome[name] = "started"
+    return outcome
+
+
+def stop_streaming(settings: Settings) -> dict[str, bool]:
+    # The job first: what it emits last is still aggregated and written by the others.
+    return {name: stop_pid(settings, name, timeout=60) for name in STREAMING_SERVICES}

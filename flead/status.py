@@ -24,6 +24,14 @@ def _service_health(settings: Settings) -> dict[str, dict[str, Any]]:
             "pid": services.recorded_pid(settings, name),  # None when not started by FLEAD
             "log": str(settings.log_dir / f"{name}.log"),
         }
+    for name in services.STREAMING_SERVICES:
+        pid = services.recorded_pid(settings, name)
+        health[name] = {
+            "address": "-",
+            "healthy": pid is not None,
+            "pid": pid,
+            "log": str(settings.log_dir / f"{name}.log"),
+        }
     return health
 
 

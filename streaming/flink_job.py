@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import pickle
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
