@@ -61,15 +61,16 @@ def is_held_out(device_id: str, fraction: float, seed: int = 42) -> bool:
 @dataclass
 class DeviceState:
     """Everything one device remembers; bounded: the round buffer holds at most
-    ``train_every`` rows."""
+    ``train_every`` rows. Plain Python values only: Flink pickles this on every state write,
+    and pickling small numpy arrays costs ~10x more than tuples of floats."""
 
     stats: model.RunningStats = field(default_factory=model.RunningStats)
     last_value: float | None = None
-    features: list[np.ndarray] = field(default_factory=list)
+    features: list[tuple[float, ...]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     pseudo_labels: int = 0  # rows of the buffer labelled by the z-score rule
     rounds: int = 0
-    local_model: model.LinearModel | None = None
+    local_model: tuple[tuple[float, ...], float] | None = None  # (weights, bias)
 
 
 def observe(
@@ -82,9 +83,10 @@ def observe(
     """
     z = model.z_score(state.stats, reading.value)
     if trains:
-        state.features.append(
-            model.reading_features(reading.value, state.last_value, state.stats, config.feature_set)
+        row = model.reading_features(
+            reading.value, state.last_value, state.stats, config.feature_set
         )
+        state.features.append(tuple(row.tolist()))
         if reading.label is None:
             state.labels.append(model.pseudo_label(z, config.anomaly_z))
             state.pseudo_labels += 1
@@ -112,7 +114,8 @@ def starting_model(
         if weights.size == model.feature_count(config.feature_set):
             return model.LinearModel(weights, latest_global.bias), latest_global.version
     if state.local_model is not None:
-        return state.local_model, 0
+        weights, bias = state.local_model
+        return model.LinearModel(np.asarray(weights, dtype=np.float64), bias), 0
     return model.LinearModel.zeros(model.feature_count(config.feature_set)), 0
 
 
@@ -128,7 +131,7 @@ def train_round(
     if len(state.labels) < config.min_round_samples:
         return None
     start, base_version = starting_model(state, latest_global, config)
-    X = np.vstack(state.features)
+    X = np.asarray(state.features, dtype=np.float64)
     y = np.asarray(state.labels, dtype=np.int64)
     version = state.rounds + 1
     # Seeded by device and round: a round recomputed after a restore gives the same weights.
@@ -138,13 +141,14 @@ def train_round(
     )
     label_source = "pseudo" if state.pseudo_labels * 2 > len(y) else "ground_truth"
     state.rounds = version
-    state.local_model = trained
+    weights = tuple(float(w) for w in trained.weights)
+    state.local_model = (weights, float(trained.bias))
     state.features, state.labels, state.pseudo_labels = [], [], 0
     return LocalUpdate(
         device_id=device_id,
         model_version=version,
         base_global_version=base_version,
-        weights=tuple(float(w) for w in trained.weights),
+        weights=weights,
         bias=float(trained.bias),
         accuracy=float(metrics.train_accuracy),
         loss=float(metrics.train_loss),
