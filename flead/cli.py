@@ -81,6 +81,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             speedup=args.speedup if args.speedup is not None else settings.replay_speedup,
             total=total,
             progress=not args.quiet,
+            batch=args.batch or settings.replay_batch,
         )
     except ReplayError as exc:
         print(f"replay failed: {exc}", file=sys.stderr)
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     replay_cmd.add_argument("--limit", type=int, help="replay at most this many readings")
     replay_cmd.add_argument("--rate", type=float, help="readings/s (0 = as fast as possible)")
     replay_cmd.add_argument("--speedup", type=float, help="event-time compression factor")
+    replay_cmd.add_argument("--batch", type=int, help="readings of one device per message")
     replay_cmd.add_argument("--topic", help="target topic (default: the readings topic)")
     replay_cmd.add_argument("--quiet", action="store_true", help="no progress bar")
     replay_cmd.add_argument(

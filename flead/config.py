@@ -38,11 +38,13 @@ class Settings:
     kafka_retention_ms: int = -1  # keep all: replayed readings carry event times in the past
     kafka_heap: str = "1g"
     topics: Topics = field(default_factory=Topics)
+    consumer_group_prefix: str = "flead"  # groups are <prefix>-edge, <prefix>-fedavg, ...
     # PostgreSQL (the application database; Dagster's instance has its own)
     database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead"
     dagster_database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead_dagster"
     # Local services: where their data, logs and pids live
     state_dir: Path = REPO_ROOT / ".flead"
+    jars_dir: Path = REPO_ROOT / ".flead" / "jars"  # copied by Maven from jvm/pom.xml
     # Replay of the default data set
     source: str = "synthetic"
     synthetic_devices: int = 2407
@@ -72,10 +74,23 @@ class Settings:
     fedavg_trim_fraction: float = 0.2
     fedavg_max_norm: float = 0.0  # clipped_fedavg's bound; 0 = the median update norm
     fedavg_staleness_alpha: float = 0.5  # weight (1 + staleness)^-alpha; 0 = no staleness weighting
+    # Orchestration: Dagster (instance storage in dagster_database_url, home under state_dir)
+    dagster_host: str = "127.0.0.1"
+    dagster_port: int = 3070  # the webserver (UI); 3000 is left to Grafana
+    evaluation_sensor_interval_s: int = 30  # how often the sensor looks for new global versions
+    evaluation_max_versions_per_run: int = 500  # versions one sensor-launched Spark run evaluates
+    evaluation_threshold: float = 0.5  # P(anomaly) above which a held-out reading is flagged
+    streaming_health_interval_s: int = 60  # how often the health sensor checks the services
+    # Spark (through dagster-pyspark): any master; the Kafka source's jars are local files
+    spark_master: str = "local[*]"
+    spark_driver_memory: str = "2g"
+    spark_shuffle_partitions: int = 4  # small data, 2 cores: the default 200 is all overhead
+    # Hourly analytics: partitions start at the data's first hour ("%Y-%m-%d-%H:%M", UTC)
+    analytics_start: str = "2025-11-07-00:00"  # the synthetic fleet's first reading
+    analytics_schedule_minute: int = 10  # the schedule runs the previous hour at this minute
 
-    @property
-    def jars_dir(self) -> Path:
-        return self.state_dir / "jars"
+    def consumer_group(self, name: str) -> str:
+        return f"{self.consumer_group_prefix}-{name}"
 
     @property
     def run_dir(self) -> Path:
@@ -84,6 +99,14 @@ class Settings:
     @property
     def log_dir(self) -> Path:
         return self.state_dir / "logs"
+
+    @property
+    def dagster_home(self) -> Path:
+        return self.state_dir / "dagster"
+
+    @property
+    def dagster_url(self) -> str:
+        return f"http://{self.dagster_host}:{self.dagster_port}"
 
 
 def _coerce(raw: str, default: Any) -> Any:
@@ -94,7 +117,7 @@ def _coerce(raw: str, default: Any) -> Any:
     if isinstance(default, float):
         return float(raw)
     if isinstance(default, Path):
-        return Path(raw).expanduser().resolve()
+        return Path(raw).expanduser().absolute()  # not resolve(): venv pythons are symlinks
     return raw
 
 
@@ -119,6 +142,19 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Defaults overridden by ``FLEAD_*`` variables, e.g. ``FLEAD_KAFKA_BOOTSTRAP`` or
     ``FLEAD_TOPICS_READINGS``."""
     return _override(Settings(), "FLEAD_", dict(os.environ if env is None else env))
+
+
+def to_env(settings: Settings, prefix: str = "FLEAD_") -> dict[str, str]:
+    """The ``FLEAD_*`` variables that make another process load exactly ``settings``."""
+    env: dict[str, str] = {}
+    for f in fields(settings):
+        value = getattr(settings, f.name)
+        name = f"{prefix}{f.name.upper()}"
+        if dataclasses.is_dataclass(value):
+            env.update(to_env(value, f"{name}_"))
+        else:
+            env[name] = str(value)
+    return env
 
 
 def describe(settings: Settings) -> dict[str, Any]:

@@ -8,6 +8,7 @@ external cluster named in the settings) is reused, never started twice.
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import pwd
@@ -73,17 +74,27 @@ def pid_file(settings: Settings, name: str) -> Path:
     return settings.run_dir / f"{name}.pid"
 
 
-def recorded_pid(settings: Settings, name: str) -> int | None:
-    path = pid_file(settings, name)
+def _alive(pid: int) -> bool:
     try:
-        pid = int(path.read_text().strip())
-    except (FileNotFoundError, ValueError):
-        return None
+        # Reap it first if it is our own exited child, or it would linger as a zombie.
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    except ChildProcessError:
+        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
+        return False
+    return True
+
+
+def recorded_pid(settings: Settings, name: str) -> int | None:
+    """The pid recorded for ``name`` if that process is still alive."""
+    try:
+        pid = int(pid_file(settings, name).read_text().strip())
+    except (FileNotFoundError, ValueError):
         return None
-    return pid
+    return pid if _alive(pid) else None
 
 
 def spawn(
@@ -112,23 +123,31 @@ def spawn(
     return process.pid
 
 
-def stop_pid(settings: Settings, name: str, timeout: float = 30.0) -> bool:
-    """SIGTERM the recorded pid, SIGKILL it after ``timeout``; True if something was stopped."""
+def stop_pid(settings: Settings, name: str, timeout: float = 30.0, group: bool = True) -> bool:
+    """SIGTERM the recorded process (and, with ``group``, the process group it leads, such as
+    the JVM a PyFlink job starts), SIGKILL after ``timeout``; True if something was stopped."""
     pid = recorded_pid(settings, name)
     pid_file(settings, name).unlink(missing_ok=True)
     if pid is None:
         return False
-    os.kill(pid, signal.SIGTERM)
+    send = (lambda sig: os.killpg(pid, sig)) if group else (lambda sig: os.kill(pid, sig))
+    send(signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not _alive(pid):
+            _reap_group(pid, group)
             return True
         time.sleep(0.2)
     log.warning("%s (pid %d) ignored SIGTERM for %.0f s; killing it", name, pid, timeout)
-    os.kill(pid, signal.SIGKILL)
+    send(signal.SIGKILL)
     return True
+
+
+def _reap_group(pgid: int, group: bool) -> None:
+    """Children left in the group after its leader exited get the same SIGTERM."""
+    if group:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pgid, signal.SIGTERM)
 
 
 # --- PostgreSQL ------------------------------------------------------------------------------
@@ -245,7 +264,7 @@ def _create_databases(settings: Settings) -> None:
 def stop_postgres(settings: Settings) -> bool:
     # SIGTERM is PostgreSQL's "smart" shutdown; SIGINT ("fast") would not wait for clients
     # either, but smart may wait forever on an idle Dagster connection, so stop_pid escalates.
-    return stop_pid(settings, "postgres", timeout=30)
+    return stop_pid(settings, "postgres", timeout=30, group=False)
 
 
 # --- Kafka -----------------------------------------------------------------------------------
@@ -353,7 +372,7 @@ def stop_kafka(settings: Settings) -> bool:
 # --- the streaming services ------------------------------------------------------------------
 
 
-def _flink_env(settings: Settings) -> dict[str, str]:
+def flink_env(settings: Settings) -> dict[str, str]:
     """PyFlink's thread mode loads ``pemja`` from PyFlink's own site-packages."""
     site = subprocess.run(
         [str(settings.flink_python), "-c", "import site; print(site.getsitepackages()[0])"],
@@ -361,7 +380,11 @@ def _flink_env(settings: Settings) -> dict[str, str]:
         capture_output=True,
         text=True,
     ).stdout.strip()
-    return {"PYTHONPATH": os.pathsep.join([site, str(REPO_ROOT)])}
+    return {
+        "PYTHONPATH": os.pathsep.join([site, str(REPO_ROOT)]),
+        # The mini-cluster's own logs, per state folder rather than inside site-packages.
+        "FLINK_LOG_DIR": str(settings.log_dir / "flink"),
+    }
 
 
 def streaming_commands(settings: Settings) -> dict[str, list[str]]:
@@ -377,6 +400,17 @@ def streaming_commands(settings: Settings) -> dict[str, list[str]]:
 STREAMING_SERVICES = ("flink-job", "fedavg", "anomaly-sink")
 
 
+def flink_checkpoint_dir(settings: Settings) -> Path:
+    return settings.state_dir / "flink" / "checkpoints"
+
+
+def latest_flink_checkpoint(settings: Settings) -> Path | None:
+    """The newest completed, retained checkpoint (one with its ``_metadata``): the Flink job
+    resumes from it when it starts."""
+    completed = [p.parent for p in flink_checkpoint_dir(settings).glob("*/chk-*/_metadata")]
+    return max(completed, key=lambda p: p.stat().st_mtime, default=None)
+
+
 def ensure_streaming(settings: Settings) -> dict[str, str]:
     """Start the Flink job, the FedAvg service and the anomaly sink unless they are running."""
     if not settings.flink_python.exists():
@@ -388,7 +422,7 @@ def ensure_streaming(settings: Settings) -> dict[str, str]:
         if recorded_pid(settings, name) is not None:
             outcome[name] = "running"
             continue
-        env = _flink_env(settings) if name == "flink-job" else None
+        env = flink_env(settings) if name == "flink-job" else None
         spawn(settings, name, argv, env=env)
         outcome[name] = "started"
     return outcome

@@ -46,7 +46,7 @@ class AnomalySink:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": "flead-anomaly-sink",
+                "group.id": settings.consumer_group("anomaly-sink"),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
             }

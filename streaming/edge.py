@@ -60,15 +60,15 @@ def is_held_out(device_id: str, fraction: float, seed: int = 42) -> bool:
 
 @dataclass
 class DeviceState:
-    """Everything one device remembers; bounded: the round buffer holds at most
-    ``train_every`` rows. Plain Python values only: Flink pickles this on every state write,
+    """Everything one device remembers; bounded: the round buffer holds fewer than
+    ``train_every`` rows between messages. Plain Python values only: Flink pickles this on every state write,
     and pickling small numpy arrays costs ~10x more than tuples of floats."""
 
     stats: model.RunningStats = field(default_factory=model.RunningStats)
     last_value: float | None = None
     features: list[tuple[float, ...]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
-    pseudo_labels: int = 0  # rows of the buffer labelled by the z-score rule
+    pseudo: list[bool] = field(default_factory=list)  # label came from the z-score rule
     rounds: int = 0
     local_model: tuple[tuple[float, ...], float] | None = None  # (weights, bias)
 
@@ -82,18 +82,48 @@ def observe(
     hide itself by inflating the standard deviation first.
     """
     z = model.z_score(state.stats, reading.value)
-    if trains:
+    # Warm-up readings have all-zero features (no history yet): they teach nothing.
+    if trains and state.stats.count >= model.WARMUP:
         row = model.reading_features(
             reading.value, state.last_value, state.stats, config.feature_set
         )
-        state.features.append(tuple(row.tolist()))
-        if reading.label is None:
-            state.labels.append(model.pseudo_label(z, config.anomaly_z))
-            state.pseudo_labels += 1
-        else:
-            state.labels.append(reading.label)
+        _buffer(state, tuple(row.tolist()), reading.label, z, config)
     state.stats = model.update_stats(state.stats, reading.value)
     state.last_value = reading.value
+    return _anomaly(reading, z, config)
+
+
+def observe_batch(
+    state: DeviceState, readings: list[Reading], config: EdgeConfig, trains: bool
+) -> list[Anomaly]:
+    """:func:`observe` for several time-ordered readings of one device at once, vectorised
+    (the same results; this is what lets batched messages go past per-record Python costs).
+    The buffer may then hold more than ``train_every`` rows: call :func:`train_round` while
+    :func:`round_due`."""
+    values = np.fromiter((r.value for r in readings), dtype=np.float64, count=len(readings))
+    z = model.series_z_scores(values, initial=state.stats)
+    if trains:
+        rows = model.series_features(
+            values, config.feature_set, initial=state.stats, previous=state.last_value
+        ).tolist()
+        first_warm = max(0, model.WARMUP - state.stats.count)
+        for i in range(first_warm, len(readings)):
+            _buffer(state, tuple(rows[i]), readings[i].label, float(z[i]), config)
+    state.stats = model.merge_series(state.stats, values)
+    state.last_value = float(values[-1])
+    flagged = np.flatnonzero(np.abs(z) > config.anomaly_z)
+    return [_anomaly(readings[i], float(z[i]), config) for i in flagged]
+
+
+def _buffer(
+    state: DeviceState, row: tuple[float, ...], label: int | None, z: float, config: EdgeConfig
+) -> None:
+    state.features.append(row)
+    state.pseudo.append(label is None)
+    state.labels.append(model.pseudo_label(z, config.anomaly_z) if label is None else label)
+
+
+def _anomaly(reading: Reading, z: float, config: EdgeConfig) -> Anomaly | None:
     severity = model.severity(z, config.anomaly_z, config.critical_z)
     if severity is None:
         return None
@@ -126,24 +156,27 @@ def train_round(
     config: EdgeConfig,
     now: datetime,
 ) -> LocalUpdate | None:
-    """One local SGD round on the buffered readings; clears the buffer. None when the buffer
-    is smaller than ``min_round_samples`` (a timer fired on a quiet device)."""
+    """One local SGD round on the oldest ``train_every`` buffered rows (all of them after a
+    timer), which leave the buffer. None when fewer than ``min_round_samples`` are buffered
+    (a timer fired on a quiet device)."""
     if len(state.labels) < config.min_round_samples:
         return None
     start, base_version = starting_model(state, latest_global, config)
-    X = np.asarray(state.features, dtype=np.float64)
-    y = np.asarray(state.labels, dtype=np.int64)
+    n = min(len(state.labels), config.train_every)
+    X = np.asarray(state.features[:n], dtype=np.float64)
+    y = np.asarray(state.labels[:n], dtype=np.int64)
+    pseudo = sum(state.pseudo[:n])
     version = state.rounds + 1
     # Seeded by device and round: a round recomputed after a restore gives the same weights.
     seed = zlib.crc32(f"{config.seed}:{device_id}:{version}".encode())
     trained, metrics = model.sgd_round(
         start, X, y, learning_rate=config.learning_rate, epochs=config.epochs, seed=seed
     )
-    label_source = "pseudo" if state.pseudo_labels * 2 > len(y) else "ground_truth"
+    label_source = "pseudo" if pseudo * 2 > n else "ground_truth"
     state.rounds = version
     weights = tuple(float(w) for w in trained.weights)
     state.local_model = (weights, float(trained.bias))
-    state.features, state.labels, state.pseudo_labels = [], [], 0
+    del state.features[:n], state.labels[:n], state.pseudo[:n]
     return LocalUpdate(
         device_id=device_id,
         model_version=version,

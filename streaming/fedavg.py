@@ -205,7 +205,7 @@ class FedAvgService:
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": "flead-fedavg",
+                "group.id": settings.consumer_group("fedavg"),
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",

@@ -1,9 +1,9 @@
 """The edge tier as a PyFlink job: every key is one device's on-device learner.
 
     edge-iiot-stream ──parse──► key_by(device) ──┐
-                        │                        ├─► EdgeLearner ──► anomalies
-    global-model-updates ──parse──► broadcast ───┘        └──(side)──► local-model-updates
-                        └──── invalid input ───────────────────────► dead-letter topic
+                        │                        ├─► EdgeLearner ──route──► anomalies
+    global-model-updates ──parse──► broadcast ───┘                  └──────► local-model-updates
+                        └──── invalid input ─────────────────────────────► dead-letter topic
 
 Run it with ``python -m streaming.flink_job`` (a local mini-cluster) or submit the same file to a
 Flink cluster with ``flink run -py streaming/flink_job.py``. Settings come from
@@ -38,6 +38,7 @@ from pyflink.datastream.connectors.kafka import (
 from pyflink.datastream.functions import KeyedBroadcastProcessFunction, ProcessFunction
 from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
+from flead import services
 from flead.config import Settings, load_settings
 from streaming import edge
 from streaming.messages import (
@@ -51,6 +52,8 @@ from streaming.messages import (
 
 DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
 LOCAL_UPDATES = OutputTag("local-updates", Types.STRING())
+ANOMALY, LOCAL_UPDATE = "anomaly", "local-update"
+LEARNER_OUTPUT = Types.TUPLE([Types.STRING(), Types.STRING()])  # (kind, JSON)
 GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
 LATEST = "latest"
 
@@ -120,7 +123,7 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         for reading in readings:
             anomaly = edge.observe(state, reading, self.config, trains)
             if anomaly is not None:
-                yield encode_anomaly(anomaly).decode()
+                yield ANOMALY, encode_anomaly(anomaly).decode()
             if trains and edge.round_due(state, self.config):
                 yield from self._round(state, device_id, ctx)
         if trains and state.labels and self.timer.value() is None:
@@ -141,7 +144,8 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         latest = ctx.get_broadcast_state(GLOBAL_MODEL).get(LATEST)
         update = edge.train_round(state, device_id, latest, self.config, datetime.now(UTC))
         if update is not None:
-            yield LOCAL_UPDATES, encode_local_update(update).decode()
+            # Not a side output: PyFlink drops side outputs emitted from on_timer.
+            yield LOCAL_UPDATE, encode_local_update(update).decode()
         pending = self.timer.value()
         if pending is not None and not state.labels:
             ctx.timer_service().delete_processing_time_timer(pending)
@@ -151,6 +155,17 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         models = ctx.get_broadcast_state(GLOBAL_MODEL)
         current = models.get(LATEST) if models.contains(LATEST) else None
         models.put(LATEST, edge.newer(current, value))
+
+
+class RouteLearnerOutput(ProcessFunction):
+    """Anomalies to the main output, local updates to their side output."""
+
+    def process_element(self, value, ctx: ProcessFunction.Context):
+        kind, payload = value
+        if kind == LOCAL_UPDATE:
+            yield LOCAL_UPDATES, payload
+        else:
+            yield payload
 
 
 # --- wiring ------------------------------------------------------------------------------------
@@ -193,7 +208,9 @@ def environment(settings: Settings, restore_from: Path | None) -> StreamExecutio
     config.set_string("python.execution-mode", settings.flink_execution_mode)
     config.set_string("python.executable", sys.executable)
     config.set_string("python.client.executable", sys.executable)
-    config.set_string("execution.checkpointing.dir", checkpoint_dir(settings).as_uri())
+    config.set_string(
+        "execution.checkpointing.dir", services.flink_checkpoint_dir(settings).as_uri()
+    )
     if restore_from is not None:
         config.set_string("execution.state-recovery.path", str(restore_from))
     env = StreamExecutionEnvironment.get_execution_environment(config)
@@ -213,11 +230,13 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
     no_watermarks = WatermarkStrategy.no_watermarks()
 
     raw = env.from_source(
-        kafka_source(settings, topics.readings, "flead-edge"), no_watermarks, "readings"
+        kafka_source(settings, topics.readings, settings.consumer_group("edge")),
+        no_watermarks,
+        "readings",
     )
     readings = raw.process(ParseReadings(topics.readings)).name("parse readings")
     raw_models = env.from_source(
-        kafka_source(settings, topics.global_updates, "flead-edge-models"),
+        kafka_source(settings, topics.global_updates, settings.consumer_group("edge-models")),
         no_watermarks,
         "global models",
     )
@@ -231,8 +250,10 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
     anomalies = (
         readings.key_by(lambda device_and_readings: device_and_readings[0], Types.STRING())
         .connect(global_models.broadcast(GLOBAL_MODEL))
-        .process(learner, output_type=Types.STRING())
+        .process(learner, output_type=LEARNER_OUTPUT)
         .name("edge learner")
+        .process(RouteLearnerOutput(), output_type=Types.STRING())
+        .name("route")
     )
 
     anomalies.sink_to(kafka_sink(settings, topics.anomalies)).name("anomalies")
@@ -242,16 +263,6 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
     readings.get_side_output(DEAD_LETTERS).union(
         global_models.get_side_output(DEAD_LETTERS)
     ).sink_to(kafka_sink(settings, topics.dead_letter)).name("dead letters")
-
-
-def checkpoint_dir(settings: Settings) -> Path:
-    return settings.state_dir / "flink" / "checkpoints"
-
-
-def latest_checkpoint(settings: Settings) -> Path | None:
-    """The newest completed, retained checkpoint (one with its ``_metadata``), if any."""
-    completed = [p.parent for p in checkpoint_dir(settings).glob("*/chk-*/_metadata")]
-    return max(completed, key=lambda p: p.stat().st_mtime, default=None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -264,7 +275,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     settings = load_settings()
-    restore_from = None if args.fresh else latest_checkpoint(settings)
+    restore_from = None if args.fresh else services.latest_flink_checkpoint(settings)
     if restore_from is not None:
         logging.info("resuming from checkpoint %s", restore_from)
     env = environment(settings, restore_from)

@@ -231,38 +231,64 @@ def reading_features(
     return np.array([abs_z, excess_z, abs_step, abs_z_prev], dtype=np.float64)
 
 
+def _prefix_stats(
+    v: np.ndarray, initial: RunningStats
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(count, mean, m2)`` of ``initial`` merged with ``v[:i]``, for i = 0..n (n + 1 rows).
+
+    Prefix sums of the values shifted by the first one (the shift keeps ``1e9 + noise`` from
+    cancelling catastrophically), merged into ``initial`` with Chan et al.'s pairwise formula.
+    """
+    n = v.size
+    i = np.arange(n + 1, dtype=np.int64)
+    shift = v[0] if n else 0.0
+    d = v - shift
+    s1 = np.concatenate(([0.0], np.cumsum(d)))
+    s2 = np.concatenate(([0.0], np.cumsum(d * d)))
+    safe_i = np.maximum(i, 1)
+    mean_b = shift + s1 / safe_i
+    m2_b = np.maximum(s2 - s1 * s1 / safe_i, 0.0)
+    n0, mean0, m2_0 = initial
+    count = n0 + i
+    safe_count = np.maximum(count, 1)
+    delta = np.where(i > 0, mean_b - mean0, 0.0)
+    mean = np.where(count > 0, mean0 + delta * i / safe_count, 0.0)
+    m2 = m2_0 + np.where(i > 0, m2_b, 0.0) + delta * delta * n0 * i / safe_count
+    return count, mean, m2
+
+
 def series_stats(
-    values: np.ndarray, alpha: float | None = None
+    values: np.ndarray, alpha: float | None = None, initial: RunningStats | None = None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(count, mean, std)`` arrays: for each reading of one device's time-ordered series, its
-    running stats *before* that reading, as :func:`update_stats`/:func:`stats_std` give them.
+    running stats *before* that reading, as :func:`update_stats`/:func:`stats_std` give them,
+    starting from ``initial`` (the device's stats before the series; empty by default).
 
-    Welford (``alpha=None``) is vectorised with prefix sums of the values shifted by the first
-    one; the shift is what keeps ``1e9 + noise`` from cancelling catastrophically. The forgetting
-    variant is a plain loop over :func:`update_stats` (it is a recursion, not a prefix sum).
+    Welford (``alpha=None``) is vectorised (see :func:`_prefix_stats`); the forgetting variant is
+    a plain loop over :func:`update_stats` (it is a recursion, not a prefix sum).
     """
     v = _as_series(values)
+    initial = initial or RunningStats()
     n = v.size
-    count = np.arange(n, dtype=np.int64)
-    if n == 0:
-        return count, np.zeros(0), np.zeros(0)
     if alpha is not None:
+        count = initial.count + np.arange(n, dtype=np.int64)
         mean = np.empty(n)
         std = np.empty(n)
-        stats = RunningStats()
+        stats = initial
         for i, x in enumerate(v.tolist()):
             mean[i], std[i] = stats.mean, stats_std(stats)
             stats = update_stats(stats, x, alpha)
         return count, mean, std
-    shift = v[0]
-    d = v - shift
-    s1 = np.concatenate(([0.0], np.cumsum(d)[:-1]))
-    s2 = np.concatenate(([0.0], np.cumsum(d * d)[:-1]))
-    safe_count = np.maximum(count, 1)
-    mean = np.where(count > 0, shift + s1 / safe_count, 0.0)
-    m2 = np.maximum(s2 - s1 * s1 / safe_count, 0.0)
+    count, mean, m2 = (a[:-1] for a in _prefix_stats(v, initial))
     std = np.where(count > 1, np.sqrt(m2 / np.maximum(count - 1, 1)), 0.0)
     return count, mean, std
+
+
+def merge_series(initial: RunningStats, values: np.ndarray) -> RunningStats:
+    """``initial`` with every reading of ``values`` included: the Welford result of
+    :func:`update_stats` applied one by one, in one vectorised step."""
+    count, mean, m2 = (a[-1] for a in _prefix_stats(_as_series(values), initial))
+    return RunningStats(int(count), float(mean), float(m2))
 
 
 def _series_ratio(num: np.ndarray, sigma: np.ndarray, level: np.ndarray) -> np.ndarray:
@@ -274,11 +300,14 @@ def _series_ratio(num: np.ndarray, sigma: np.ndarray, level: np.ndarray) -> np.n
 
 
 def series_z_scores(
-    values: np.ndarray, warmup: int = WARMUP, alpha: float | None = None
+    values: np.ndarray,
+    warmup: int = WARMUP,
+    alpha: float | None = None,
+    initial: RunningStats | None = None,
 ) -> np.ndarray:
     """Vectorised :func:`z_score` of every reading of one device's time-ordered series."""
     v = _as_series(values)
-    count, mean, std = series_stats(v, alpha)
+    count, mean, std = series_stats(v, alpha, initial)
     z = np.clip(_series_ratio(v - mean, std, mean), -Z_LIMIT, Z_LIMIT)
     return np.where(count >= max(warmup, 1), z, 0.0)
 
@@ -288,19 +317,27 @@ def series_features(
     feature_set: str = "scale_free",
     warmup: int = WARMUP,
     alpha: float | None = None,
+    initial: RunningStats | None = None,
+    previous: float | None = None,
 ) -> np.ndarray:
     """Feature matrix (n × k) of one device's time-ordered series: row i is exactly
     ``reading_features(values[i], values[i-1], stats_before_i, feature_set)`` (up to float
-    rounding), so batch evaluation in Spark scores the rows the Flink job trained on."""
+    rounding), so batch evaluation in Spark scores the rows the Flink job trained on.
+
+    ``initial`` and ``previous`` continue a device's series: its stats and last reading before
+    ``values`` (the Flink job scores a batch of readings this way)."""
     names = _feature_names(feature_set)
     v = _as_series(values)
-    count, mean, std = series_stats(v, alpha)
+    count, mean, std = series_stats(v, alpha, initial)
     warm = count >= max(warmup, 1)
     z = np.where(warm, np.clip(_series_ratio(v - mean, std, mean), -Z_LIMIT, Z_LIMIT), 0.0)
     if feature_set == "original":
         return np.column_stack([mean, std, z]).astype(np.float64).reshape(v.size, len(names))
-    # A warm reading always has a previous one (warm means count >= 1).
-    prev = np.concatenate((v[:1], v[:-1]))
+    # A warm reading always has a previous one (warm means count >= 1), except at the start of
+    # a continued series whose caller does not know it: then the step features are 0, as in
+    # reading_features with x_prev=None.
+    first = v[:1] if previous is None else np.array([float(previous)])
+    prev = np.concatenate((first, v[:-1]))
     abs_z = np.minimum(np.abs(z), Z_CAP)
     features = np.column_stack(
         [
@@ -310,6 +347,8 @@ def series_features(
             np.minimum(np.abs(_series_ratio(prev - mean, std, mean)), Z_CAP),
         ]
     )
+    if previous is None and v.size:
+        features[0, 2:] = 0.0
     return np.where(warm[:, None], features, 0.0).reshape(v.size, len(names))
 
 

@@ -7,6 +7,7 @@ running system is never touched.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import uuid
 from collections.abc import Iterator
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 
 from flead import db, services
-from flead.config import Settings, Topics, load_settings
+from flead.config import Settings, Topics, load_settings, to_env
 
 
 @pytest.fixture(scope="session")
@@ -40,18 +41,24 @@ def _with_database(settings: Settings, name: str) -> str:
     return urlsplit(settings.database_url)._replace(path=f"/{name}").geturl()
 
 
-@pytest.fixture
-def empty_database(postgres: Settings) -> Iterator[str]:
-    """A new, empty database on the real server; dropped after the test."""
+@contextlib.contextmanager
+def fresh_database(settings: Settings) -> Iterator[str]:
+    """A new, empty database on the real server, dropped afterwards."""
     name = f"flead_test_{uuid.uuid4().hex[:10]}"
-    admin = _with_database(postgres, "postgres")
+    admin = _with_database(settings, "postgres")
     with psycopg.connect(admin, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     try:
-        yield _with_database(postgres, name)
+        yield _with_database(settings, name)
     finally:
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def empty_database(postgres: Settings) -> Iterator[str]:
+    with fresh_database(postgres) as url:
+        yield url
 
 
 @pytest.fixture
@@ -60,27 +67,31 @@ def database(empty_database: str) -> str:
     return empty_database
 
 
-@pytest.fixture
-def settings(kafka_broker: Settings, database: str) -> Settings:
-    """Settings for one test: its own topics (created) and its own migrated database."""
+def isolated(base: Settings, database_url: str, **overrides: object) -> Settings:
+    """``base`` with its own topics (created), consumer groups and database."""
     from flead import kafka
 
     suffix = uuid.uuid4().hex[:8]
     topics = Topics(
         **{f.name: f"test-{suffix}-{getattr(Topics(), f.name)}" for f in dataclasses.fields(Topics)}
     )
-    test_settings = dataclasses.replace(kafka_broker, topics=topics, database_url=database)
+    test_settings = dataclasses.replace(
+        base,
+        topics=topics,
+        database_url=database_url,
+        consumer_group_prefix=f"test-{suffix}",
+        **overrides,
+    )
     kafka.ensure_topics(test_settings)
     return test_settings
 
 
+@pytest.fixture
+def settings(kafka_broker: Settings, database: str) -> Settings:
+    """Settings for one test: its own topics and its own migrated database."""
+    return isolated(kafka_broker, database)
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """The FLEAD_* variables that make a subprocess see ``settings``."""
-    env = {
-        "FLEAD_KAFKA_BOOTSTRAP": settings.kafka_bootstrap,
-        "FLEAD_DATABASE_URL": settings.database_url,
-        "FLEAD_STATE_DIR": str(settings.state_dir),
-    }
-    for f in dataclasses.fields(Topics):
-        env[f"FLEAD_TOPICS_{f.name.upper()}"] = getattr(settings.topics, f.name)
-    return env
+    return to_env(settings)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from flead.config import Settings, describe, load_settings
+from flead.config import Settings, describe, load_settings, to_env
 
 
 def test_defaults_without_environment() -> None:
@@ -25,6 +25,11 @@ def test_environment_overrides_scalars_and_nested_topics() -> None:
     assert settings.topics.readings == "plant-a-readings"
     assert settings.topics.anomalies == "anomalies"
     assert settings.state_dir == Path("/tmp/flead-state")
+
+
+def test_to_env_round_trips() -> None:
+    settings = load_settings({"FLEAD_TOPICS_ANOMALIES": "a2", "FLEAD_TRAIN_EVERY": "7"})
+    assert load_settings(to_env(settings)) == settings
 
 
 def test_invalid_number_names_the_variable() -> None:

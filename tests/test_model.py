@@ -621,3 +621,28 @@ for name in set(sys.modules) - before:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     )
     assert out.stdout == ""
+
+
+def test_continued_series_equals_the_whole_series() -> None:
+    rng = np.random.default_rng(12)
+    values = 1e6 + rng.normal(0, 3, 300)
+    values[150] += 40
+    whole = M.series_features(values)
+    whole_z = M.series_z_scores(values)
+    stats = M.RunningStats()
+    for split in (1, 37, 150, 299):
+        stats = M.RunningStats()
+        for x in values[:split]:
+            stats = M.update_stats(stats, x)
+        rest = M.series_features(values[split:], initial=stats, previous=values[split - 1])
+        np.testing.assert_allclose(rest, whole[split:], rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(
+            M.series_z_scores(values[split:], initial=stats), whole_z[split:], rtol=1e-9, atol=1e-9
+        )
+        merged = M.merge_series(stats, values[split:])
+        full = M.RunningStats()
+        for x in values:
+            full = M.update_stats(full, x)
+        assert merged.count == full.count
+        assert merged.mean == pytest.approx(full.mean, rel=1e-12)
+        assert merged.m2 == pytest.approx(full.m2, rel=1e-9)

@@ -179,3 +179,25 @@ def test_status_reports_a_dead_broker_without_crashing(settings: Settings) -> No
     assert report["services"]["kafka"]["healthy"] is False
     assert "error" in report["topics"]
     assert report["services"]["postgres"]["healthy"] is True
+
+
+def test_batched_replay_keeps_every_reading_in_order(settings: Settings) -> None:
+    readings = list(sources.synthetic_fleet(num_devices=12, readings_per_device=45, seed=5))
+    replay(
+        readings,
+        kafka.producer_config(settings),
+        settings.topics.readings,
+        progress=False,
+        batch=20,
+    )
+    expected_messages = 12 * 3  # 20 + 20 + 5 readings per device
+    messages = consume_all(settings, settings.topics.readings, expected_messages)
+    assert len(messages) == expected_messages
+    received = [r for m in messages for r in decode_readings(m.value())]
+    assert sorted(received, key=lambda r: (r.device_id, r.timestamp)) == sorted(
+        readings, key=lambda r: (r.device_id, r.timestamp)
+    )
+    for message in messages:
+        batch = decode_readings(message.value())
+        assert {r.device_id for r in batch} == {message.key().decode()}
+        assert message.timestamp()[1] == batch[-1].timestamp_ms

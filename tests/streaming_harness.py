@@ -1,0 +1,116 @@
+"""Run FLEAD's streaming processes for tests: the real Flink job, FedAvg service and anomaly
+sink as subprocesses, each with a test's own settings, topics, database and state folder."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from flead import kafka, services
+from flead.config import Settings, to_env
+
+
+def start(settings: Settings, name: str) -> int:
+    argv = services.streaming_commands(settings)[name]
+    env = to_env(settings)
+    if name == "flink-job":
+        env |= services.flink_env(settings)
+    return services.spawn(settings, name, argv, env=env)
+
+
+def stop(settings: Settings, name: str) -> None:
+    services.stop_pid(settings, name, timeout=60)
+
+
+def wait_for(condition: Callable[[], Any], timeout: float, what: str, every: float = 1.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def query(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def scalar(settings: Settings, sql: str, params: tuple = ()) -> Any:
+    return query(settings, sql, params)[0][0]
+
+
+def topic_count(settings: Settings, topic: str) -> int:
+    return kafka.topic_message_counts(settings, [topic])[topic] or 0
+
+
+def group_lag(settings: Settings, group: str, topic: str) -> int | None:
+    """Messages of ``topic`` not yet committed by ``group``; None before its first commit."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
+        committed = consumer.committed(partitions, timeout=10)
+        lag = 0
+        for tp in committed:
+            _, high = consumer.get_watermark_offsets(tp, timeout=10)
+            if tp.offset < 0:
+                if high > 0:
+                    return None
+                continue
+            lag += high - tp.offset
+        return lag
+    finally:
+        consumer.close()
+
+
+def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every message now in ``topic``, as raw values."""
+    expected = topic_count(settings, topic)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"reader-{time.monotonic_ns()}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    values: list[bytes] = []
+    deadline = time.monotonic() + 60
+    try:
+        while len(values) < expected and time.monotonic() < deadline:
+            values.extend(m.value() for m in consumer.consume(10_000, 1.0) if m.error() is None)
+    finally:
+        consumer.close()
+    return values
+
+
+def produce_raw(settings: Settings, topic: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    for value in values:
+        producer.produce(topic, value)
+    assert producer.flush(30) == 0
+
+
+def dead_letters(settings: Settings) -> list[dict]:
+    return [json.loads(v) for v in read_topic(settings, settings.topics.dead_letter)]
+
+
+def settled(snapshot: Callable[[], tuple], quiet_s: float, timeout: float, what: str) -> tuple:
+    """Wait until ``snapshot()`` stops changing for ``quiet_s`` seconds."""
+    deadline = time.monotonic() + timeout
+    last, since = snapshot(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(1.0)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return now
+    raise AssertionError(f"{what} still changing after {timeout:.0f} s: {last}")
