@@ -33,6 +33,13 @@ class EdgeConfig:
     holdout_fraction: float = 0.1
     seed: int = 42
 
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_round_samples <= self.train_every:
+            raise ValueError(
+                f"need 1 <= min_round_samples ({self.min_round_samples}) <= train_every "
+                f"({self.train_every})"
+            )
+
     @classmethod
     def from_settings(cls, settings) -> EdgeConfig:
         return cls(

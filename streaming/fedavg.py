@@ -209,6 +209,8 @@ class FedAvgService:
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
                 "isolation.level": "read_committed",
+                # A restarted service gets its partitions back after this, not Kafka's 45 s.
+                "session.timeout.ms": 10_000,
             }
         )
         self.producer = Producer(producer_config(settings, **{"linger.ms": 5}))

@@ -120,12 +120,15 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         device_id, readings = value
         state = self.device.value() or edge.DeviceState()
         trains = self._trains(device_id)
-        for reading in readings:
-            anomaly = edge.observe(state, reading, self.config, trains)
-            if anomaly is not None:
-                yield ANOMALY, encode_anomaly(anomaly).decode()
-            if trains and edge.round_due(state, self.config):
-                yield from self._round(state, device_id, ctx)
+        if len(readings) == 1:
+            found = edge.observe(state, readings[0], self.config, trains)
+            anomalies = [] if found is None else [found]
+        else:
+            anomalies = edge.observe_batch(state, readings, self.config, trains)
+        for anomaly in anomalies:
+            yield ANOMALY, encode_anomaly(anomaly).decode()
+        while trains and edge.round_due(state, self.config):
+            yield from self._round(state, device_id, ctx)
         if trains and state.labels and self.timer.value() is None:
             due = ctx.timer_service().current_processing_time() + self.train_interval_ms
             ctx.timer_service().register_processing_time_timer(due)
