@@ -64,8 +64,9 @@ class Settings:
     min_round_samples: int = 10  # a timer-triggered round needs at least this many readings
     holdout_fraction: float = 0.1  # share of devices that are scored but never train
     feature_set: str = "scale_free"  # or "original" ([mean, std, z], to compare against)
-    learning_rate: float = 0.05
-    local_epochs: int = 5
+    learning_rate: float = 0.2  # measured in benchmarks/model_quality.py: see README
+    local_epochs: int = 1  # one pass: less client drift between FedAvg rounds
+    positive_weight: float = 0.0  # anomalies' weight in the local loss; 0 = balanced per round
     anomaly_z: float = 2.5
     critical_z: float = 4.0
     # Federated averaging: the FedAvg service

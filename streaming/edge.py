@@ -26,8 +26,9 @@ class EdgeConfig:
     train_every: int = 50
     min_round_samples: int = 10
     feature_set: str = "scale_free"
-    learning_rate: float = 0.05
-    epochs: int = 5
+    learning_rate: float = 0.2
+    epochs: int = 1
+    positive_weight: float = 0.0  # anomalies' weight in the loss; 0 = balanced per round
     anomaly_z: float = model.ANOMALY_Z
     critical_z: float = model.CRITICAL_Z
     holdout_fraction: float = 0.1
@@ -48,6 +49,7 @@ class EdgeConfig:
             feature_set=settings.feature_set,
             learning_rate=settings.learning_rate,
             epochs=settings.local_epochs,
+            positive_weight=settings.positive_weight,
             anomaly_z=settings.anomaly_z,
             critical_z=settings.critical_z,
             holdout_fraction=settings.holdout_fraction,
@@ -177,7 +179,13 @@ def train_round(
     # Seeded by device and round: a round recomputed after a restore gives the same weights.
     seed = zlib.crc32(f"{config.seed}:{device_id}:{version}".encode())
     trained, metrics = model.sgd_round(
-        start, X, y, learning_rate=config.learning_rate, epochs=config.epochs, seed=seed
+        start,
+        X,
+        y,
+        learning_rate=config.learning_rate,
+        epochs=config.epochs,
+        positive_weight=config.positive_weight or None,
+        seed=seed,
     )
     label_source = "pseudo" if pseudo * 2 > n else "ground_truth"
     state.rounds = version
