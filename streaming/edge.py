@@ -70,8 +70,8 @@ def is_held_out(device_id: str, fraction: float, seed: int = 42) -> bool:
 @dataclass
 class DeviceState:
     """Everything one device remembers; bounded: the round buffer holds fewer than
-    ``train_every`` rows between messages. Plain Python values only: Flink pickles this on every state write,
-    and pickling small numpy arrays costs ~10x more than tuples of floats."""
+    ``train_every`` rows between messages. Plain Python values only: Flink pickles this on
+    every state write, and pickling small numpy arrays costs ~10x more than tuples of floats."""
 
     stats: model.RunningStats = field(default_factory=model.RunningStats)
     last_value: float | None = None
