@@ -24,7 +24,8 @@ def fresh_topic(settings: Settings, prefix: str) -> str:
 
 
 def delete_topics(settings: Settings, names: list[str]) -> None:
-    for future in kafka.admin(settings).delete_topics(names, operation_timeout=30).values():
+    client = kafka.admin(settings)  # must outlive its futures
+    for future in client.delete_topics(names, operation_timeout=30).values():
         future.result()
 
 

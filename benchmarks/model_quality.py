@@ -202,7 +202,7 @@ def row(name: str, confusion: model.Confusion, **extra) -> dict:
 
 def assess(name: str, readings: list[Reading], settings, attacks: bool) -> dict:
     config = edge.EdgeConfig.from_settings(settings)
-    fedavg = replace(FedAvgConfig.from_settings(settings), staleness_alpha=0.0)
+    fedavg = FedAvgConfig.from_settings(settings)
     data = split(readings, settings.holdout_fraction, settings.seed)
     started = time.perf_counter()
     rows: list[dict] = []

@@ -1,18 +1,26 @@
-"""`make bench`: run every benchmark and write its results under benchmarks/results/."""
+"""`make bench`: run every benchmark (or the ones named) and write results under
+benchmarks/results/. Each benchmark measures its candidates side by side in one run."""
 
 from __future__ import annotations
 
 import sys
 
-from benchmarks import replay_throughput
+from benchmarks import model_quality, replay_throughput, streaming_throughput
 
-BENCHMARKS = {"replay_throughput": replay_throughput.main}
+BENCHMARKS = {
+    "replay_throughput": replay_throughput.main,
+    "model_quality": model_quality.main,
+    "streaming_throughput": streaming_throughput.main,
+}
 
 
 def main(argv: list[str]) -> int:
-    selected = argv or list(BENCHMARKS)
-    for name in selected:
-        print(f"== {name}")
+    unknown = [name for name in argv if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s) {unknown}; choose from {sorted(BENCHMARKS)}")
+        return 2
+    for name in argv or list(BENCHMARKS):
+        print(f"== {name}", flush=True)
         BENCHMARKS[name]([])
     return 0
 

@@ -145,6 +145,15 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     return _override(Settings(), "FLEAD_", dict(os.environ if env is None else env))
 
 
+def namespaced(settings: Settings, prefix: str) -> Settings:
+    """``settings`` with every topic and consumer group prefixed: a private copy of the
+    pipeline on the same broker (tests and benchmarks run beside a live system this way)."""
+    topics = Topics(
+        **{f.name: f"{prefix}-{getattr(settings.topics, f.name)}" for f in fields(Topics)}
+    )
+    return dataclasses.replace(settings, topics=topics, consumer_group_prefix=prefix)
+
+
 def to_env(settings: Settings, prefix: str = "FLEAD_") -> dict[str, str]:
     """The ``FLEAD_*`` variables that make another process load exactly ``settings``."""
     env: dict[str, str] = {}

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from flead.config import REPO_ROOT, Settings
+from flead.config import REPO_ROOT, Settings, to_env
 
 log = logging.getLogger(__name__)
 
@@ -411,20 +411,27 @@ def latest_flink_checkpoint(settings: Settings) -> Path | None:
     return max(completed, key=lambda p: p.stat().st_mtime, default=None)
 
 
+def start_streaming(settings: Settings, name: str) -> int:
+    """Start one streaming process with exactly ``settings`` (passed as ``FLEAD_*``)."""
+    env = to_env(settings)
+    if name == "flink-job":
+        if not settings.flink_python.exists():
+            raise ServiceError(
+                f"the PyFlink environment {settings.flink_python} is missing; `make run` makes it"
+            )
+        env |= flink_env(settings)
+    return spawn(settings, name, streaming_commands(settings)[name], env=env)
+
+
 def ensure_streaming(settings: Settings) -> dict[str, str]:
     """Start the Flink job, the FedAvg service and the anomaly sink unless they are running."""
-    if not settings.flink_python.exists():
-        raise ServiceError(
-            f"the PyFlink environment {settings.flink_python} is missing; `make run` creates it"
-        )
     outcome: dict[str, str] = {}
-    for name, argv in streaming_commands(settings).items():
+    for name in STREAMING_SERVICES:
         if recorded_pid(settings, name) is not None:
             outcome[name] = "running"
-            continue
-        env = flink_env(settings) if name == "flink-job" else None
-        spawn(settings, name, argv, env=env)
-        outcome[name] = "started"
+        else:
+            start_streaming(settings, name)
+            outcome[name] = "started"
     return outcome
 
 

@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from flead import db, services
-from flead.config import Settings, Topics, load_settings, to_env
+from flead.config import Settings, load_settings, namespaced, to_env
 
 
 @pytest.fixture(scope="session")
@@ -71,16 +71,8 @@ def isolated(base: Settings, database_url: str, **overrides: object) -> Settings
     """``base`` with its own topics (created), consumer groups and database."""
     from flead import kafka
 
-    suffix = uuid.uuid4().hex[:8]
-    topics = Topics(
-        **{f.name: f"test-{suffix}-{getattr(Topics(), f.name)}" for f in dataclasses.fields(Topics)}
-    )
     test_settings = dataclasses.replace(
-        base,
-        topics=topics,
-        database_url=database_url,
-        consumer_group_prefix=f"test-{suffix}",
-        **overrides,
+        namespaced(base, f"test-{uuid.uuid4().hex[:8]}"), database_url=database_url, **overrides
     )
     kafka.ensure_topics(test_settings)
     return test_settings

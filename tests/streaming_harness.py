@@ -12,15 +12,11 @@ import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from flead import kafka, services
-from flead.config import Settings, to_env
+from flead.config import Settings
 
 
 def start(settings: Settings, name: str) -> int:
-    argv = services.streaming_commands(settings)[name]
-    env = to_env(settings)
-    if name == "flink-job":
-        env |= services.flink_env(settings)
-    return services.spawn(settings, name, argv, env=env)
+    return services.start_streaming(settings, name)
 
 
 def stop(settings: Settings, name: str) -> None:

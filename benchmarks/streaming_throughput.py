@@ -1,0 +1,284 @@
+"""End-to-end streaming speed: readings produced → scored → local updates, on the real Flink
+job, beside the bare Kafka consume rate of the same topic measured in the same run.
+
+Three measurements, one run, one private copy of the pipeline (own topics, groups, database):
+
+1. capacity: the job drains a topic filled beforehand (batched messages); readings/s from its
+   first output to the last reading consumed (so the job's start-up is not counted);
+2. sustained: readings are produced at a fixed rate for ``--seconds`` (≥ 120 by default) while
+   the consumer lag is sampled; the rate is sustained if the lag does not grow. Latency is the
+   time from a reading's scheduled produce time to the moment its anomaly record is read back
+   (p50/p99; it includes the time a reading waits for its batch to fill);
+3. bare consume: a plain confluent-kafka consumer reads the capacity topic as fast as it can.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psycopg
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from benchmarks.common import write_result
+from flead import db, kafka, services
+from flead.config import Settings, load_settings, namespaced
+from streaming.messages import Reading, encode_reading_batch
+from streaming.sources import fleet_readings, synthetic_fleet_arrays
+
+BENCH_DATABASE = "flead_bench"
+
+
+def private_settings(base: Settings, label: str, state_dir: Path) -> Settings:
+    admin = base.database_url.rsplit("/", 1)[0] + "/postgres"
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    settings = dataclasses.replace(
+        namespaced(base, f"bench-{label}-{int(time.time())}"),
+        database_url=base.database_url.rsplit("/", 1)[0] + f"/{BENCH_DATABASE}",
+        state_dir=state_dir,
+        train_interval_s=3600.0,
+        checkpoint_interval_ms=2000,
+    )
+    db.apply_schema(settings.database_url)
+    kafka.ensure_topics(settings)
+    return settings
+
+
+def batched_messages(readings: list[Reading], batch: int) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, event time of the batch's last reading) per message, in send order."""
+    pending: dict[str, list[Reading]] = {}
+    messages = []
+    for reading in readings:
+        held = pending.setdefault(reading.device_id, [])
+        held.append(reading)
+        if len(held) == batch:
+            messages.append(
+                (reading.device_id.encode(), encode_reading_batch(held), reading.timestamp_ms)
+            )
+            del pending[reading.device_id]
+    for held in pending.values():
+        messages.append(
+            (held[0].device_id.encode(), encode_reading_batch(held), held[-1].timestamp_ms)
+        )
+    messages.sort(key=lambda m: m[2])
+    return messages
+
+
+def consumed(settings: Settings) -> int:
+    """Messages of the readings topic the job has committed (at its checkpoints)."""
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": settings.consumer_group("edge")}
+    )
+    try:
+        parts = [
+            TopicPartition(settings.topics.readings, p) for p in range(settings.kafka_partitions)
+        ]
+        return sum(max(tp.offset, 0) for tp in consumer.committed(parts, timeout=10))
+    finally:
+        consumer.close()
+
+
+def capacity(settings: Settings, messages, readings_per_message: float) -> dict:
+    producer = Producer(kafka.producer_config(settings))
+    for key, value, ts in messages:
+        produce(producer, settings.topics.readings, key, value, ts)
+    producer.flush(120)
+    started = time.monotonic()
+    services.start_streaming(settings, "flink-job")
+    try:
+        first_output = wait(lambda: topic_size(settings, settings.topics.anomalies) > 0, 300)
+        done = wait(lambda: consumed(settings) >= len(messages), 900)
+    finally:
+        services.stop_pid(settings, "flink-job", timeout=60)
+    readings = len(messages) * readings_per_message
+    return {
+        "readings": int(readings),
+        "messages": len(messages),
+        "startup_seconds": first_output - started,
+        "readings_per_s": readings / (done - first_output),
+        "note": "offsets are committed at checkpoints, so the end is known to within one "
+        "checkpoint interval",
+    }
+
+
+def sustained(
+    settings: Settings, messages, rate: float, readings_per_message: float, speedup: float
+) -> dict:
+    """Produce ``messages`` on their event-time schedule compressed by ``speedup``."""
+    services.start_streaming(settings, "flink-job")
+    wait(lambda: services.recorded_pid(settings, "flink-job") is not None, 10)
+    time.sleep(20)  # let the job start before the clock runs
+    latencies: list[float] = []
+    stop = threading.Event()
+    t0 = time.time()
+    e0 = messages[0][2]
+    reader = threading.Thread(
+        target=read_anomalies, args=(settings, latencies, stop, t0, e0, speedup)
+    )
+    reader.start()
+    samples = []
+    producer = Producer(kafka.producer_config(settings, **{"linger.ms": 5}))
+    next_sample = time.monotonic()
+    for i, (key, value, ts) in enumerate(messages):
+        delay = t0 + (ts - e0) / 1000 / speedup - time.time()
+        if delay > 0:
+            time.sleep(delay)
+        produce(producer, settings.topics.readings, key, value, ts)
+        if time.monotonic() >= next_sample:
+            samples.append((time.time() - t0, i + 1, consumed(settings)))
+            next_sample += 5
+    producer.flush(60)
+    produced_seconds = time.time() - t0
+    time.sleep(10)
+    samples.append((time.time() - t0, len(messages), consumed(settings)))
+    stop.set()
+    reader.join()
+    services.stop_pid(settings, "flink-job", timeout=60)
+    lags = [(t, (p - c) * readings_per_message) for t, p, c in samples]
+    half = len(lags) // 2
+    return {
+        "offered_readings_per_s": rate,
+        "produce_seconds": produced_seconds,
+        "consumed_readings_per_s": samples[-2][2] * readings_per_message / samples[-2][0]
+        if len(samples) > 1
+        else None,
+        "lag_readings_first_half_mean": statistics.mean(lag for _, lag in lags[:half] or [(0, 0)]),
+        "lag_readings_second_half_mean": statistics.mean(lag for _, lag in lags[half:]),
+        "lag_samples": lags,
+        "anomalies_read": len(latencies),
+        "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
+    }
+
+
+def read_anomalies(settings, latencies, stop, t0, e0, speedup) -> None:
+    from streaming.messages import parse_timestamp
+
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"{settings.consumer_group_prefix}-latency",
+            "auto.offset.reset": "earliest",
+        }
+    )
+    consumer.subscribe([settings.topics.anomalies])
+    while not stop.is_set():
+        for message in consumer.consume(1000, 0.5):
+            if message.error() is None:
+                event_ms = parse_timestamp(json.loads(message.value())["timestamp"]).timestamp()
+                due = t0 + (event_ms * 1000 - e0) / 1000 / speedup
+                latencies.append(time.time() - due)
+    consumer.close()
+
+
+def bare_consume(settings: Settings, topic: str, messages: int) -> dict:
+    consumer = Consumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"{settings.consumer_group_prefix}-bare",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+        }
+    )
+    consumer.subscribe([topic])
+    # The clock starts after the first batch arrives, so group join is not counted; that
+    # batch is not counted either.
+    seen, count, readings, started = 0, 0, 0, None
+    while seen < messages:
+        batch = [m for m in consumer.consume(500, 1.0) if m.error() is None]
+        seen += len(batch)
+        if started is None:
+            started = time.monotonic() if batch else None
+            continue
+        count += len(batch)
+        readings += sum(m.value().count(b'"device_id"') for m in batch)
+    seconds = time.monotonic() - started
+    consumer.close()
+    if not count:
+        raise ValueError("too few messages to time a bare consumer: fill the topic with more")
+    return {"messages_per_s": count / seconds, "readings_per_s": readings / seconds}
+
+
+def produce(producer: Producer, topic: str, key: bytes, value: bytes, ts: int) -> None:
+    while True:
+        try:
+            producer.produce(topic, value, key, timestamp=ts)
+            producer.poll(0)
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
+def topic_size(settings: Settings, topic: str) -> int:
+    return kafka.topic_message_counts(settings, [topic])[topic] or 0
+
+
+def wait(condition, timeout: float) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return time.monotonic()
+        time.sleep(0.5)
+    raise TimeoutError(f"benchmark condition not met within {timeout} s")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=2407)
+    parser.add_argument("--capacity-readings-per-device", type=int, default=200)
+    parser.add_argument("--rate", type=float, default=20_000, help="sustained readings/s")
+    parser.add_argument("--seconds", type=float, default=120)
+    parser.add_argument("--batch", type=int, default=50, help="readings per message")
+    args = parser.parse_args(argv)
+    base = load_settings()
+    with tempfile.TemporaryDirectory() as state:
+        settings = private_settings(base, "capacity", Path(state) / "capacity")
+        arrays = synthetic_fleet_arrays(
+            num_devices=args.devices, readings_per_device=args.capacity_readings_per_device
+        )
+        messages = batched_messages(list(fleet_readings(arrays)), args.batch)
+        per_message = len(arrays) / len(messages)
+        result = {
+            "batch": args.batch,
+            "parallelism": base.flink_parallelism,
+            "capacity": capacity(settings, messages, per_message),
+        }
+        result["bare_consume"] = bare_consume(settings, settings.topics.readings, len(messages))
+
+        interval_s = 10.0  # the synthetic fleet's sampling interval
+        speedup = args.rate * interval_s / args.devices
+        per_device = int(args.seconds * args.rate / args.devices) + 1
+        settings = private_settings(base, "sustained", Path(state) / "sustained")
+        arrays = synthetic_fleet_arrays(
+            num_devices=args.devices, readings_per_device=per_device, seed=base.seed + 1
+        )
+        messages = batched_messages(list(fleet_readings(arrays)), args.batch)
+        result["sustained"] = sustained(
+            settings, messages, args.rate, len(arrays) / len(messages), speedup
+        )
+    result["ratio_capacity_to_bare_consume"] = (
+        result["capacity"]["readings_per_s"] / result["bare_consume"]["readings_per_s"]
+    )
+    path = write_result("streaming_throughput", result)
+    s, c = result["sustained"], result["capacity"]
+    print(
+        f"capacity {c['readings_per_s']:,.0f} readings/s (bare consume "
+        f"{result['bare_consume']['readings_per_s']:,.0f}); sustained at "
+        f"{s['offered_readings_per_s']:,.0f}/s: lag {s['lag_readings_first_half_mean']:,.0f} → "
+        f"{s['lag_readings_second_half_mean']:,.0f} readings, latency p50 "
+        f"{s['latency_p50_s']}, p99 {s['latency_p99_s']} s → {path}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()
