@@ -141,7 +141,9 @@ def test_cli_replays_a_csv_counting_bad_rows(settings: Settings, tmp_path) -> No
         "2025-11-07T10:00:15Z,,3.0,0\n"
         "2025-11-07T10:00:20Z,pump_1,1.7,\n"
     )
-    done = run_flead(settings, "replay", "--source", "csv", "--path", str(path), "--quiet")
+    done = run_flead(
+        settings, "replay", "--source", "csv", "--path", str(path), "--quiet", "--batch", "1"
+    )
     assert done.returncode == 0, done.stderr
     assert "Replayed 3 readings" in done.stdout
     assert "bad rows skipped: 3" in done.stdout
