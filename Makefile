@@ -8,13 +8,13 @@ FLEAD      := $(VENV)/bin/flead
 JARS       := $(STATE)/jars
 MVN        := mvn -q -B -f jvm/pom.xml
 
-.PHONY: run up replay stop status test lint bench clean-state
+.PHONY: run install system-packages up replay stop status test lint bench backfill
 
 run: install up replay status
 
 FLINK_VENV := .venv-flink
 
-install: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JARS)/.kafka $(JARS)/.flink
+install: system-packages $(VENV)/.installed $(FLINK_VENV)/.installed $(JARS)/.kafka $(JARS)/.flink $(JARS)/.spark
 
 system-packages:
 	@scripts/install-system-packages.sh
@@ -61,6 +61,9 @@ test: install
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+backfill: up
+	$(FLEAD) backfill --wait
 
 bench: install up
 	$(PY) -m benchmarks.run

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import sys
 
-from benchmarks import model_quality, replay_throughput, streaming_throughput
+from benchmarks import (
+    evaluation_throughput,
+    model_quality,
+    replay_throughput,
+    streaming_throughput,
+)
 
 BENCHMARKS = {
     "replay_throughput": replay_throughput.main,
     "model_quality": model_quality.main,
     "streaming_throughput": streaming_throughput.main,
+    "evaluation_throughput": evaluation_throughput.main,
 }
 
 

@@ -27,12 +27,23 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
     if not args.no_streaming:
         for name, outcome in services.ensure_streaming(settings).items():
             print(f"{name:<11} {outcome}  (log {settings.log_dir / (name + '.log')})")
+    if not args.no_dagster:
+        from flead import orchestration  # imports Dagster only when it is used
+
+        outcome = orchestration.ensure_dagster(settings)
+        print(
+            f"Dagster     {outcome['dagster-webserver']}  UI {settings.dagster_url}"
+            f"  (daemon {outcome['dagster-daemon']})"
+        )
     print(f"State       {settings.state_dir}  (logs in {settings.log_dir})")
     return 0
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
-    stopped = services.stop_streaming(settings)
+    from flead import orchestration
+
+    stopped = orchestration.stop_dagster(settings)  # first: its daemon launches runs
+    stopped.update(services.stop_streaming(settings))
     stopped["kafka"] = services.stop_kafka(settings)
     stopped["postgres"] = services.stop_postgres(settings)
     for name, was_running in stopped.items():
@@ -94,6 +105,27 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _versions(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    first, _, last = spec.partition("-")
+    return list(range(int(first), int(last or first) + 1))
+
+
+def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from flead import orchestration
+
+    if args.hours:
+        first, last = args.hours
+        outcome = orchestration.backfill_analytics(settings, first, last, wait=args.wait)
+    else:
+        outcome = orchestration.backfill_evaluations(
+            settings, _versions(args.versions), wait=args.wait
+        )
+    print(json.dumps(outcome, indent=2))
+    return 0 if outcome.get("status", "COMPLETED_SUCCESS") == "COMPLETED_SUCCESS" else 1
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     report = status.collect(settings)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
@@ -113,6 +145,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="only the storage services: no Flink job, FedAvg or anomaly sink",
     )
     commands.add_parser("down", help="stop the services flead started (by their recorded pids)")
+    up_cmd.add_argument(
+        "--no-dagster", action="store_true", help="do not start the Dagster webserver and daemon"
+    )
+    backfill_cmd = commands.add_parser(
+        "backfill",
+        help="evaluate historical global versions (or hours of analytics) as one Dagster backfill",
+    )
+    backfill_cmd.add_argument(
+        "--versions", help="FIRST-LAST or one version (default: all of federated_models)"
+    )
+    backfill_cmd.add_argument(
+        "--hours",
+        nargs=2,
+        metavar=("FIRST", "LAST"),
+        help="hourly analytics partitions instead, e.g. 2025-11-07-00:00 2025-11-07-23:00",
+    )
+    backfill_cmd.add_argument("--wait", action="store_true", help="wait for the backfill to end")
     replay_cmd = commands.add_parser("replay", help="replay a data set into the readings topic")
     replay_cmd.add_argument(
         "--source",
@@ -139,7 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"up": cmd_up, "down": cmd_down, "replay": cmd_replay, "status": cmd_status}
+COMMANDS = {
+    "up": cmd_up,
+    "down": cmd_down,
+    "replay": cmd_replay,
+    "status": cmd_status,
+    "backfill": cmd_backfill,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

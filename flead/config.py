@@ -89,6 +89,10 @@ class Settings:
     # Hourly analytics: partitions start at the data's first hour ("%Y-%m-%d-%H:%M", UTC)
     analytics_start: str = "2025-11-07-00:00"  # the synthetic fleet's first reading
     analytics_schedule_minute: int = 10  # the schedule runs the previous hour at this minute
+    # An hour is read from Kafka by message timestamp widened by this much on both sides, then
+    # kept by event time: a batched message carries its newest reading's time, so this must
+    # exceed the time one batch spans (replay_batch × the sampling interval).
+    analytics_kafka_slack_s: int = 3600
 
     def consumer_group(self, name: str) -> str:
         return f"{self.consumer_group_prefix}-{name}"

@@ -32,6 +32,9 @@ def _service_health(settings: Settings) -> dict[str, dict[str, Any]]:
             "pid": pid,
             "log": str(settings.log_dir / f"{name}.log"),
         }
+    from flead import orchestration
+
+    health.update(orchestration.dagster_health(settings))
     return health
 
 
@@ -53,8 +56,34 @@ def collect(settings: Settings) -> dict[str, Any]:
             report["tables"] = {"error": str(exc)}
     else:
         report["tables"] = {"error": "PostgreSQL is not reachable"}
+    if "model_evaluation_summaries" in report["tables"]:
+        report["evaluations"] = _evaluation_coverage(settings)
     report["settings"] = describe(settings)
     return report
+
+
+def _evaluation_coverage(settings: Settings) -> dict[str, Any]:
+    """How many global versions exist and how many have a held-out evaluation summary."""
+    with db.connect(settings.database_url, connect_timeout=3) as conn:
+        versions, evaluated, newest = conn.execute(
+            "SELECT (SELECT count(*) FROM federated_models),"
+            " (SELECT count(*) FROM model_evaluation_summaries s"
+            "  JOIN federated_models f ON f.global_version = s.model_version),"
+            " (SELECT max(global_version) FROM federated_models)"
+        ).fetchone()
+        latest = conn.execute(
+            "SELECT model_version, accuracy, precision, recall, f1, baseline_accuracy"
+            " FROM model_evaluation_summaries ORDER BY model_version DESC LIMIT 1"
+        ).fetchone()
+    coverage: dict[str, Any] = {
+        "global_versions": versions,
+        "evaluated": evaluated,
+        "newest_version": newest,
+    }
+    if latest:
+        keys = ("version", "accuracy", "precision", "recall", "f1", "baseline_accuracy")
+        coverage["newest_evaluation"] = dict(zip(keys, latest, strict=True))
+    return coverage
 
 
 def render(report: dict[str, Any]) -> str:
@@ -62,7 +91,7 @@ def render(report: dict[str, Any]) -> str:
     for name, info in report["services"].items():
         state = "up" if info["healthy"] else "DOWN"
         pid = f"pid {info['pid']}" if info["pid"] else "not started by flead"
-        lines.append(f"  {name:<10} {state:<5} {info['address']:<22} {pid}")
+        lines.append(f"  {name:<18} {state:<5} {info['address']:<22} {pid}")
     for title, key, unit in (("Topics", "topics", "messages"), ("Tables", "tables", "rows")):
         lines.append(title)
         section = report[key]
@@ -72,4 +101,18 @@ def render(report: dict[str, Any]) -> str:
         for name, count in section.items():
             shown = "missing" if count is None else f"{count:,} {unit}"
             lines.append(f"  {name:<28} {shown}")
+    coverage = report.get("evaluations")
+    if coverage:
+        lines.append("Evaluations (held-out devices)")
+        lines.append(
+            f"  {coverage['evaluated']:,} of {coverage['global_versions']:,} global "
+            "versions evaluated"
+        )
+        latest = coverage.get("newest_evaluation")
+        if latest:
+            lines.append(
+                f"  newest evaluated v{latest['version']}: accuracy {latest['accuracy']:.3f}"
+                f" (majority baseline {latest['baseline_accuracy']:.3f}), precision"
+                f" {latest['precision']:.3f}, recall {latest['recall']:.3f}, F1 {latest['f1']:.3f}"
+            )
     return "\n".join(lines)

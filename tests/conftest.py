@@ -87,3 +87,113 @@ def settings(kafka_broker: Settings, database: str) -> Settings:
 def settings_env(settings: Settings) -> dict[str, str]:
     """The FLEAD_* variables that make a subprocess see ``settings``."""
     return to_env(settings)
+
+
+# --- the end-to-end pipeline, run once per session -----------------------------------------
+
+PIPELINE_FLEET = {"num_devices": 300, "readings_per_device": 150, "seed": 11}
+PIPELINE_HOURS = ["2025-11-07-00:00"]  # 150 readings 10 s apart: the first 25 minutes
+MALFORMED = {
+    "readings": [
+        b'{"device_id": "device_0001", "timestamp": "2025-11-07T00:00:00Z", "data": "x"}',
+        b"not json at all",
+    ],
+    "global_updates": [b'{"version": 0, "weights": []}'],
+    "local_updates": [b'{"device_id": "device_0001", "model_version": 1, "weights": "none"}'],
+    "anomalies": [b'{"device_id": "device_0001", "severity": "loud"}'],
+}
+
+
+def table_counts(settings: Settings) -> tuple:
+    from tests.streaming_harness import scalar, topic_count
+
+    return (
+        topic_count(settings, settings.topics.local_updates),
+        topic_count(settings, settings.topics.anomalies),
+        scalar(settings, "SELECT count(*) FROM federated_models"),
+        scalar(settings, "SELECT count(*) FROM local_models"),
+        scalar(settings, "SELECT count(*) FROM anomalies"),
+    )
+
+
+def wait_until_consumed(settings: Settings, timeout: float = 300) -> None:
+    from tests.streaming_harness import group_lag, wait_for
+
+    wait_for(
+        lambda: group_lag(settings, settings.consumer_group("edge"), settings.topics.readings) == 0,
+        timeout,
+        "the Flink job to consume every reading",
+        every=2.0,
+    )
+
+
+@pytest.fixture(scope="session")
+def pipeline(kafka_broker: Settings, tmp_path_factory) -> Iterator[Settings]:
+    """A synthetic fleet through the whole streaming tier (the real Flink job, FedAvg service
+    and anomaly sink), with malformed messages on every input topic first; run once."""
+    from flead import kafka
+    from streaming.replay import replay
+    from streaming.sources import synthetic_fleet
+    from tests.streaming_harness import produce_raw, settled, start, stop
+
+    with fresh_database(kafka_broker) as url:
+        db.apply_schema(url)
+        settings = isolated(
+            kafka_broker,
+            url,
+            state_dir=tmp_path_factory.mktemp("pipeline"),
+            train_interval_s=5.0,
+            checkpoint_interval_ms=2000,
+        )
+        for topic, values in MALFORMED.items():
+            produce_raw(settings, getattr(settings.topics, topic), values)
+        replay(
+            synthetic_fleet(**PIPELINE_FLEET),
+            kafka.producer_config(settings),
+            settings.topics.readings,
+            progress=False,
+            batch=settings.replay_batch,
+        )
+        for name in services.STREAMING_SERVICES:
+            start(settings, name)
+        try:
+            wait_until_consumed(settings)
+            settled(lambda: table_counts(settings), quiet_s=12, timeout=240, what="the pipeline")
+            yield settings
+        finally:
+            for name in services.STREAMING_SERVICES:
+                stop(settings, name)
+
+
+@pytest.fixture(scope="session")
+def filled_database_url(pipeline: Settings) -> str:
+    """The pipeline's database after the Dagster assets ran on it with the real Spark: hourly
+    analytics, every global version evaluated on held-out devices, the accuracy report."""
+    from dagster import DagsterInstance, materialize
+    from dagster._core.storage.tags import (
+        ASSET_PARTITION_RANGE_END_TAG,
+        ASSET_PARTITION_RANGE_START_TAG,
+    )
+
+    from flead_assets.assets.analytics import build_hourly_device_analytics
+    from flead_assets.assets.evaluations import global_versions, model_evaluations
+    from flead_assets.assets.reports import accuracy_report
+    from flead_assets.resources import FleadResource
+    from flead_assets.resources.spark import pyspark_resource
+
+    resources = {
+        "flead": FleadResource.for_settings(pipeline),
+        "pyspark": pyspark_resource(pipeline),
+    }
+    hourly = build_hourly_device_analytics(pipeline)
+    for hour in PIPELINE_HOURS:
+        assert materialize([hourly], partition_key=hour, resources=resources).success
+    with psycopg.connect(pipeline.database_url) as conn:
+        newest = conn.execute("SELECT max(global_version) FROM federated_models").fetchone()[0]
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(global_versions.name, [str(v) for v in range(1, newest + 1)])
+    tags = {ASSET_PARTITION_RANGE_START_TAG: "1", ASSET_PARTITION_RANGE_END_TAG: str(newest)}
+    assert materialize(
+        [model_evaluations, accuracy_report], instance=instance, resources=resources, tags=tags
+    ).success
+    return pipeline.database_url

@@ -45,7 +45,10 @@ def test_model_quality_benchmark_runs() -> None:
 
 def test_streaming_benchmark_runs(kafka_broker, postgres) -> None:
     result = streaming_throughput.main(
-        "--devices 50 --capacity-readings-per-device 60 --rate 500 --seconds 5 --batch 2".split()
+        [
+            *("--devices", "50", "--capacity-readings-per-device", "60"),
+            *("--rate", "500", "--seconds", "5", "--batch", "2"),
+        ]
     )
     assert result["capacity"]["readings_per_s"] > 0
     assert result["sustained"]["lag_samples"]

@@ -14,17 +14,15 @@ from collections import defaultdict
 import numpy as np
 import pytest
 
-from flead import db, kafka, services
+from flead import kafka, services
 from flead.config import Settings
 from streaming import edge, model
 from streaming.messages import LocalUpdate, decode_local_update, encode_local_update
 from streaming.replay import replay
 from streaming.sources import synthetic_fleet
-from tests.conftest import fresh_database, isolated
+from tests.conftest import MALFORMED, isolated, table_counts, wait_until_consumed
 from tests.streaming_harness import (
     dead_letters,
-    group_lag,
-    produce_raw,
     query,
     read_topic,
     scalar,
@@ -36,72 +34,6 @@ from tests.streaming_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-FLEET = {"num_devices": 300, "readings_per_device": 150, "seed": 11}
-MALFORMED = {
-    "readings": [
-        b'{"device_id": "device_0001", "timestamp": "2025-11-07T00:00:00Z", "data": "x"}',
-        b"not json at all",
-    ],
-    "global_updates": [b'{"version": 0, "weights": []}'],
-    "local_updates": [b'{"device_id": "device_0001", "model_version": 1, "weights": "none"}'],
-    "anomalies": [b'{"device_id": "device_0001", "severity": "loud"}'],
-}
-
-
-def table_counts(settings: Settings) -> tuple:
-    return (
-        topic_count(settings, settings.topics.local_updates),
-        topic_count(settings, settings.topics.anomalies),
-        scalar(settings, "SELECT count(*) FROM federated_models"),
-        scalar(settings, "SELECT count(*) FROM local_models"),
-        scalar(settings, "SELECT count(*) FROM anomalies"),
-    )
-
-
-def wait_until_consumed(settings: Settings, timeout: float = 300) -> None:
-    wait_for(
-        lambda: group_lag(settings, settings.consumer_group("edge"), settings.topics.readings) == 0,
-        timeout,
-        "the Flink job to consume every reading",
-        every=2.0,
-    )
-
-
-@pytest.fixture(scope="session")
-def pipeline(kafka_broker: Settings, tmp_path_factory):
-    """A synthetic fleet through the whole streaming tier, run once for the session."""
-    with fresh_database(kafka_broker) as url:
-        db.apply_schema(url)
-        settings = isolated(
-            kafka_broker,
-            url,
-            state_dir=tmp_path_factory.mktemp("pipeline"),
-            train_interval_s=5.0,
-            checkpoint_interval_ms=2000,
-        )
-        for topic, values in MALFORMED.items():
-            produce_raw(settings, getattr(settings.topics, topic), values)
-        replay(
-            synthetic_fleet(**FLEET),
-            kafka.producer_config(settings),
-            settings.topics.readings,
-            progress=False,
-        )
-        for name in services.STREAMING_SERVICES:
-            start(settings, name)
-        try:
-            wait_until_consumed(settings)
-            settled(
-                lambda: table_counts(settings),
-                quiet_s=12,
-                timeout=240,
-                what="the pipeline's outputs",
-            )
-            yield settings
-        finally:
-            for name in services.STREAMING_SERVICES:
-                stop(settings, name)
 
 
 def assert_versions_are_weighted_means(settings: Settings) -> int:

@@ -1,0 +1,275 @@
+"""Evaluation throughput: held-out readings scored per second for one global version, with
+Spark (the ``model_evaluations`` asset's code path) beside a plain pandas/numpy evaluation of
+the same readings, and the time to backfill 20 versions.
+
+Both engines do the whole job for one version, alternating over several rounds: read the
+readings topic, keep the held-out devices' readings, compute their time-ordered features
+(``streaming.model.series_features``), score with the version's weights, and write the per-sample
+rows and the summary to PostgreSQL (a fresh benchmark database; the readings topic is only read).
+The Spark session is started once and kept warm: its start-up is reported separately.
+
+The backfill is timed as Dagster runs it, in a new process (`dagster asset materialize
+--partition-range`, i.e. ``BackfillPolicy.single_run``: one run, one Spark session, one read
+for all 20 versions), beside one single-version run in a new process: 20 of those is what one
+run per version would cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from urllib.parse import urlsplit
+
+import pandas as pd
+import psycopg
+from confluent_kafka import Consumer, TopicPartition
+
+from benchmarks.common import interleaved, summarise, write_result
+from flead import db
+from flead.config import REPO_ROOT, Settings, load_settings
+from flead_assets.lib import evaluation, spark_jobs
+from flead_assets.lib.evaluation import GlobalModel
+from flead_assets.lib.readings import KafkaSlice
+from flead_assets.resources.spark import spark_config
+from streaming.messages import InvalidMessage, decode_readings
+
+# --- setup -----------------------------------------------------------------------------------
+
+
+def _url(settings: Settings, name: str) -> str:
+    return urlsplit(settings.database_url)._replace(path=f"/{name}").geturl()
+
+
+def create_database(settings: Settings) -> str:
+    name = f"flead_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_url(settings, "postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = _url(settings, name)
+    db.apply_schema(url)
+    return url
+
+
+def drop_database(settings: Settings, url: str) -> None:
+    name = urlsplit(url).path.lstrip("/")
+    with psycopg.connect(_url(settings, "postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def copy_versions(source_url: str, target_url: str, count: int) -> list[GlobalModel]:
+    """The first ``count`` global versions the FedAvg service stored (real models)."""
+    with psycopg.connect(source_url) as conn:
+        rows = conn.execute(
+            "SELECT global_version, aggregation_round, num_devices, accuracy, weights, bias,"
+            " strategy FROM federated_models ORDER BY global_version LIMIT %s",
+            (count,),
+        ).fetchall()
+    if len(rows) < count:
+        raise SystemExit(
+            f"need {count} global versions in federated_models, found {len(rows)}:"
+            " run `make run` and let the FedAvg service make them first"
+        )
+    with psycopg.connect(target_url) as conn, conn.cursor() as cursor:
+        cursor.executemany(
+            "INSERT INTO federated_models (global_version, aggregation_round, num_devices,"
+            " accuracy, weights, bias, strategy) VALUES (%s, %s, %s, %s, %s, %s, %s)",
+            rows,
+        )
+    return [GlobalModel(r[0], tuple(r[4]), r[5]) for r in rows]
+
+
+def spark_session(settings: Settings):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    builder = SparkSession.builder
+    for key, value in spark_config(settings).items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
+# --- the two engines -------------------------------------------------------------------------
+
+
+def pandas_readings(settings: Settings) -> pd.DataFrame:
+    """Every reading of the topic with a plain consumer, validated like the streaming jobs."""
+    topic = settings.topics.readings
+    consumer = Consumer(
+        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "flead-bench-eval"}
+    )
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        ends = {}
+        assignment = []
+        for p in partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            if high > low:
+                ends[p] = high
+                assignment.append(TopicPartition(topic, p, low))
+        consumer.assign(assignment)
+        rows: list[tuple] = []
+        while ends:
+            for message in consumer.consume(10_000, timeout=1.0):
+                if message.error() is not None:
+                    continue
+                if message.offset() + 1 >= ends.get(message.partition(), 0):
+                    ends.pop(message.partition(), None)
+                try:
+                    readings = decode_readings(message.value())
+                except InvalidMessage:
+                    continue
+                rows.extend((r.device_id, r.timestamp, r.value, r.label) for r in readings)
+    finally:
+        consumer.close()
+    frame = pd.DataFrame(rows, columns=["device_id", "ts", "value", "label"])
+    return frame.drop_duplicates(["device_id", "ts"])
+
+
+def pandas_evaluate(settings: Settings, gm: GlobalModel, url: str) -> int:
+    readings = pandas_readings(settings)
+    held = readings[
+        evaluation.held_out_mask(readings["device_id"], settings.holdout_fraction, settings.seed)
+    ]
+    features = evaluation.fleet_features(held, settings.feature_set)
+    scored = evaluation.score(features, gm, settings.feature_set, settings.evaluation_threshold)
+    with psycopg.connect(url) as conn:
+        evaluation.store(conn, scored)
+    return len(features)
+
+
+def spark_evaluate(spark, settings: Settings, gm: GlobalModel, url: str) -> int:
+    source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
+    features = spark_jobs.held_out_features(
+        spark_jobs.read(spark, source).readings,
+        settings.holdout_fraction,
+        settings.seed,
+        settings.feature_set,
+    )
+    spark_jobs.evaluate_versions(
+        spark, features, [gm], url, settings.feature_set, settings.evaluation_threshold
+    )
+    return len(features)
+
+
+def rate(run) -> float:
+    started = time.perf_counter()
+    samples = run()
+    return samples / (time.perf_counter() - started)
+
+
+# --- backfill in new processes ---------------------------------------------------------------
+
+
+def cli_materialize(settings: Settings, url: str, home: str, partition_args: list[str]) -> float:
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": home,
+        "FLEAD_DATABASE_URL": url,
+        "FLEAD_HOLDOUT_FRACTION": str(settings.holdout_fraction),
+    }
+    argv = [
+        str(REPO_ROOT / ".venv" / "bin" / "dagster"),
+        "asset",
+        "materialize",
+        "-m",
+        "flead_assets.definitions",
+        "--select",
+        "model_evaluations,model_evaluation_summaries",
+        *partition_args,
+    ]
+    started = time.perf_counter()
+    done = subprocess.run(argv, env=env, cwd=home, capture_output=True, text=True)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"dagster asset materialize failed:\n{done.stderr[-3000:]}")
+    return seconds
+
+
+def backfill_times(settings: Settings, url: str, versions: list[GlobalModel]) -> dict:
+    from dagster import DagsterInstance
+
+    keys = [str(v.version) for v in versions]
+    with tempfile.TemporaryDirectory(prefix="flead-bench-dagster-") as home:
+        with DagsterInstance.from_config(home) as instance:
+            instance.add_dynamic_partitions("global_versions", keys)
+        one = cli_materialize(settings, url, home, ["--partition", keys[0]])
+        span = f"{keys[0]}...{keys[-1]}"
+        many = cli_materialize(settings, url, home, ["--partition-range", span])
+    with psycopg.connect(url) as conn:
+        stored = conn.execute("SELECT count(*) FROM model_evaluation_summaries").fetchone()[0]
+    assert stored == len(keys), f"{stored} summaries after backfilling {len(keys)} versions"
+    return {
+        "versions": len(keys),
+        "single_run_backfill_s": many,
+        "one_version_run_s": one,
+        "one_run_per_version_estimate_s": one * len(keys),
+        "speedup": one * len(keys) / many,
+    }
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def run(settings: Settings, rounds: int, backfill_versions: int) -> dict:
+    url = create_database(settings)
+    try:
+        versions = copy_versions(settings.database_url, url, backfill_versions)
+        bench = dataclasses.replace(settings, database_url=url)
+        started = time.perf_counter()
+        spark = spark_session(bench)
+        spark_start = time.perf_counter() - started
+        gm = versions[-1]
+        samples = {"spark": spark_evaluate(spark, bench, gm, url)}  # warm-up, and the count
+        samples["pandas"] = pandas_evaluate(bench, gm, url)
+        assert samples["spark"] == samples["pandas"], samples
+        rates = summarise(
+            interleaved(
+                {
+                    "spark": lambda: rate(lambda: spark_evaluate(spark, bench, gm, url)),
+                    "pandas_numpy": lambda: rate(lambda: pandas_evaluate(bench, gm, url)),
+                },
+                rounds,
+            )
+        )
+        spark.stop()
+        backfill = backfill_times(bench, url, versions)
+    finally:
+        drop_database(settings, url)
+    return {
+        "unit": "held-out readings/s, one version: read → features → score → store",
+        "held_out_samples": samples["spark"],
+        "holdout_fraction": settings.holdout_fraction,
+        "rounds": rounds,
+        "rates": rates,
+        "ratio_spark_to_pandas": rates["spark"]["median"] / rates["pandas_numpy"]["median"],
+        "spark_session_start_s": spark_start,
+        "spark_master": settings.spark_master,
+        "backfill": backfill,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--versions", type=int, default=20, help="versions to backfill")
+    args = parser.parse_args(argv)
+    result = run(load_settings(), args.rounds, args.versions)
+    path = write_result("evaluation_throughput", result)
+    rates, backfill = result["rates"], result["backfill"]
+    spark, plain = rates["spark"]["median"], rates["pandas_numpy"]["median"]
+    print(
+        f"one version, {result['held_out_samples']:,} held-out readings: Spark {spark:,.0f}/s,"
+        f" pandas/numpy {plain:,.0f}/s; backfill of {backfill['versions']} versions in one run"
+        f" {backfill['single_run_backfill_s']:.1f} s vs"
+        f" ~{backfill['one_run_per_version_estimate_s']:.0f} s one run per version → {path}"
+    )
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""FLEAD's Dagster code location: assets, sensors and resources (see ``definitions.py``)."""

@@ -1,0 +1,1 @@
+"""Sensors and schedules: new global versions, new readings, streaming health, the hourly run."""

@@ -1,0 +1,236 @@
+"""The Dagster assets with the real Spark, Kafka and PostgreSQL: each asset materialized for a
+partition, a multi-version backfill in one run, idempotent re-runs, and the asset checks.
+
+Expected values come straight from the generated fleet (numpy, ``streaming.model``), never
+from ``flead_assets``' own code, so a bug in parsing, ordering, filtering or writing shows.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import psycopg
+import pytest
+from dagster import DagsterInstance, materialize
+from dagster._core.storage.tags import (
+    ASSET_PARTITION_RANGE_END_TAG,
+    ASSET_PARTITION_RANGE_START_TAG,
+)
+
+from flead.config import Settings
+from flead_assets.assets.analytics import build_hourly_device_analytics
+from flead_assets.assets.evaluations import check_results, global_versions, model_evaluations
+from flead_assets.assets.reports import accuracy_report
+from flead_assets.resources import FleadResource
+from flead_assets.resources.spark import pyspark_resource
+from tests import dagster_fleet
+
+pytestmark = pytest.mark.integration
+
+METRICS = ["tp", "fp", "tn", "fn", "samples"]
+RATIOS = ["accuracy", "precision", "recall", "f1", "baseline_accuracy"]
+
+
+@pytest.fixture
+def fleet_env(settings: Settings):
+    """Test settings (own topic and database) holding the fleet's readings and 6 versions.
+
+    The readings go in the batched message form (7 per message) plus messages to skip; the
+    sensor and daemon tests use the single-reading form.
+    """
+    test_settings = dagster_fleet.fleet_settings(settings)
+    arrays = dagster_fleet.make_fleet()
+    assert dagster_fleet.produce(test_settings, arrays, batch=7) == len(arrays)
+    dagster_fleet.produce_noise(test_settings, arrays)
+    versions = dagster_fleet.make_versions(test_settings, arrays, count=6)
+    return test_settings, arrays, versions
+
+
+def resources(settings: Settings) -> dict:
+    return {"flead": FleadResource.for_settings(settings), "pyspark": pyspark_resource(settings)}
+
+
+def instance_with_versions(keys: list[str]) -> DagsterInstance:
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions(global_versions.name, keys)
+    return instance
+
+
+def summaries(settings: Settings) -> pd.DataFrame:
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            f"SELECT model_version, {', '.join(METRICS + RATIOS)} FROM model_evaluation_summaries"
+            " ORDER BY model_version"
+        ).fetchall()
+    return pd.DataFrame(rows, columns=["model_version", *METRICS, *RATIOS])
+
+
+def count(settings: Settings, sql: str) -> int:
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+def assert_matches(row: pd.Series, expected: dict) -> None:
+    for name in METRICS:
+        assert int(row[name]) == expected[name], name
+    for name in RATIOS:
+        assert row[name] == pytest.approx(expected[name], abs=1e-12), name
+
+
+def test_model_evaluations_one_version(fleet_env) -> None:
+    settings, arrays, versions = fleet_env
+    instance = instance_with_versions([str(v.version) for v in versions])
+    result = materialize(
+        [model_evaluations],
+        partition_key="3",
+        instance=instance,
+        resources=resources(settings),
+    )
+    assert result.success
+    stored = summaries(settings)
+    assert stored["model_version"].tolist() == [3]
+    expected = dagster_fleet.expected_evaluation(settings, arrays, versions[2])
+    assert expected["samples"] > 200 and expected["tp"] + expected["fn"] > 0
+    assert_matches(stored.iloc[0], expected)
+    # Per-sample rows: one per scored reading, consistent with the summary.
+    assert count(settings, "SELECT count(*) FROM model_evaluations") == expected["samples"]
+    assert (
+        count(settings, "SELECT count(*) FROM model_evaluations WHERE is_correct")
+        == expected["tp"] + expected["tn"]
+    )
+    assert (
+        count(
+            settings,
+            "SELECT count(*) FROM model_evaluations WHERE confidence < 0.5 OR confidence > 1"
+            " OR is_correct <> (prediction = actual_result)",
+        )
+        == 0
+    )
+    checks = result.get_asset_check_evaluations()
+    assert {c.check_name for c in checks} == {
+        "samples_positive",
+        "metrics_in_unit_interval",
+        "one_summary_per_version",
+    }
+    assert all(c.passed for c in checks)
+    # No held-out device trained: the evaluated devices and the training devices are disjoint.
+    with psycopg.connect(settings.database_url) as conn:
+        overlap = conn.execute(
+            "SELECT count(*) FROM (SELECT DISTINCT device_id FROM model_evaluations) e"
+            " JOIN local_models l USING (device_id)"
+        ).fetchone()[0]
+    assert overlap == 0
+
+
+def test_backfill_of_several_versions_is_one_run_and_idempotent(fleet_env) -> None:
+    settings, arrays, versions = fleet_env
+    keys = [str(v.version) for v in versions]
+    instance = instance_with_versions(keys)
+    tags = {ASSET_PARTITION_RANGE_START_TAG: "2", ASSET_PARTITION_RANGE_END_TAG: "6"}
+    for _ in range(2):  # the second run replaces, never duplicates
+        result = materialize(
+            [model_evaluations, accuracy_report],
+            instance=instance,
+            resources=resources(settings),
+            tags=tags,
+        )
+        assert result.success
+    runs = instance.get_runs()
+    assert len(runs) == 2  # one run per backfill of five versions, not one per version
+    materialized = {
+        e.materialization.partition
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.to_user_string() == "model_evaluation_summaries"
+    }
+    assert materialized == {"2", "3", "4", "5", "6"}
+    stored = summaries(settings)
+    assert stored["model_version"].tolist() == [2, 3, 4, 5, 6]
+    for version, (_, row) in zip(versions[1:], stored.iterrows(), strict=True):
+        assert_matches(row, dagster_fleet.expected_evaluation(settings, arrays, version))
+    per_version = count(settings, "SELECT count(*) FROM model_evaluations WHERE model_version = 2")
+    assert count(settings, "SELECT count(*) FROM model_evaluations") == 5 * per_version
+    # The report in the same run: one row per evaluated version, and the plot in metadata.
+    assert count(settings, "SELECT count(*) FROM accuracy_reports") == 5
+    report = next(
+        e.materialization
+        for e in result.get_asset_materialization_events()
+        if e.asset_key.to_user_string() == "accuracy_report"
+    )
+    assert report.metadata["versions"].value == 5
+    assert "data:image/png;base64," in report.metadata["trend"].value
+
+
+def test_versions_learn_something(fleet_env) -> None:
+    """A sanity check on the data the other tests use: the last version finds anomalies
+    (otherwise every comparison above could pass on an all-"normal" model)."""
+    settings, arrays, versions = fleet_env
+    first = dagster_fleet.expected_evaluation(settings, arrays, versions[0])
+    last = dagster_fleet.expected_evaluation(settings, arrays, versions[-1])
+    assert last["tp"] > 0 and last["f1"] > first["f1"]
+    assert last["precision"] > 0.5
+
+
+def test_hourly_device_analytics_partition(fleet_env) -> None:
+    settings, arrays, _ = fleet_env
+    hourly = build_hourly_device_analytics(settings)
+    for _ in range(2):  # idempotent: the second run replaces the hour
+        result = materialize(
+            [hourly], partition_key=dagster_fleet.FIRST_HOUR, resources=resources(settings)
+        )
+        assert result.success
+    with psycopg.connect(settings.database_url) as conn:
+        rows = conn.execute(
+            "SELECT device_id, hour, readings, mean, std, min, max, anomaly_rate"
+            " FROM hourly_device_analytics ORDER BY device_id, hour"
+        ).fetchall()
+    stored = pd.DataFrame(
+        rows, columns=["device_id", "hour", "readings", "mean", "std", "min", "max", "anomaly_rate"]
+    )
+    expected = dagster_fleet.expected_hourly(arrays).sort_values(["device_id", "hour"])
+    assert len(stored) == len(expected) == dagster_fleet.FLEET["num_devices"]
+    assert (stored["readings"].to_numpy() == expected["readings"].to_numpy()).all()
+    for column in ("mean", "std", "min", "max", "anomaly_rate"):
+        np.testing.assert_allclose(
+            stored[column].astype(float), expected[column].astype(float), rtol=1e-9, err_msg=column
+        )
+    meta = result.get_asset_materialization_events()[0].materialization.metadata
+    assert meta["readings"].value == len(arrays)
+
+
+def test_hourly_partition_without_data_writes_nothing(fleet_env) -> None:
+    settings, _, _ = fleet_env
+    hourly = build_hourly_device_analytics(settings)
+    result = materialize([hourly], partition_key="2025-11-07-05:00", resources=resources(settings))
+    assert result.success
+    assert count(settings, "SELECT count(*) FROM hourly_device_analytics") == 0
+
+
+def test_checks_fail_on_broken_summaries(settings: Settings) -> None:
+    """The asset checks read the tables: a missing summary, a metric outside [0, 1], a sample
+    count that disagrees with the per-sample rows, and no samples at all are all caught."""
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        for version, samples, accuracy in ((1, 2, 0.5), (2, 2, 1.5), (3, 5, 0.5), (4, 0, 0.0)):
+            conn.execute(
+                "INSERT INTO model_evaluation_summaries (model_version, samples, tp, fp, tn, fn,"
+                " accuracy, precision, recall, f1, baseline_accuracy)"
+                " VALUES (%s, %s, 0, 0, %s, 0, %s, 0, 0, 0, 1)",
+                (version, samples, samples, accuracy),
+            )
+        for version in (1, 2, 3):
+            for second in (1, 2):
+                conn.execute(
+                    "INSERT INTO model_evaluations (model_version, device_id, reading_timestamp,"
+                    " prediction, actual_result, is_correct, confidence)"
+                    " VALUES (%s, 'd', %s, 0, 0, true, 0.9)",
+                    (version, f"2025-11-07T00:00:0{second}Z"),
+                )
+    results = {
+        r.check_name: r
+        for r in check_results(FleadResource.for_settings(settings), [1, 2, 3, 4, 5])
+    }
+    assert not any(r.passed for r in results.values())
+    assert results["samples_positive"].metadata["failing_versions"].value == "[4, 5]"
+    assert results["metrics_in_unit_interval"].metadata["failing_versions"].value == "[2]"
+    assert results["one_summary_per_version"].metadata["failing_versions"].value == "[3, 5]"
+    ok = list(check_results(FleadResource.for_settings(settings), [1]))
+    assert all(r.passed for r in ok)
