@@ -8,9 +8,9 @@ FLEAD      := $(VENV)/bin/flead
 JARS       := $(STATE)/jars
 MVN        := mvn -q -B -f jvm/pom.xml
 
-.PHONY: run install system-packages up replay stop status test lint bench backfill
+.PHONY: run install system-packages up replay wait stop status test lint bench backfill
 
-run: install up replay status
+run: install up replay wait status
 
 FLINK_VENV := .venv-flink
 
@@ -50,8 +50,16 @@ up: install
 replay: up
 	$(FLEAD) replay --unless-present
 
+# The main job's end: every reading scored, every global version evaluated (with progress).
+wait:
+	$(FLEAD) wait
+
 stop:
-	@test -x $(FLEAD) && $(FLEAD) down || echo "nothing to stop: flead is not installed"
+	@test -x $(FLEAD) && $(FLEAD) down || echo "nothing to # The main job's end: every reading scored, every global version evaluated (with progress).
+wait:
+	$(FLEAD) wait
+
+stop: flead is not installed"
 
 status:
 	@$(FLEAD) status

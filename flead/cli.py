@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from flead import db, kafka, services, status
@@ -126,6 +127,33 @@ def cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     return 0 if outcome.get("status", "COMPLETED_SUCCESS") == "COMPLETED_SUCCESS" else 1
 
 
+def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
+    """Wait, with progress, until the Flink job consumed every reading and every global
+    version has its evaluation summary (the end of `make run`'s main job)."""
+    deadline = time.monotonic() + args.timeout
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        lag = kafka.consumer_lag(
+            settings, settings.consumer_group("edge"), settings.topics.readings
+        )
+        coverage = status.evaluation_coverage(settings)
+        now = (lag, coverage["global_versions"], coverage["evaluated"])
+        if now != last:
+            last, since = now, time.monotonic()
+            print(
+                f"readings not yet consumed: {'?' if lag is None else f'{lag:,}'} messages; "
+                f"global versions: {now[1]:,}, evaluated: {now[2]:,}",
+                flush=True,
+            )
+        done = lag == 0 and now[1] > 0 and now[1] == now[2]
+        if done and time.monotonic() - since >= args.quiet_s:
+            print("done: every reading scored, every global version evaluated")
+            return 0
+        time.sleep(5)
+    print(f"flead wait: not done after {args.timeout:.0f} s", file=sys.stderr)
+    return 1
+
+
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     report = status.collect(settings)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
@@ -183,6 +211,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do nothing if the topic already holds messages (make run)",
     )
+    wait_cmd = commands.add_parser(
+        "wait", help="wait until every reading is scored and every global version evaluated"
+    )
+    wait_cmd.add_argument("--timeout", type=float, default=1800, help="seconds (default 1800)")
+    wait_cmd.add_argument(
+        "--quiet-s",
+        type=float,
+        default=30,
+        help="seconds without change before calling it done (default 30)",
+    )
     status_cmd = commands.add_parser("status", help="service health, topic and table counts")
     status_cmd.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -194,6 +232,7 @@ COMMANDS = {
     "replay": cmd_replay,
     "status": cmd_status,
     "backfill": cmd_backfill,
+    "wait": cmd_wait,
 }
 
 

@@ -85,3 +85,25 @@ def topic_message_counts(
         return counts
     finally:
         consumer.close()
+
+
+def consumer_lag(settings: Settings, group: str, topic: str, timeout: float = 10.0) -> int | None:
+    """Messages of ``topic`` that ``group`` has not committed yet; None before its first
+    commit on a partition that holds messages."""
+    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if metadata is None or metadata.error is not None:
+            return None
+        partitions = [TopicPartition(topic, p) for p in metadata.partitions]
+        lag = 0
+        for tp in consumer.committed(partitions, timeout=timeout):
+            _, high = consumer.get_watermark_offsets(tp, timeout=timeout)
+            if tp.offset < 0:
+                if high > 0:
+                    return None
+                continue
+            lag += high - tp.offset
+        return lag
+    finally:
+        consumer.close()

@@ -57,12 +57,12 @@ def collect(settings: Settings) -> dict[str, Any]:
     else:
         report["tables"] = {"error": "PostgreSQL is not reachable"}
     if "model_evaluation_summaries" in report["tables"]:
-        report["evaluations"] = _evaluation_coverage(settings)
+        report["evaluations"] = evaluation_coverage(settings)
     report["settings"] = describe(settings)
     return report
 
 
-def _evaluation_coverage(settings: Settings) -> dict[str, Any]:
+def evaluation_coverage(settings: Settings) -> dict[str, Any]:
     """How many global versions exist and how many have a held-out evaluation summary."""
     with db.connect(settings.database_url, connect_timeout=3) as conn:
         versions, evaluated, newest = conn.execute(

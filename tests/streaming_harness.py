@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import Consumer, Producer
 
 from flead import kafka, services
 from flead.config import Settings
@@ -47,22 +47,7 @@ def topic_count(settings: Settings, topic: str) -> int:
 
 
 def group_lag(settings: Settings, group: str, topic: str) -> int | None:
-    """Messages of ``topic`` not yet committed by ``group``; None before its first commit."""
-    consumer = Consumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": group})
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
-        committed = consumer.committed(partitions, timeout=10)
-        lag = 0
-        for tp in committed:
-            _, high = consumer.get_watermark_offsets(tp, timeout=10)
-            if tp.offset < 0:
-                if high > 0:
-                    return None
-                continue
-            lag += high - tp.offset
-        return lag
-    finally:
-        consumer.close()
+    return kafka.consumer_lag(settings, group, topic)
 
 
 def read_topic(settings: Settings, topic: str) -> list[bytes]:
