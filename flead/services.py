@@ -177,6 +177,7 @@ def ensure_postgres(settings: Settings) -> str:
     """Start the project-local PostgreSQL cluster unless the database URL already answers."""
     endpoint = postgres_endpoint(settings.database_url)
     if endpoint.answers():
+        _create_databases(settings)
         return "reused"
     if not endpoint.is_local():
         raise ServiceError(f"PostgreSQL at {endpoint.host}:{endpoint.port} does not answer")
@@ -249,9 +250,16 @@ def _admin_url(settings: Settings) -> str:
 
 
 def _create_databases(settings: Settings) -> None:
+    """Create the application's and Dagster's databases where they are missing. On a server
+    flead does not own, lacking the right to do so is a warning: the owner creates them."""
     import psycopg
 
-    with psycopg.connect(_admin_url(settings), autocommit=True) as conn:
+    try:
+        conn = psycopg.connect(_admin_url(settings), autocommit=True, connect_timeout=5)
+    except psycopg.Error as exc:
+        log.warning("cannot check the databases on the server (%s); create them yourself", exc)
+        return
+    with conn:
         for url in (settings.database_url, settings.dagster_database_url):
             name = urlsplit(url).path.lstrip("/")
             exists = conn.execute(
