@@ -55,11 +55,7 @@ wait:
 	$(FLEAD) wait
 
 stop:
-	@test -x $(FLEAD) && $(FLEAD) down || echo "nothing to # The main job's end: every reading scored, every global version evaluated (with progress).
-wait:
-	$(FLEAD) wait
-
-stop: flead is not installed"
+	@test -x $(FLEAD) && $(FLEAD) down || echo "nothing to stop: flead is not installed"
 
 status:
 	@$(FLEAD) status
