@@ -69,5 +69,7 @@ lint:
 backfill: up
 	$(FLEAD) backfill --wait
 
-bench: install up
+# Benchmarks need the storage services only; each starts the streaming processes it measures.
+bench: install
+	$(FLEAD) up --no-streaming --no-dagster
 	$(PY) -m benchmarks.run
