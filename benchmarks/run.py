@@ -9,6 +9,7 @@ from benchmarks import (
     evaluation_throughput,
     model_quality,
     replay_throughput,
+    report,
     streaming_throughput,
 )
 
@@ -28,6 +29,7 @@ def main(argv: list[str]) -> int:
     for name in argv or list(BENCHMARKS):
         print(f"== {name}", flush=True)
         BENCHMARKS[name]([])
+    report.main()
     return 0
 
 

@@ -180,6 +180,31 @@ def read_anomalies(settings, latencies, stop, t0, e0, speedup) -> None:
     consumer.close()
 
 
+def python_learner(settings: Settings, messages) -> dict:
+    """The learner's own Python work on the same messages, in this process, without Flink:
+    decode, vectorised scoring and local rounds. The gap to the job's capacity is the cost of
+    running Python inside Flink (JVM↔Python hand-over, pickled keyed state, timers)."""
+    from datetime import UTC, datetime
+
+    from streaming import edge
+    from streaming.messages import decode_readings
+
+    config = edge.EdgeConfig.from_settings(settings)
+    states: dict[str, edge.DeviceState] = {}
+    readings = 0
+    started = time.perf_counter()
+    for _, value, _ in messages:
+        batch = decode_readings(value)
+        device = batch[0].device_id
+        state = states.setdefault(device, edge.DeviceState())
+        trains = not edge.is_held_out(device, config.holdout_fraction, config.seed)
+        edge.observe_batch(state, batch, config, trains)
+        while trains and edge.round_due(state, config):
+            edge.train_round(state, device, None, config, datetime.now(UTC))
+        readings += len(batch)
+    return {"readings_per_s": readings / (time.perf_counter() - started)}
+
+
 def bare_consume(settings: Settings, topic: str, messages: int) -> dict:
     consumer = Consumer(
         {
@@ -235,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=2407)
     parser.add_argument("--capacity-readings-per-device", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=20_000, help="sustained readings/s")
+    parser.add_argument("--rate", type=float, default=10_000, help="sustained readings/s")
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--batch", type=int, default=50, help="readings per message")
     args = parser.parse_args(argv)
@@ -253,6 +278,7 @@ def main(argv: list[str] | None = None) -> dict:
             "capacity": capacity(settings, messages, per_message),
         }
         result["bare_consume"] = bare_consume(settings, settings.topics.readings, len(messages))
+        result["python_learner_alone"] = python_learner(settings, messages)
 
         interval_s = 10.0  # the synthetic fleet's sampling interval
         speedup = args.rate * interval_s / args.devices
