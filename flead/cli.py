@@ -237,7 +237,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Our own progress at INFO; libraries (Dagster's alembic, Kafka clients) only when they warn.
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for ours in ("flead", "streaming"):
+        logging.getLogger(ours).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     settings = load_settings()
     if getattr(args, "source", "") is None:
