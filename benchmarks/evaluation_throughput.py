@@ -35,7 +35,6 @@ from flead import db
 from flead.config import REPO_ROOT, Settings, load_settings
 from flead_assets.lib import evaluation, spark_jobs
 from flead_assets.lib.evaluation import GlobalModel
-from flead_assets.lib.readings import KafkaSlice
 from flead_assets.resources.spark import spark_config
 from streaming.messages import InvalidMessage, decode_readings
 
@@ -143,13 +142,7 @@ def pandas_evaluate(settings: Settings, gm: GlobalModel, url: str) -> int:
 
 
 def spark_evaluate(spark, settings: Settings, gm: GlobalModel, url: str) -> int:
-    source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
-    features = spark_jobs.held_out_features(
-        spark_jobs.read(spark, source).readings,
-        settings.holdout_fraction,
-        settings.seed,
-        settings.feature_set,
-    )
+    features = spark_jobs.held_out_features_of_topic(spark, settings)
     spark_jobs.evaluate_versions(
         spark, features, [gm], url, settings.feature_set, settings.evaluation_threshold
     )

@@ -31,6 +31,7 @@ from benchmarks.common import write_result
 from flead import db, kafka, services
 from flead.config import Settings, load_settings, namespaced
 from streaming.messages import Reading, encode_reading_batch
+from streaming.replay import produce
 from streaming.sources import fleet_readings, synthetic_fleet_arrays
 
 BENCH_DATABASE = "flead_bench"
@@ -90,7 +91,7 @@ def consumed(settings: Settings) -> int:
 def capacity(settings: Settings, messages, readings_per_message: float) -> dict:
     producer = Producer(kafka.producer_config(settings))
     for key, value, ts in messages:
-        produce(producer, settings.topics.readings, key, value, ts)
+        produce(producer, settings.topics.readings, key.decode(), value, ts)
     producer.flush(120)
     started = time.monotonic()
     services.start_streaming(settings, "flink-job")
@@ -132,7 +133,7 @@ def sustained(
         delay = t0 + (ts - e0) / 1000 / speedup - time.time()
         if delay > 0:
             time.sleep(delay)
-        produce(producer, settings.topics.readings, key, value, ts)
+        produce(producer, settings.topics.readings, key.decode(), value, ts)
         if time.monotonic() >= next_sample:
             samples.append((time.time() - t0, i + 1, consumed(settings)))
             next_sample += 5
@@ -231,16 +232,6 @@ def bare_consume(settings: Settings, topic: str, messages: int) -> dict:
     if not count:
         raise ValueError("too few messages to time a bare consumer: fill the topic with more")
     return {"messages_per_s": count / seconds, "readings_per_s": readings / seconds}
-
-
-def produce(producer: Producer, topic: str, key: bytes, value: bytes, ts: int) -> None:
-    while True:
-        try:
-            producer.produce(topic, value, key, timestamp=ts)
-            producer.poll(0)
-            return
-        except BufferError:
-            producer.poll(0.05)
 
 
 def topic_size(settings: Settings, topic: str) -> int:

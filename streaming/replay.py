@@ -102,7 +102,7 @@ def replay(
     for count, reading in enumerate(readings, start=1):
         pacer.wait(count - 1, reading)
         if batch == 1:
-            _produce(
+            produce(
                 producer,
                 topic,
                 reading.device_id,
@@ -133,7 +133,7 @@ def replay(
 
 def _produce_batch(producer: Producer, topic: str, held: list[Reading], on_delivery) -> None:
     # The message carries the newest reading's time: a batch is complete at that moment.
-    _produce(
+    produce(
         producer,
         topic,
         held[0].device_id,
@@ -143,9 +143,16 @@ def _produce_batch(producer: Producer, topic: str, held: list[Reading], on_deliv
     )
 
 
-def _produce(
-    producer: Producer, topic: str, device_id: str, value: bytes, timestamp_ms: int, on_delivery
+def produce(
+    producer: Producer,
+    topic: str,
+    device_id: str,
+    value: bytes,
+    timestamp_ms: int,
+    on_delivery=None,
 ) -> None:
+    """Produce one message keyed by ``device_id``, waiting (not failing) while the producer's
+    local queue is full."""
     while True:
         try:
             producer.produce(

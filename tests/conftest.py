@@ -17,7 +17,7 @@ import psycopg
 import pytest
 
 from flead import db, services
-from flead.config import Settings, load_settings, namespaced, to_env
+from flead.config import Settings, load_settings, namespaced
 
 
 @pytest.fixture(scope="session")
@@ -82,11 +82,6 @@ def isolated(base: Settings, database_url: str, **overrides: object) -> Settings
 def settings(kafka_broker: Settings, database: str) -> Settings:
     """Settings for one test: its own topics and its own migrated database."""
     return isolated(kafka_broker, database)
-
-
-def settings_env(settings: Settings) -> dict[str, str]:
-    """The FLEAD_* variables that make a subprocess see ``settings``."""
-    return to_env(settings)
 
 
 # --- the end-to-end pipeline, run once per session -----------------------------------------

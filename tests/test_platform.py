@@ -14,11 +14,10 @@ import pytest
 from confluent_kafka import Consumer
 
 from flead import db, kafka
-from flead.config import Settings
+from flead.config import Settings, to_env
 from streaming import sources
 from streaming.messages import decode_readings
 from streaming.replay import replay
-from tests.conftest import settings_env
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +122,7 @@ def test_fixed_rate_replay_delivers_everything(settings: Settings) -> None:
 def run_flead(settings: Settings, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "flead.cli", *args],
-        env={**os.environ, **settings_env(settings)},
+        env={**os.environ, **to_env(settings)},
         capture_output=True,
         text=True,
         timeout=300,

@@ -28,7 +28,6 @@ from dagster_pyspark import LazyPySparkResource
 
 from flead_assets.assets.external import EDGE_IIOT_STREAM, FEDERATED_MODELS
 from flead_assets.lib import evaluation, spark_jobs
-from flead_assets.lib.readings import KafkaSlice
 from flead_assets.resources.settings import FleadResource
 from flead_assets.resources.spark import session
 
@@ -73,13 +72,7 @@ def run_evaluation(
     missing = sorted(set(versions) - {m.version for m in models})
     if missing:
         raise Failure(f"global versions not in federated_models: {missing[:20]}")
-    source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
-    features = spark_jobs.held_out_features(
-        spark_jobs.read(spark, source).readings,
-        settings.holdout_fraction,
-        settings.seed,
-        settings.feature_set,
-    )
+    features = spark_jobs.held_out_features_of_topic(spark, settings)
     summaries = spark_jobs.evaluate_versions(
         spark,
         features,

@@ -74,6 +74,18 @@ def held_out_features(
     return features.toPandas()
 
 
+def held_out_features_of_topic(spark: SparkSession, settings) -> pd.DataFrame:
+    """:func:`held_out_features` of the whole readings topic, with the split and features of
+    ``settings`` (a :class:`flead.config.Settings`): what every evaluation scores."""
+    source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
+    return held_out_features(
+        read(spark, source).readings,
+        settings.holdout_fraction,
+        settings.seed,
+        settings.feature_set,
+    )
+
+
 def evaluate_versions(
     spark: SparkSession,
     features: pd.DataFrame,

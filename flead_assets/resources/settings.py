@@ -10,10 +10,6 @@ from dagster import ConfigurableResource
 
 from flead.config import Settings, load_settings, to_env
 
-settings_env = to_env
-"""Every setting as its ``FLEAD_*`` variable (``flead.config.to_env``): what makes another
-process (a Dagster run, a streaming service) see exactly these settings."""
-
 
 class FleadResource(ConfigurableResource):
     """``flead.config.load_settings()`` of the process, with ``overrides`` (``FLEAD_*``
@@ -35,4 +31,4 @@ class FleadResource(ConfigurableResource):
 
     @classmethod
     def for_settings(cls, settings: Settings) -> FleadResource:
-        return cls(overrides=settings_env(settings))
+        return cls(overrides=to_env(settings))
