@@ -122,7 +122,12 @@ def pandas_readings(settings: Settings) -> pd.DataFrame:
                     readings = decode_readings(message.value())
                 except InvalidMessage:
                     continue
-                rows.extend((r.device_id, r.timestamp, r.value, r.label) for r in readings)
+                # Like the Spark reader: a multichannel reading has no single value to score.
+                rows.extend(
+                    (r.device_id, r.timestamp, r.values[0], r.label)
+                    for r in readings
+                    if len(r.values) == 1
+                )
     finally:
         consumer.close()
     frame = pd.DataFrame(rows, columns=["device_id", "ts", "value", "label"])

@@ -320,7 +320,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         )
     ]
     if not args.no_skab and (sources.SHARED_DATA_DIR / "skab").exists():
-        results.append(assess("skab", list(sources.skab_readings()), settings, attacks=False))
+        # The legacy model is univariate: one device per (experiment, sensor).
+        skab = list(sources.skab_readings(per_sensor=True))
+        results.append(assess("skab", skab, settings, attacks=False))
     path = write_result("model_quality", {"results": results})
     table = render(results)
     path.with_suffix(".md").write_text(table)

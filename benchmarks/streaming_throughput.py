@@ -196,6 +196,7 @@ def python_learner(settings: Settings, messages) -> dict:
     started = time.perf_counter()
     for _, value, _ in messages:
         batch = decode_readings(value)
+        edge.check_single_channel(batch)  # the job's parse step does the same
         device = batch[0].device_id
         state = states.setdefault(device, edge.DeviceState())
         trains = not edge.is_held_out(device, config.holdout_fraction, config.seed)

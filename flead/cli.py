@@ -53,6 +53,10 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
 
 
 def _source_options(settings: Settings, args: argparse.Namespace) -> tuple[dict, int | None]:
+    if getattr(args, "per_sensor", False):
+        if args.source != "skab":
+            raise SystemExit("--per-sensor applies to --source skab only")
+        return {"per_sensor": True, **({"path": Path(args.path)} if args.path else {})}, None
     if args.source == "synthetic":
         devices = args.devices or settings.synthetic_devices
         per_device = args.readings_per_device or settings.synthetic_readings_per_device
@@ -103,6 +107,42 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         f"({result.rate:,.0f} readings/s); bad rows skipped: {report.bad_rows:,}"
         + (f" {dict(report.reasons)}" if report.bad_rows else "")
     )
+    return 0
+
+
+def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
+    from streaming import evaluate
+    from streaming.federation import FederationConfig
+    from streaming.learner import LearnerConfig
+
+    options, _ = _source_options(settings, args)
+    report = sources.LoadReport()
+    readings = sources.open_source(args.source, report=report, **options)
+    if args.limit:
+        readings = (r for i, r in zip(range(args.limit), readings, strict=False))
+    if not args.json:
+        print(f"Reading {args.source}{' ' + args.path if args.path else ''} ...", flush=True)
+    try:
+        result = evaluate.evaluate(
+            readings,
+            source=args.source if not args.path else f"{args.source}:{args.path}",
+            folds=args.folds,
+            config=LearnerConfig.from_settings(settings),
+            fed_config=FederationConfig.from_settings(settings),
+            batch=args.batch or settings.replay_batch,
+            progress=not args.json,
+        )
+    except ValueError as exc:
+        print(f"flead evaluate: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        data = result.as_dict()
+        data["load_report"] = report.as_dict()
+        print(json.dumps(data, indent=2))
+    else:
+        if report.bad_rows:
+            print(f"bad rows skipped: {report.bad_rows:,} {dict(report.reasons)}")
+        print(result.table())
     return 0
 
 
@@ -198,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="data set (default: settings.source)",
     )
     replay_cmd.add_argument("--path", help="file or folder for csv, edge_iiot, skab and wsn")
+    replay_cmd.add_argument(
+        "--per-sensor",
+        action="store_true",
+        help="skab: one univariate device per (experiment, sensor) instead of one per experiment",
+    )
     replay_cmd.add_argument("--devices", type=int, help="synthetic fleet size")
     replay_cmd.add_argument("--readings-per-device", type=int, help="synthetic readings per device")
     replay_cmd.add_argument("--limit", type=int, help="replay at most this many readings")
@@ -211,6 +256,27 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do nothing if the topic already holds messages (make run)",
     )
+    evaluate_cmd = commands.add_parser(
+        "evaluate",
+        help="device k-fold evaluation of every method on a labelled data set (in-process)",
+    )
+    evaluate_cmd.add_argument(
+        "--source", default=None, choices=sources.SOURCE_NAMES, help="data set"
+    )
+    evaluate_cmd.add_argument("--path", help="file or folder for csv, edge_iiot, skab and wsn")
+    evaluate_cmd.add_argument(
+        "--per-sensor", action="store_true", help="skab: one device per (experiment, sensor)"
+    )
+    evaluate_cmd.add_argument("--devices", type=int, help="synthetic fleet size")
+    evaluate_cmd.add_argument("--readings-per-device", type=int, help="synthetic readings/device")
+    evaluate_cmd.add_argument(
+        "--folds",
+        type=int,
+        help="device folds (default: leave-one-device-out below 20 devices, else 5)",
+    )
+    evaluate_cmd.add_argument("--batch", type=int, help="readings of one device per message")
+    evaluate_cmd.add_argument("--limit", type=int, help="use at most this many readings")
+    evaluate_cmd.add_argument("--json", action="store_true", help="print JSON")
     wait_cmd = commands.add_parser(
         "wait", help="wait until every reading is scored and every global version evaluated"
     )
@@ -233,6 +299,7 @@ COMMANDS = {
     "status": cmd_status,
     "backfill": cmd_backfill,
     "wait": cmd_wait,
+    "evaluate": cmd_evaluate,
 }
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 import numpy as np
 
 from streaming import model
-from streaming.messages import Anomaly, GlobalUpdate, LocalUpdate, Reading
+from streaming.messages import Anomaly, GlobalUpdate, InvalidMessage, LocalUpdate, Reading
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,19 @@ class DeviceState:
     pseudo: list[bool] = field(default_factory=list)  # label came from the z-score rule
     rounds: int = 0
     local_model: tuple[tuple[float, ...], float] | None = None  # (weights, bias)
+
+
+def check_single_channel(readings: list[Reading]) -> None:
+    """Refuse readings this learner cannot model: it scores one channel per device, so a
+    reading with several channels raises :class:`InvalidMessage` (for the dead-letter topic)
+    rather than being scored on an arbitrary channel."""
+    for i, reading in enumerate(readings):
+        if len(reading.values) != 1:
+            where = f"readings[{i}]: " if len(readings) > 1 else ""
+            raise InvalidMessage(
+                f"{where}reading of {reading.device_id!r} has {len(reading.values)} channels "
+                f"{list(reading.channels)}; the edge learner models a single channel"
+            )
 
 
 def observe(

@@ -59,7 +59,8 @@ LATEST = "latest"
 
 
 class ParseReadings(ProcessFunction):
-    """JSON → ``(device_id, [Reading, ...])``; anything else → the dead-letter side output."""
+    """JSON → ``(device_id, [Reading, ...])``; anything else → the dead-letter side output,
+    including readings of several channels, which the edge learner cannot model."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
@@ -67,6 +68,7 @@ class ParseReadings(ProcessFunction):
     def process_element(self, value: str, ctx: ProcessFunction.Context):
         try:
             readings = decode_readings(value)
+            edge.check_single_channel(readings)
         except InvalidMessage as exc:
             yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
             return

@@ -8,49 +8,327 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import numpy as np
+
+from streaming.learner import GlobalParams, LocalRound
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
 
 
 class InvalidMessage(ValueError):
     """A message that does not follow its topic's contract; ``str(exc)`` is the reason."""
 
 
+# --- edge-iiot-stream: readings ---------------------------------------------------------------
+
+#: The channel names of a univariate reading: one unnamed channel, ``"data": <number>`` on the wire.
+SINGLE_CHANNEL: tuple[str, ...] = ("value",)
+
+# Limits of the readings contract. The decoder runs on whatever reaches the topic, so every
+# dimension of a message is bounded: a hostile or broken producer costs one dead letter, never
+# the consumer's memory, time or numerical sanity.
+
+#: Largest message accepted (UTF-8 bytes). Kafka's default is 1 MB; 8 MiB leaves room for a
+#: broker configured larger while bounding what one message makes json allocate (its objects
+#: take several times the text's size).
+MAX_PAYLOAD_BYTES = 8 * 1024 * 1024
+#: Most readings in one batched message. The replay sends 50; 10,000 keeps one message's work
+#: and memory small for a consumer that decodes it in one call.
+MAX_BATCH_READINGS = 10_000
+#: Most channels in one reading: more than any sensor has, few enough that a reading stays small.
+MAX_CHANNELS = 256
+#: Longest device id (characters): ids become Kafka keys, table keys and dashboard labels.
+MAX_DEVICE_ID_CHARS = 128
+#: Longest channel name (characters): names become feature and column labels.
+MAX_CHANNEL_NAME_CHARS = 64
+#: Largest |value| accepted. Real measurements are far below it (a pressure in Pa is ~1e5-1e7);
+#: beyond it a number is almost surely a unit or encoding error, float64 no longer holds every
+#: integer (2**53 ≈ 9e15), and squares in the running statistics (up to 1e30) stay far from
+#: overflow. It also refuses integers too large for a float: json parses a 400-digit integer
+#: without complaint and ``float()`` of it would raise OverflowError.
+MAGNITUDE_LIMIT = 1e15
+#: Plausible event times, epoch milliseconds in [MIN, MAX): 1970-01-01 up to 2100-01-01 UTC.
+#: Anything else is a broken clock or unit (seconds for ms) and would wreck event-time windows;
+#: it also keeps every accepted time convertible to a datetime without overflow.
+MIN_TIMESTAMP_MS = 0
+MAX_TIMESTAMP_MS = 4_102_444_800_000
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_fromisoformat = datetime.fromisoformat
+_EPOCH_NAIVE = datetime(1970, 1, 1)
+_MS = timedelta(milliseconds=1)
+_US = timedelta(microseconds=1)
+# Characters a name may not contain: C0 and C1 control characters (NUL included) and lone
+# surrogates (they cannot be encoded as UTF-8, so they would break every consumer downstream).
+_BAD_NAME_CHARS = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
+    """One reading of one device: a value per channel at one event time.
+
+    ``channels`` are sorted names, ``values`` follow their order. ``SINGLE_CHANNEL``
+    (``("value",)``) is the univariate case, a plain number on the wire. The constructor does not
+    validate: the decoder and the loaders do, and the hot path builds ~100k readings per second.
+    """
+
     device_id: str
-    timestamp: datetime  # timezone-aware, UTC
-    value: float
+    timestamp_ms: int  # epoch milliseconds, UTC (no datetime on the hot path)
+    values: tuple[float, ...]  # one per channel, in the order of `channels`
     label: int | None = None  # 1 = anomaly, 0 = normal, None = unlabelled
+    channels: tuple[str, ...] = SINGLE_CHANNEL  # sorted; ("value",) = one unnamed channel
 
     @property
-    def timestamp_ms(self) -> int:
-        return int(self.timestamp.timestamp() * 1000)
+    def timestamp(self) -> datetime:
+        """The event time as a timezone-aware UTC datetime."""
+        return _EPOCH + timedelta(milliseconds=self.timestamp_ms)
+
+    @property
+    def value(self) -> float:
+        """The value of a one-channel reading; ValueError if it has several channels."""
+        if len(self.values) != 1:
+            raise ValueError(
+                f"reading of {self.device_id!r} has {len(self.values)} channels "
+                f"{self.channels}: use .values"
+            )
+        return self.values[0]
 
 
-def format_timestamp(ts: datetime) -> str:
-    """ISO 8601 UTC with milliseconds and a ``Z``: ``2025-11-07T15:22:31.000Z``."""
+def single_reading(
+    device_id: str, timestamp_ms: int, value: float, label: int | None = None
+) -> Reading:
+    """A univariate reading (channels ``("value",)``)."""
+    return Reading(device_id, timestamp_ms, (float(value),), label)
+
+
+def epoch_ms(ts: datetime) -> int:
+    """Epoch milliseconds (floor) of a datetime; a naive datetime is UTC by convention."""
     if ts.tzinfo is None:
-        ts = ts.replace(tzinfo=UTC)
-    return ts.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ts.microsecond // 1000:03d}Z"
+        return (ts - _EPOCH_NAIVE) // _MS
+    return (ts - _EPOCH) // _MS
+
+
+def format_timestamp(ts: int | datetime) -> str:
+    """ISO 8601 UTC with milliseconds and a ``Z``: ``2025-11-07T15:22:31.000Z``.
+
+    Takes epoch milliseconds, or a datetime (naive = UTC; sub-millisecond digits are dropped).
+    """
+    if isinstance(ts, datetime):
+        if ts.tzinfo is not None:
+            ts = ts.astimezone(UTC).replace(tzinfo=None)
+    else:
+        ts = _EPOCH_NAIVE + timedelta(milliseconds=ts)
+    return ts.isoformat(timespec="milliseconds") + "Z"
+
+
+def _describe(value: Any) -> str:
+    """A short, safe description of a JSON value for a reason (never a huge or nested repr)."""
+    if value is None:
+        return "null (or nothing)"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        if -(10**20) < value < 10**20:
+            return repr(value)
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    if isinstance(value, float):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value[:40]) + ("..." if len(value) > 40 else "")
+    if isinstance(value, list):
+        return f"a JSON array of {len(value)} item(s)"
+    if isinstance(value, dict):
+        return "a JSON object"
+    return type(value).__name__
+
+
+def _parse_datetime(raw: Any) -> datetime:
+    if type(raw) is not str:
+        raise InvalidMessage(f"timestamp must be an ISO 8601 string, got {_describe(raw)}")
+    try:
+        return datetime.fromisoformat(raw)
+    except (ValueError, TypeError) as exc:
+        raise InvalidMessage(f"timestamp {_describe(raw)} is not ISO 8601") from exc
+
+
+def _window_error(raw: Any) -> InvalidMessage:
+    return InvalidMessage(
+        f"timestamp {_describe(raw)} is outside the plausible window [1970-01-01, 2100-01-01)"
+    )
+
+
+def parse_timestamp_ms(raw: Any) -> int:
+    """Epoch milliseconds (floor) of an ISO 8601 string (``Z`` or offset; naive = UTC) within
+    [1970-01-01, 2100-01-01); anything else raises InvalidMessage."""
+    ts = _parse_datetime(raw)
+    try:
+        ms = epoch_ms(ts)
+    except (OverflowError, ValueError) as exc:  # not reachable with fixed offsets; belt and braces
+        raise _window_error(raw) from exc
+    if not MIN_TIMESTAMP_MS <= ms < MAX_TIMESTAMP_MS:
+        raise _window_error(raw)
+    return ms
 
 
 def parse_timestamp(raw: Any) -> datetime:
-    if not isinstance(raw, str):
-        raise InvalidMessage(f"timestamp must be an ISO 8601 string, got {type(raw).__name__}")
+    """Like :func:`parse_timestamp_ms` but a timezone-aware UTC datetime (microseconds kept)."""
+    ts = _parse_datetime(raw)
     try:
-        ts = datetime.fromisoformat(raw.replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise InvalidMessage(f"timestamp {raw!r} is not ISO 8601") from exc
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts.astimezone(UTC)
+        us = (ts - (_EPOCH_NAIVE if ts.tzinfo is None else _EPOCH)) // _US
+    except (OverflowError, ValueError) as exc:
+        raise _window_error(raw) from exc
+    if not MIN_TIMESTAMP_MS * 1000 <= us < MAX_TIMESTAMP_MS * 1000:
+        raise _window_error(raw)
+    return _EPOCH + timedelta(microseconds=us)
+
+
+def name_problem(name: Any, what: str, max_chars: int) -> str | None:
+    """Why ``name`` is not a valid device id or channel name, or None if it is: a non-empty
+    string of at most ``max_chars`` characters without control characters or lone surrogates."""
+    if type(name) is not str:
+        return f"{what} must be a string, got {_describe(name)}"
+    if not name:
+        return f"{what} must not be empty"
+    if len(name) > max_chars:
+        return f"{what} is longer than {max_chars} characters ({len(name)})"
+    if not (name.isascii() and name.isprintable()) and _BAD_NAME_CHARS.search(name):
+        return f"{what} {_describe(name)} contains a control character or a lone surrogate"
+    return None
+
+
+def value_problem(value: Any, what: str) -> str | None:
+    """Why ``value`` is not a valid channel value (a finite int/float, not a bool, with
+    |value| <= MAGNITUDE_LIMIT), or None if it is."""
+    kind = type(value)
+    if (kind is float or kind is int) and -MAGNITUDE_LIMIT <= value <= MAGNITUDE_LIMIT:
+        return None  # NaN fails the comparison, so it lands below with the infinities
+    if kind is float or kind is int:
+        if kind is float and not math.isfinite(value):
+            return f"{what} must be a finite number, got {_describe(value)}"
+        return f"{what} {_describe(value)} is beyond the magnitude limit {MAGNITUDE_LIMIT:g}"
+    return f"{what} must be a finite number, got {_describe(value)}"
+
+
+class _DuplicateKeys(dict):
+    """A JSON object that repeated a key (``json`` would silently keep the last value)."""
+
+    duplicate: str = ""
+
+
+def _pairs_hook(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    obj = dict(pairs)
+    if len(obj) == len(pairs):
+        return obj
+    flagged = _DuplicateKeys(obj)
+    seen: set[str] = set()
+    for key, _ in pairs:
+        if key in seen:
+            flagged.duplicate = key
+            break
+        seen.add(key)
+    return flagged
+
+
+class _NeedPairs(Exception):
+    """Internal: a multichannel reading needs the duplicate-checking parse."""
+
+
+# Validated channel tuples, so a fleet's repeated channel sets are checked once and shared
+# (one tuple object per set rather than one per reading). Bounded: cleared when full.
+_KNOWN_CHANNELS: dict[tuple[str, ...], tuple[str, ...]] = {SINGLE_CHANNEL: SINGLE_CHANNEL}
+_KNOWN_CHANNELS_MAX = 4096
+
+
+def _channels(data: dict[str, Any]) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    if not data:
+        raise InvalidMessage("data must be a number or an object with at least one channel")
+    if len(data) > MAX_CHANNELS:
+        raise InvalidMessage(f"data has {len(data)} channels, more than the limit {MAX_CHANNELS}")
+    if type(data) is _DuplicateKeys:
+        raise InvalidMessage(f"data names channel {_describe(data.duplicate)} more than once")
+    names = tuple(sorted(data))
+    known = _KNOWN_CHANNELS.get(names)
+    if known is None:
+        for name in names:
+            problem = name_problem(name, "channel name", MAX_CHANNEL_NAME_CHARS)
+            if problem:
+                raise InvalidMessage(problem)
+        if len(_KNOWN_CHANNELS) >= _KNOWN_CHANNELS_MAX:
+            _KNOWN_CHANNELS.clear()
+            _KNOWN_CHANNELS[SINGLE_CHANNEL] = SINGLE_CHANNEL
+        known = _KNOWN_CHANNELS[names] = names
+    values = [data[name] for name in names]
+    for value in values:
+        kind = type(value)
+        if not ((kind is float or kind is int) and -MAGNITUDE_LIMIT <= value <= MAGNITUDE_LIMIT):
+            name = names[values.index(value)]
+            raise InvalidMessage(value_problem(value, f"data[{_describe(name)}]"))
+    return known, tuple([float(value) for value in values])
+
+
+def _reading_from_dict(obj: Any, pairs_checked: bool = True) -> Reading:
+    """One reading object -> Reading. ``pairs_checked``: objects were parsed with the duplicate
+    key check (otherwise a multichannel ``data`` raises _NeedPairs for a re-parse)."""
+    if not isinstance(obj, dict):
+        raise InvalidMessage(f"a reading must be a JSON object, got {_describe(obj)}")
+    device_id = obj.get("device_id")
+    if (
+        type(device_id) is not str
+        or not device_id
+        or len(device_id) > MAX_DEVICE_ID_CHARS
+        or not (device_id.isascii() and device_id.isprintable())
+    ):
+        problem = name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS)
+        if problem:
+            raise InvalidMessage(problem)
+    raw_ts = obj.get("timestamp")
+    try:  # the fast path: an aware ISO 8601 string (the contract writes "...Z")
+        delta = _fromisoformat(raw_ts) - _EPOCH
+        timestamp_ms = delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+    except (TypeError, ValueError):  # naive (UTC by convention), or not a timestamp at all
+        timestamp_ms = parse_timestamp_ms(raw_ts)
+    else:
+        if not MIN_TIMESTAMP_MS <= timestamp_ms < MAX_TIMESTAMP_MS:
+            raise _window_error(raw_ts)
+    data = obj.get("data")
+    kind = type(data)
+    if kind is float or kind is int:
+        if not -MAGNITUDE_LIMIT <= data <= MAGNITUDE_LIMIT:
+            raise InvalidMessage(value_problem(data, "data"))
+        channels, values = SINGLE_CHANNEL, (data if kind is float else float(data),)
+    elif kind is dict or kind is _DuplicateKeys:
+        if not pairs_checked:
+            raise _NeedPairs
+        channels, values = _channels(data)
+    else:
+        raise InvalidMessage(
+            f"data must be a number or an object of named numbers, got {_describe(data)}"
+        )
+    label = obj.get("label")
+    if label is not None and (type(label) is not int or (label != 0 and label != 1)):
+        raise InvalidMessage(f"label must be 0, 1, null or absent, got {_describe(label)}")
+    return Reading(device_id, timestamp_ms, values, label, channels)
 
 
 def reading_to_dict(reading: Reading) -> dict[str, Any]:
+    """The wire form: ``"data"`` is a number for ``SINGLE_CHANNEL``, else ``{name: value}``."""
+    channels, values = reading.channels, reading.values
+    if channels == SINGLE_CHANNEL:
+        if len(values) != 1:
+            raise ValueError(f"a single-channel reading needs one value, got {len(values)}")
+        data: Any = values[0]
+    else:
+        data = dict(zip(channels, values, strict=True))
     message: dict[str, Any] = {
         "device_id": reading.device_id,
-        "timestamp": format_timestamp(reading.timestamp),
-        "data": reading.value,
+        "timestamp": format_timestamp(reading.timestamp_ms),
+        "data": data,
     }
     if reading.label is not None:
         message["label"] = reading.label
@@ -58,56 +336,143 @@ def reading_to_dict(reading: Reading) -> dict[str, Any]:
 
 
 def encode_reading(reading: Reading) -> bytes:
-    return json.dumps(reading_to_dict(reading), separators=(",", ":")).encode()
+    """One reading, the original single-reading form. ValueError for a non-finite value."""
+    return json.dumps(reading_to_dict(reading), separators=(",", ":"), allow_nan=False).encode()
 
 
 def encode_reading_batch(readings: list[Reading]) -> bytes:
-    """The batched form: ``{"readings": [<reading>, ...]}``, all of one device."""
+    """The batched form: ``{"readings": [<reading>, ...]}``; any mix of devices and channels."""
     return json.dumps(
-        {"readings": [reading_to_dict(r) for r in readings]}, separators=(",", ":")
+        {"readings": [reading_to_dict(r) for r in readings]},
+        separators=(",", ":"),
+        allow_nan=False,
     ).encode()
 
 
-def _reading_from_dict(obj: Any) -> Reading:
+def _payload_text(payload: Any) -> str:
+    if isinstance(payload, str):
+        size = len(payload)
+        if MAX_PAYLOAD_BYTES // 4 < size <= MAX_PAYLOAD_BYTES:  # exact count only when it matters
+            size = len(payload.encode("utf-8", "surrogatepass"))
+        if size > MAX_PAYLOAD_BYTES:
+            raise InvalidMessage(f"message larger than the limit of {MAX_PAYLOAD_BYTES} bytes")
+        return payload
+    if not isinstance(payload, bytes | bytearray | memoryview):
+        raise InvalidMessage(f"payload must be bytes or str, got {type(payload).__name__}")
+    if len(payload) > MAX_PAYLOAD_BYTES:  # memoryview: len is items, bytes for the usual format
+        raise InvalidMessage(
+            f"message of {len(payload)} bytes is larger than the limit of {MAX_PAYLOAD_BYTES}"
+        )
+    try:
+        return bytes(payload).decode("utf-8") if type(payload) is not bytes else payload.decode()
+    except UnicodeDecodeError as exc:
+        raise InvalidMessage(f"not UTF-8: invalid byte at position {exc.start}") from None
+
+
+def _readings_from(obj: Any, pairs_checked: bool) -> list[Reading]:
     if not isinstance(obj, dict):
-        raise InvalidMessage("a reading must be a JSON object")
-    device_id = obj.get("device_id")
-    if not isinstance(device_id, str) or not device_id:
-        raise InvalidMessage("device_id must be a non-empty string")
-    value = obj.get("data")
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise InvalidMessage(f"data must be a finite number, got {value!r}")
-    label = obj.get("label")
-    if label is not None and label not in (0, 1):
-        raise InvalidMessage(f"label must be 0, 1 or absent, got {label!r}")
-    return Reading(device_id, parse_timestamp(obj.get("timestamp")), float(value), label)
+        raise InvalidMessage(
+            'a message must be a JSON object (a reading or {"readings": [...]}), '
+            f"got {_describe(obj)}"
+        )
+    if "readings" not in obj:
+        return [_reading_from_dict(obj, pairs_checked)]
+    batch = obj["readings"]
+    if type(batch) is not list or not batch:
+        raise InvalidMessage(f"readings must be a non-empty list, got {_describe(batch)}")
+    if len(batch) > MAX_BATCH_READINGS:
+        raise InvalidMessage(
+            f"a batch of {len(batch)} readings is more than the limit {MAX_BATCH_READINGS}"
+        )
+    out = []
+    for i, item in enumerate(batch):
+        try:
+            out.append(_reading_from_dict(item, pairs_checked))
+        except InvalidMessage as exc:
+            raise InvalidMessage(f"readings[{i}]: {exc}") from None
+    return out
+
+
+def _decode_readings(payload: Any) -> list[Reading]:
+    text = _payload_text(payload)
+    # Duplicate keys must be visible in a multichannel "data" object, so that a channel named
+    # twice is refused rather than silently reduced to its last value; that takes a slower
+    # parse (a hook per object). Single-channel messages, the bulk of the stream, have one
+    # object per reading plus the batch wrapper, and skip it; if the brace count misleads
+    # (a brace inside a string, an escaped key), the first pass finds the multichannel reading
+    # and the message is parsed again with the check.
+    checked = text.count("{") > text.count('"device_id"') + 1
+    try:
+        obj = json.loads(text, object_pairs_hook=_pairs_hook if checked else None)
+    except RecursionError:
+        raise InvalidMessage("not JSON this decoder accepts: nested too deeply") from None
+    except ValueError as exc:
+        raise InvalidMessage(f"not JSON: {exc}") from None
+    try:
+        return _readings_from(obj, pairs_checked=checked)
+    except _NeedPairs:
+        return _readings_from(json.loads(text, object_pairs_hook=_pairs_hook), pairs_checked=True)
 
 
 def decode_readings(payload: bytes | str) -> list[Reading]:
-    """One message of ``edge-iiot-stream``: a single reading or the batched form."""
+    """One message of ``edge-iiot-stream``: a single reading or the batched form.
+
+    Whatever the input, the result is a list of valid Readings or an :class:`InvalidMessage`
+    with the reason; no other exception escapes (see the limits above for what is refused).
+    """
     try:
-        obj = json.loads(payload)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidMessage(f"not JSON: {exc}") from exc
-    if isinstance(obj, dict) and "readings" in obj:
-        batch = obj["readings"]
-        if not isinstance(batch, list) or not batch:
-            raise InvalidMessage("readings must be a non-empty list")
-        return [_reading_from_dict(item) for item in batch]
-    return [_reading_from_dict(obj)]
+        return _decode_readings(payload)
+    except InvalidMessage:
+        raise
+    except RecursionError:
+        raise InvalidMessage("not JSON this decoder accepts: nested too deeply") from None
+    except MemoryError:
+        raise InvalidMessage("message too large to decode") from None
+    except (ArithmeticError, LookupError, TypeError, ValueError) as exc:
+        raise InvalidMessage(f"malformed reading ({type(exc).__name__}: {exc})"[:300]) from None
 
 
-def dead_letter(topic: str, payload: bytes | None, reason: str) -> bytes:
-    """The dead-letter record: where it came from, why it was refused, and the raw payload."""
-    raw = payload.decode("utf-8", errors="replace") if payload is not None else None
-    return json.dumps(
-        {
-            "source_topic": topic,
-            "reason": reason,
-            "payload": raw,
-            "timestamp": format_timestamp(datetime.now(UTC)),
-        }
-    ).encode()
+#: Longest raw payload a dead letter keeps (characters): a dead letter must itself fit in a
+#: Kafka message (1 MB by default) even when every character is escaped as ``\uXXXX``.
+DEAD_LETTER_PAYLOAD_CHARS = 100_000
+_DEAD_LETTER_REASON_CHARS = 2_000
+
+
+def _clean_text(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, lone surrogates replaced (valid UTF-8 JSON)."""
+    text = text[:limit]
+    if not text.isascii():
+        text = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")
+    return text
+
+
+def dead_letter(topic: str, payload: bytes | str | None, reason: str) -> bytes:
+    """The dead-letter record: where it came from, why it was refused, and the raw payload.
+
+    Never raises: invalid UTF-8 becomes replacement characters, and a payload longer than
+    ``DEAD_LETTER_PAYLOAD_CHARS`` is cut (``payload_truncated`` then says so).
+    """
+    raw: str | None
+    cut = False
+    if payload is None:
+        raw = None
+    elif isinstance(payload, str):
+        raw = payload
+    elif isinstance(payload, bytes | bytearray | memoryview):
+        head = bytes(payload[: DEAD_LETTER_PAYLOAD_CHARS * 4 + 1])
+        cut = len(head) > DEAD_LETTER_PAYLOAD_CHARS * 4
+        raw = head[: DEAD_LETTER_PAYLOAD_CHARS * 4].decode("utf-8", errors="replace")
+    else:
+        raw = repr(payload)
+    record: dict[str, Any] = {
+        "source_topic": _clean_text(str(topic), 1_000),
+        "reason": _clean_text(str(reason), _DEAD_LETTER_REASON_CHARS),
+        "payload": None if raw is None else _clean_text(raw, DEAD_LETTER_PAYLOAD_CHARS),
+        "timestamp": format_timestamp(datetime.now(UTC)),
+    }
+    if cut or (raw is not None and len(raw) > DEAD_LETTER_PAYLOAD_CHARS):
+        record["payload_truncated"] = True
+    return json.dumps(record).encode()
 
 
 # --- anomalies, local-model-updates, global-model-updates ------------------------------------
@@ -282,4 +647,226 @@ def decode_global_update(payload: bytes | str) -> GlobalUpdate:
         num_devices=_count(obj, "num_devices", 1),
         strategy=_text(obj, "strategy"),
         timestamp=parse_timestamp(obj.get("timestamp")),
+    )
+
+
+# --- the learner's contracts: local rounds and global versions (detection models) ------------
+#
+# ``local-model-updates`` carries a device's round (network parameters, the statistics of its
+# normal rows, the score histograms and prequential counts of the version it was using);
+# ``global-model-updates`` carries a version (parameters, calibrated thresholds, the fleet's
+# normal model). Arrays travel as flat JSON lists; every decoder checks shapes and bounds and
+# raises only InvalidMessage, whatever the bytes.
+
+MAX_PARAMETERS = 100_000
+"""Longest parameter or statistics list accepted (the default network has 321 parameters)."""
+PARAMETER_LIMIT = 1e6
+"""|parameter| beyond this is refused: no honest round gets there from bounded features."""
+STATISTICS_LIMIT = 1e15
+"""Bound of the normal model's count and co-moments: sums that grow with the rows summarised."""
+MAX_VERSION = 2**31 - 1
+"""Versions and rounds are PostgreSQL integers."""
+
+
+def _floats(
+    obj: dict[str, Any], name: str, size: int | None = None, limit: float = PARAMETER_LIMIT
+) -> np.ndarray:
+    values = obj.get(name)
+    if type(values) is not list or not values or len(values) > MAX_PARAMETERS:
+        raise InvalidMessage(f"{name} must be a non-empty list of at most {MAX_PARAMETERS} numbers")
+    if size is not None and len(values) != size:
+        raise InvalidMessage(f"{name} must have {size} numbers, got {len(values)}")
+    for v in values:
+        if type(v) not in (int, float) or not -limit <= v <= limit:
+            raise InvalidMessage(f"{name} holds {_describe(v)}: not a number within ±{limit:g}")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _counts(obj: dict[str, Any], name: str, size: int) -> np.ndarray:
+    values = obj.get(name)
+    if type(values) is not list or len(values) != size:
+        raise InvalidMessage(f"{name} must be a list of {size} counts")
+    for v in values:
+        if type(v) not in (int, float) or not 0 <= v <= 1e12:
+            raise InvalidMessage(f"{name} holds {_describe(v)}: not a count")
+    return np.asarray(values, dtype=np.float64)
+
+
+def _integer(obj: dict[str, Any], name: str, minimum: int = 0, maximum: int = MAX_VERSION) -> int:
+    value = obj.get(name)
+    if type(value) is not int or not minimum <= value <= maximum:
+        raise InvalidMessage(
+            f"{name} must be an integer in [{minimum}, {maximum}], got {_describe(value)}"
+        )
+    return value
+
+
+def _finite(obj: dict[str, Any], name: str, optional: bool = False) -> float | None:
+    value = obj.get(name)
+    if value is None and optional:
+        return None
+    if type(value) not in (int, float) or not -PARAMETER_LIMIT <= value <= PARAMETER_LIMIT:
+        raise InvalidMessage(
+            f"{name} must be a number within ±{PARAMETER_LIMIT:g}, got {_describe(value)}"
+        )
+    return float(value)
+
+
+def _choice(obj: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
+    value = obj.get(name)
+    if value not in allowed or type(value) is not str:
+        raise InvalidMessage(f"{name} must be one of {', '.join(allowed)}, got {_describe(value)}")
+    return value
+
+
+def _guarded(decode):
+    """Run a decoder so that nothing but InvalidMessage can escape, whatever the payload."""
+
+    def wrapper(payload: bytes | str):
+        try:
+            if len(payload) > MAX_PAYLOAD_BYTES:
+                raise InvalidMessage(f"message larger than {MAX_PAYLOAD_BYTES} bytes")
+            return decode(_loads_object(payload))
+        except InvalidMessage:
+            raise
+        except (RecursionError, ValueError, TypeError, OverflowError, KeyError, MemoryError) as exc:
+            raise InvalidMessage(f"malformed message: {type(exc).__name__}: {exc}"[:500]) from exc
+
+    wrapper.__doc__ = decode.__doc__
+    return wrapper
+
+
+def _normal_dict(stats: NormalStats) -> dict[str, Any]:
+    return {
+        "count": float(stats.count),
+        "mean": stats.mean.tolist(),
+        "comoment": stats.comoment.ravel().tolist(),
+    }
+
+
+def _normal_from(obj: Any, name: str) -> NormalStats:
+    if type(obj) is not dict:
+        raise InvalidMessage(f"{name} must be an object with count, mean and comoment")
+    count = obj.get("count")
+    if type(count) not in (int, float) or not 0 <= count <= STATISTICS_LIMIT:
+        raise InvalidMessage(f"{name}.count must be a number in [0, {STATISTICS_LIMIT:g}]")
+    f = N_FEATURES
+    mean = _floats(obj, "mean", f)
+    comoment = _floats(obj, "comoment", f * f, STATISTICS_LIMIT).reshape(f, f)
+    return NormalStats(count, mean, comoment)
+
+
+def encode_local_round(update: LocalRound) -> bytes:
+    c = update.prequential
+    return _dumps(
+        {
+            "device_id": update.device_id,
+            "model_version": update.round,
+            "base_global_version": update.base_version,
+            "weights": update.params.tolist(),
+            "samples_processed": update.samples,
+            "label_source": update.label_source,
+            "loss": update.loss,
+            "accuracy": update.accuracy,
+            "normal": _normal_dict(update.normal),
+            "scores": {
+                "version": update.scored_version,
+                "positives": update.hist_pos.tolist(),
+                "negatives": update.hist_neg.tolist(),
+                "normal": update.hist_normal.tolist(),
+                "prequential": _confusion_dict(c),
+                "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
+            },
+            "timestamp": format_timestamp(update.timestamp_ms),
+        }
+    )
+
+
+@_guarded
+def decode_local_round(obj: dict[str, Any]) -> LocalRound:
+    """One message of ``local-model-updates`` (see :func:`encode_local_round`)."""
+    device_id = obj.get("device_id")
+    problem = name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS)
+    if problem:
+        raise InvalidMessage(problem)
+    scores = obj.get("scores")
+    if type(scores) is not dict:
+        raise InvalidMessage("scores must be an object")
+    preq = scores.get("prequential")
+    if type(preq) is not dict:
+        raise InvalidMessage("scores.prequential must be an object")
+    bins = LOGIT_EDGES.size + 1
+    return LocalRound(
+        device_id=device_id,
+        round=_integer(obj, "model_version", 1),
+        base_version=_integer(obj, "base_global_version"),
+        params=_floats(obj, "weights"),
+        samples=_integer(obj, "samples_processed", 1),
+        label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
+        loss=_finite(obj, "loss"),
+        accuracy=_finite(obj, "accuracy"),
+        normal=_normal_from(obj.get("normal"), "normal"),
+        hist_pos=_counts(scores, "positives", bins),
+        hist_neg=_counts(scores, "negatives", bins),
+        hist_normal=_counts(scores, "normal", NORMAL_EDGES.size + 1),
+        scored_version=_integer(scores, "version"),
+        prequential=_confusion_from(preq, "scores.prequential"),
+        timestamp_ms=parse_timestamp_ms(obj.get("timestamp")),
+        candidates=_candidates_from(scores.get("candidates", {})),
+    )
+
+
+def _confusion_dict(c: Confusion) -> dict[str, int]:
+    return {"tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn}
+
+
+def _confusion_from(obj: Any, name: str) -> Confusion:
+    if type(obj) is not dict:
+        raise InvalidMessage(f"{name} must be an object with tp, fp, tn, fn")
+    return Confusion(*(_integer(obj, k, 0, 2**62) for k in ("tp", "fp", "tn", "fn")))
+
+
+def _candidates_from(obj: Any) -> dict[str, Confusion]:
+    if type(obj) is not dict or not set(obj) <= set(DETECTOR_KINDS):
+        raise InvalidMessage(f"scores.candidates must map {', '.join(DETECTOR_KINDS)} to counts")
+    return {k: _confusion_from(v, f"scores.candidates.{k}") for k, v in obj.items()}
+
+
+DETECTOR_KINDS = ("supervised", "label_free", "zscore")
+
+
+def encode_global_params(model: GlobalParams, timestamp_ms: int, **extra: Any) -> bytes:
+    """A version for ``global-model-updates``; ``extra`` adds the service's bookkeeping fields
+    (``num_devices``, ``strategy``, ``accuracy``, ``signature``)."""
+    return _dumps(
+        {
+            "version": model.version,
+            "aggregation_round": model.version,
+            "hidden": model.hidden,
+            "weights": model.params.tolist(),
+            "threshold": model.threshold,
+            "normal": _normal_dict(model.normal),
+            "normal_threshold": model.normal_threshold,
+            "label_source": model.label_source,
+            "detector": model.detector,
+            "timestamp": format_timestamp(timestamp_ms),
+            **extra,
+        }
+    )
+
+
+@_guarded
+def decode_global_params(obj: dict[str, Any]) -> GlobalParams:
+    """One message of ``global-model-updates`` (see :func:`encode_global_params`)."""
+    hidden = _integer(obj, "hidden", 0, 1024)
+    size = Network(N_FEATURES, hidden).size
+    return GlobalParams(
+        version=_integer(obj, "version", 1),
+        hidden=hidden,
+        params=_floats(obj, "weights", size),
+        threshold=_finite(obj, "threshold", optional=True),
+        normal=_normal_from(obj.get("normal"), "normal"),
+        normal_threshold=_finite(obj, "normal_threshold", optional=True),
+        label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
+        detector=_choice(obj, "detector", DETECTOR_KINDS),
     )

@@ -4,14 +4,22 @@ Every source yields readings sorted by event time, ties broken deterministically
 by position in the source), because the stream's consumers keep per-device state and the Kafka
 key is ``device_id``: replaying the same source twice must produce the same stream.
 
+A reading carries one value per channel (``Reading.channels``, sorted names); the file loaders
+default to one multivariate reading per row and can select a single column instead, which gives
+the univariate form (channels ``("value",)``, a plain number on the wire).
+
 Bad input is a fact of life with real files, so no loader stops on a bad row: it is counted in a
 :class:`LoadReport` (reason -> count), and the first row of each reason is logged as a warning.
+Rows the stream contract would refuse (see :mod:`streaming.messages`: times outside
+[1970, 2100), |values| above ``MAGNITUDE_LIMIT``, malformed device ids) are bad rows too, so
+whatever a loader yields is accepted by the decoder. A bad header is a file error (ValueError).
 
 Sources:
 
 - :func:`synthetic_fleet` - an embedded, seeded IoT fleet with labelled anomalies of several kinds
   (columnar form: :func:`synthetic_fleet_arrays`).
-- :func:`csv_readings` - generic ``timestamp,device_id,value[,label]`` CSV.
+- :func:`csv_readings` - generic CSV, narrow ``timestamp,device_id,value[,label]`` or wide
+  ``timestamp,device_id,<channel>...[,label]``.
 - :func:`skab_readings` - the Skoltech Anomaly Benchmark in its native ``;`` format.
 - :func:`wsn_readings` - the single-hop wireless sensor network (TelosB motes) CSV.
 - :func:`edge_iiot_readings` - the Edge-IIoTset ``DNN-EdgeIIoT-dataset.csv`` format.
@@ -34,14 +42,25 @@ from typing import Any
 
 import numpy as np
 
-from streaming.messages import Reading
+from streaming.messages import (
+    MAGNITUDE_LIMIT,
+    MAX_CHANNEL_NAME_CHARS,
+    MAX_CHANNELS,
+    MAX_DEVICE_ID_CHARS,
+    MAX_TIMESTAMP_MS,
+    MIN_TIMESTAMP_MS,
+    SINGLE_CHANNEL,
+    Reading,
+    name_problem,
+)
 
 logger = logging.getLogger(__name__)
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
-_MIN_US = (datetime(1, 1, 2, tzinfo=UTC) - _EPOCH) // _US
-_MAX_US = (datetime(9999, 12, 30, tzinfo=UTC) - _EPOCH) // _US
+# The event-time window of the stream contract, in microseconds: [MIN, MAX).
+_MIN_US = MIN_TIMESTAMP_MS * 1000
+_MAX_US = MAX_TIMESTAMP_MS * 1000
 
 #: Where the shared test data lives when running from the repository: ``<repo>/../shared/data``.
 #: Anchored on this file rather than the working directory so it works from any directory.
@@ -57,8 +76,9 @@ SHARED_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 class LoadReport:
     """What a loader read. Bad rows are counted, never fatal, so a messy file still replays.
 
-    ``rows`` counts readings yielded so far; ``bad_rows`` counts readings that were dropped. For
-    files with several sensors per line (SKAB) both count readings, not lines.
+    ``rows`` counts readings yielded so far; ``bad_rows`` counts readings that were dropped. A
+    multivariate reading is one row of the file; in SKAB's per-sensor mode (several readings per
+    line) both count readings, not lines.
     """
 
     rows: int = 0
@@ -113,17 +133,11 @@ def _to_us(ts: datetime) -> int:
     return (ts - _EPOCH) // _US
 
 
-def _checked_us(us: int) -> int:
-    if not _MIN_US <= us <= _MAX_US:
-        raise _BadRow("unparsable timestamp")
-    return us
-
-
 def _parse_iso_us(raw: str) -> int:
     """ISO 8601 (``T`` or space, optional fraction of any length, ``Z`` or offset; naive = UTC)."""
     try:
         return _to_us(datetime.fromisoformat(raw))
-    except ValueError as exc:
+    except (ValueError, OverflowError) as exc:
         raise _BadRow("unparsable timestamp") from exc
 
 
@@ -133,19 +147,36 @@ def _parse_csv_time_us(raw: str) -> int:
     if _NUMBER.match(raw):
         seconds = float(raw)
         if not math.isfinite(seconds) or abs(seconds) > 1e12:
-            raise _BadRow("unparsable timestamp")
-        return _checked_us(round(seconds * 1_000_000))
+            raise _BadRow("timestamp out of range")
+        return round(seconds * 1_000_000)
     return _parse_iso_us(raw)
 
 
+def _value_reason(value: float) -> str:
+    return "non-finite value" if not math.isfinite(value) else "value out of range"
+
+
 def _parse_value(raw: str) -> float:
+    """One channel value: a finite float within the contract's MAGNITUDE_LIMIT."""
     try:
         value = float(raw)
     except ValueError as exc:
         raise _BadRow("unparsable value") from exc
-    if not math.isfinite(value):  # the stream contract only carries finite numbers
-        raise _BadRow("non-finite value")
-    return value
+    if -MAGNITUDE_LIMIT <= value <= MAGNITUDE_LIMIT:  # NaN fails too
+        return value
+    raise _BadRow(_value_reason(value))
+
+
+def _parse_values(cells: list[str]) -> list[float]:
+    """Several channel values of one row; any bad one makes the whole row bad."""
+    try:
+        values = [float(cell) for cell in cells]
+    except ValueError as exc:
+        raise _BadRow("unparsable value") from exc
+    for value in values:
+        if not -MAGNITUDE_LIMIT <= value <= MAGNITUDE_LIMIT:
+            raise _BadRow(_value_reason(value))
+    return values
 
 
 def _parse_label(raw: str | None, *, optional: bool) -> int | None:
@@ -171,86 +202,183 @@ def _column_index(header: Sequence[str], wanted: Sequence[str], source: str) -> 
     return {w: names.index(w) for w in wanted}
 
 
+def _channel_layout(columns: Sequence[tuple[int, str]], source: str) -> tuple[list[int], tuple]:
+    """``(column index, channel name)`` pairs -> (column indexes in channel order, channels).
+
+    Channels are sorted by name, as the Reading contract wants; a name the contract refuses, a
+    repeated name or too many channels is a file error (the header is wrong, not a row).
+    """
+    ordered = sorted(columns, key=lambda c: c[1])
+    names = tuple(name for _, name in ordered)
+    if not names:
+        raise ValueError(f"{source}: no value or channel column")
+    if len(names) > MAX_CHANNELS:
+        raise ValueError(f"{source}: {len(names)} channels, more than the limit {MAX_CHANNELS}")
+    for name in names:
+        problem = name_problem(name, "channel name", MAX_CHANNEL_NAME_CHARS)
+        if problem:
+            raise ValueError(f"{source}: {problem}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{source}: channel(s) {repeated} appear more than once")
+    return [i for i, _ in ordered], names
+
+
 # --------------------------------------------------------------------------------------------
 # Columnar buffer: read everything compactly, sort once, yield Readings lazily
 # --------------------------------------------------------------------------------------------
 
 
 class _Columns:
-    """Parsed rows in typed arrays (~21 bytes per reading) rather than millions of objects, so a
-    whole file can be held and sorted into event-time order before the first reading is yielded."""
+    """Parsed rows in typed arrays (~17 bytes per row + 8 per channel value) rather than
+    millions of objects, so a whole file can be held and sorted into event-time order before
+    the first reading is yielded."""
 
     def __init__(self) -> None:
         self.ts_us = array("q")
         self.device = array("i")
-        self.value = array("d")
         self.label = array("b")  # -1 = unlabelled
+        self.layout = array("i")  # index into self.layouts
+        self.values = array("d")  # every row's channel values, concatenated
         self.device_ids: list[str] = []
-        self._index: dict[str, int] = {}
+        self._devices: dict[str, int] = {}
+        self.layouts: list[tuple[str, ...]] = []
+        self._layouts: dict[tuple[str, ...], int] = {}
 
-    def add(self, ts_us: int, device_id: str, value: float, label: int | None) -> None:
-        idx = self._index.get(device_id)
+    def add_layout(self, channels: tuple[str, ...]) -> int:
+        """Register a channel tuple (sorted, already validated); returns its index for add()."""
+        idx = self._layouts.get(channels)
         if idx is None:
-            idx = self._index[device_id] = len(self.device_ids)
+            idx = self._layouts[channels] = len(self.layouts)
+            self.layouts.append(channels)
+        return idx
+
+    def add(
+        self,
+        ts_us: int,
+        device_id: str,
+        values: Sequence[float],
+        label: int | None,
+        layout: int,
+    ) -> None:
+        """One row; raises _BadRow (nothing stored) for what the stream contract refuses."""
+        if not _MIN_US <= ts_us < _MAX_US:
+            raise _BadRow("timestamp out of range")
+        idx = self._devices.get(device_id)
+        if idx is None:
+            if name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS):
+                raise _BadRow("invalid device id")
+            idx = self._devices[device_id] = len(self.device_ids)
             self.device_ids.append(device_id)
         self.ts_us.append(ts_us)
         self.device.append(idx)
-        self.value.append(value)
         self.label.append(-1 if label is None else label)
+        self.layout.append(layout)
+        self.values.extend(values)
 
     def sorted_readings(self, tally: _Tally, block: int = 65_536) -> Iterator[Reading]:
         """Event-time order; ties by device id, then by position in the source."""
         n = len(self.ts_us)
-        ts = np.frombuffer(self.ts_us, dtype=np.int64) if n else np.zeros(0, np.int64)
-        dev = np.frombuffer(self.device, dtype=np.int32) if n else np.zeros(0, np.int32)
+        if n == 0:
+            logger.info("%s: %s", tally.source, tally.report.as_dict())
+            return
+        ts = np.frombuffer(self.ts_us, dtype=np.int64)
+        dev = np.frombuffer(self.device, dtype=np.int32)
         rank = np.empty(len(self.device_ids), dtype=np.int64)  # device id -> its sort position
         rank[np.argsort(np.array(self.device_ids, dtype=str))] = np.arange(len(rank))
-        order = np.lexsort((np.arange(n), rank[dev], ts))
-        values = np.frombuffer(self.value, dtype=np.float64) if n else np.zeros(0)
-        labels = np.frombuffer(self.label, dtype=np.int8) if n else np.zeros(0, np.int8)
+        order = np.lexsort((np.arange(n), rank[dev], ts))  # sorted on microseconds
+        ms = ts // 1000  # floor: non-negative, and order on ms stays non-decreasing
+        labels = np.frombuffer(self.label, dtype=np.int8)
+        layout = np.frombuffer(self.layout, dtype=np.int32)
+        flat = np.frombuffer(self.values, dtype=np.float64)
+        widths = np.array([len(c) for c in self.layouts], dtype=np.int64)[layout]
+        width = int(widths[0]) if np.all(widths == widths[0]) else 0  # 0: rows differ
+        if width:
+            matrix = flat.reshape(n, width)
+        else:
+            starts = np.cumsum(widths) - widths
+        layouts, ids = self.layouts, self.device_ids
         for lo in range(0, n, block):
             idx = order[lo : lo + block]
-            for t, d, v, lab in zip(
-                ts[idx].tolist(),
+            if width:
+                values = map(tuple, matrix[idx].tolist())
+            else:
+                values = (
+                    tuple(flat[s : s + w].tolist())
+                    for s, w in zip(starts[idx].tolist(), widths[idx].tolist(), strict=True)
+                )
+            for t, d, v, lab, lay in zip(
+                ms[idx].tolist(),
                 dev[idx].tolist(),
-                values[idx].tolist(),
+                values,
                 labels[idx].tolist(),
+                layout[idx].tolist(),
                 strict=True,
             ):
                 tally.report.rows += 1
-                yield Reading(self.device_ids[d], _EPOCH + t * _US, v, None if lab < 0 else lab)
+                yield Reading(ids[d], t, v, None if lab < 0 else lab, layouts[lay])
         logger.info("%s: %s", tally.source, tally.report.as_dict())
+
+
+#: A row parser: ``(row, line number) -> (event time in µs, device id, values, label)``.
+_RowParser = Callable[[list[str], int], tuple[int, str, Sequence[float], int | None]]
 
 
 def _read_rows(
     path: Path,
     tally: _Tally,
-    parse: Callable[[list[str], int], tuple[int, str, float, int | None]],
+    parse: _RowParser,
     n_fields: int,
+    channels: tuple[str, ...],
     delimiter: str = ",",
 ) -> _Columns:
     """Run ``parse(row, line_no)`` over every data row; bad rows go to the tally."""
     columns = _Columns()
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    layout = columns.add_layout(channels)
+    add = columns.add
+    with _open_text(path) as handle:
         reader = csv.reader(handle, delimiter=delimiter)
         next(reader, None)  # header, already read by the caller
-        for row in reader:
-            if not row or (len(row) == 1 and not row[0].strip()):
-                continue  # blank line: not a row at all
-            where = f"line {reader.line_num}"
+        for row in _csv_rows(reader, tally, str(path)):
             if len(row) != n_fields:
-                tally.bad("wrong field count", where)
+                if not row or (len(row) == 1 and not row[0].strip()):
+                    continue  # blank line: not a row at all
+                tally.bad("wrong field count", f"line {reader.line_num}")
                 continue
             try:
-                columns.add(*parse(row, reader.line_num))
+                ts, device, values, label = parse(row, reader.line_num)
+                add(ts, device, values, label, layout)
             except _BadRow as exc:
-                tally.bad(str(exc), where)
+                tally.bad(str(exc), f"line {reader.line_num}")
     return columns
 
 
+def _open_text(path: Path):
+    """A data file as text: UTF-8 with or without a BOM; an undecodable byte becomes U+FFFD
+    (so it costs at most its row, as an unparsable field) instead of stopping the load."""
+    return path.open(newline="", encoding="utf-8-sig", errors="replace")
+
+
+def _csv_rows(reader: Any, tally: _Tally, source: str) -> Iterator[list[str]]:
+    """``reader``'s rows; a line the csv module cannot split (e.g. a field beyond its size
+    limit) is a bad row, not the end of the load."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            tally.bad("unreadable line", f"{source} line {reader.line_num} ({exc})")
+            continue
+        yield row
+
+
 def _read_header(path: Path, delimiter: str = ",") -> list[str]:
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        header = next(csv.reader(handle, delimiter=delimiter), None)
+    with _open_text(path) as handle:
+        try:
+            header = next(csv.reader(handle, delimiter=delimiter), None)
+        except csv.Error as exc:
+            raise ValueError(f"{path}: unreadable header ({exc})") from exc
     if not header:
         raise ValueError(f"{path}: empty file, no header")
     return [h.strip() for h in header]
@@ -446,7 +574,8 @@ def synthetic_fleet_arrays(
 def fleet_readings(
     arrays: FleetArrays, report: LoadReport | None = None, block: int = 65_536
 ) -> Iterator[Reading]:
-    """Iterate pre-generated fleet arrays as Readings (in their order, i.e. event time)."""
+    """Iterate pre-generated fleet arrays as single-channel Readings (in their order, i.e.
+    event time)."""
     report = report if report is not None else LoadReport()
     ids = arrays.device_ids
     for lo in range(0, len(arrays), block):
@@ -459,7 +588,7 @@ def fleet_readings(
             strict=True,
         ):
             report.rows += 1
-            yield Reading(ids[d], _EPOCH + timedelta(milliseconds=ms), v, lab)
+            yield Reading(ids[d], ms, (v,), lab)
 
 
 def synthetic_fleet(
@@ -485,29 +614,45 @@ def synthetic_fleet(
 # 2. Generic CSV
 # --------------------------------------------------------------------------------------------
 
+_CSV_NON_CHANNELS = ("timestamp", "device_id", "label")
+
 
 def csv_readings(path: str | Path, report: LoadReport | None = None) -> Iterator[Reading]:
-    """Readings from a CSV with header ``timestamp,device_id,value[,label]`` (any column order).
+    """Readings from a CSV with a header, in either of two forms (any column order):
 
-    Timestamps: ISO 8601 (naive = UTC, any offset converted to UTC) or epoch seconds (a plain
-    number). Empty label = unlabelled. The whole file is read, then sorted into event time.
+    - narrow ``timestamp,device_id,value[,label]``: one channel (``Reading.channels`` is
+      ``("value",)``, a plain number on the wire);
+    - wide ``timestamp,device_id,<channel>...[,label]``: every other column is a channel, named
+      by its header (sorted by name in the Reading).
+
+    The form follows the header: exactly one ``value`` column besides timestamp, device_id and
+    label is narrow, anything else wide. Timestamps: ISO 8601 (naive = UTC, any offset converted
+    to UTC) or epoch seconds (a plain number). Empty label = unlabelled. A row with a bad field
+    (an unparsable number, a missing device, a wrong field count ...) is counted and skipped.
+    The whole file is read into typed arrays, then sorted into event time.
     """
     path = Path(path)
     tally = _Tally(report, str(path))
     header = _read_header(path)
-    cols = _column_index(header, ["timestamp", "device_id", "value"], str(path))
+    cols = _column_index(header, ["timestamp", "device_id"], str(path))
+    ts_col, dev_col = cols["timestamp"], cols["device_id"]
     label_col = header.index("label") if "label" in header else None
+    others = [(i, name) for i, name in enumerate(header) if name not in _CSV_NON_CHANNELS]
+    if [name for _, name in others] == ["value"]:
+        value_cols, channels = [others[0][0]], SINGLE_CHANNEL
+    else:
+        value_cols, channels = _channel_layout(others, str(path))
 
-    def parse(row: list[str], _line: int) -> tuple[int, str, float, int | None]:
-        device = row[cols["device_id"]].strip()
+    def parse(row: list[str], _line: int) -> tuple[int, str, list[float], int | None]:
+        device = row[dev_col].strip()
         if not device:
             raise _BadRow("missing device")
-        ts = _parse_csv_time_us(row[cols["timestamp"]])
-        value = _parse_value(row[cols["value"]])
+        ts = _parse_csv_time_us(row[ts_col])
+        values = _parse_values([row[i] for i in value_cols])
         label = None if label_col is None else _parse_label(row[label_col], optional=True)
-        return ts, device, value, label
+        return ts, device, values, label
 
-    yield from _read_rows(path, tally, parse, len(header)).sorted_readings(tally)
+    yield from _read_rows(path, tally, parse, len(header), channels).sorted_readings(tally)
 
 
 # --------------------------------------------------------------------------------------------
@@ -540,17 +685,28 @@ def skab_files(root: str | Path, include_anomaly_free: bool = True) -> list[tupl
     return files
 
 
-def _skab_file(path: Path, experiment: str, tally: _Tally, columns: _Columns) -> None:
-    """One SKAB file -> one device per sensor column; a bad field costs only that reading."""
+def _skab_file(
+    path: Path, experiment: str, tally: _Tally, columns: _Columns, per_sensor: bool
+) -> None:
+    """One SKAB file -> one multivariate device, or one device per sensor column."""
     header = _read_header(path, ";")
     cols = _column_index(header, ["datetime"], str(path))
-    sensors = [(i, name) for i, name in enumerate(header) if name not in _SKAB_NON_SENSOR]
-    devices = [(i, f"skab_{experiment}_{_sanitize(name)}") for i, name in sensors]
+    sensors = [
+        (i, _sanitize(name)) for i, name in enumerate(header) if name not in _SKAB_NON_SENSOR
+    ]
     label_col = header.index("anomaly") if "anomaly" in header else None
-    with path.open(newline="", encoding="utf-8-sig") as handle:
+    if per_sensor:
+        layout = columns.add_layout(SINGLE_CHANNEL)
+        devices = [(i, f"skab_{experiment}_{name}") for i, name in sensors]
+    else:
+        sensor_cols, channels = _channel_layout(sensors, str(path))
+        layout = columns.add_layout(channels)
+        device = f"skab_{experiment}"
+    per_row = len(devices) if per_sensor else 1  # readings a bad line costs
+    with _open_text(path) as handle:
         reader = csv.reader(handle, delimiter=";")
         next(reader, None)
-        for row in reader:
+        for row in _csv_rows(reader, tally, str(path)):
             if not row:
                 continue
             where = f"{path.parent.name}/{path.name} line {reader.line_num}"
@@ -559,12 +715,16 @@ def _skab_file(path: Path, experiment: str, tally: _Tally, columns: _Columns) ->
                     raise _BadRow("wrong field count")
                 ts = _parse_iso_us(row[cols["datetime"]].strip())
                 label = None if label_col is None else _parse_label(row[label_col], optional=True)
+                if not per_sensor:  # a bad field costs the whole (multivariate) reading
+                    values = _parse_values([row[i] for i in sensor_cols])
+                    columns.add(ts, device, values, label, layout)
+                    continue
             except _BadRow as exc:
-                tally.bad(str(exc), where, count=len(devices))
+                tally.bad(str(exc), where, count=per_row)
                 continue
-            for i, device in devices:
+            for i, sensor_device in devices:  # per sensor: a bad field costs only its reading
                 try:
-                    columns.add(ts, device, _parse_value(row[i]), label)
+                    columns.add(ts, sensor_device, (_parse_value(row[i]),), label, layout)
                 except _BadRow as exc:
                     tally.bad(str(exc), where)
 
@@ -573,19 +733,28 @@ def skab_readings(
     root: str | Path = SHARED_DATA_DIR / "skab",
     report: LoadReport | None = None,
     include_anomaly_free: bool = True,
+    per_sensor: bool = False,
 ) -> Iterator[Reading]:
-    """SKAB in its native format: one univariate device per (experiment, sensor).
+    """SKAB in its native format.
 
-    Device ids: ``skab_<folder>_<file stem>_<sensor>`` with non-alphanumerics as ``_``, e.g.
-    ``skab_valve1_3_Pressure``, ``skab_other_14_Volume_Flow_RateRMS``,
-    ``skab_anomaly_free_Current``. Label = the ``anomaly`` column; the anomaly-free file has no
-    such column, so its readings are unlabelled (None), not assumed normal. Timestamps are the
-    bench's local wall-clock times, read as UTC. The ``changepoint`` column is not used.
+    Default: one multivariate device per experiment file, ``skab_<folder>_<file stem>`` (e.g.
+    ``skab_valve1_3``, ``skab_other_14``, ``skab_anomaly_free``), whose channels are the 8
+    sensors with non-alphanumerics as ``_``: ``Accelerometer1RMS``, ``Accelerometer2RMS``,
+    ``Current``, ``Pressure``, ``Temperature``, ``Thermocouple``, ``Voltage``,
+    ``Volume_Flow_RateRMS``. A bad field drops its row (counted with its reason).
+
+    ``per_sensor=True``: one univariate device per (experiment, sensor),
+    ``skab_<folder>_<file stem>_<sensor>``, e.g. ``skab_valve1_3_Pressure``; a bad field drops
+    only that sensor's reading.
+
+    Label = the ``anomaly`` column; the anomaly-free file has no such column, so its readings are
+    unlabelled (None), not assumed normal. Timestamps are the bench's local wall-clock times,
+    read as UTC. The ``changepoint`` column is not used.
     """
     tally = _Tally(report, f"skab:{root}")
     columns = _Columns()
     for experiment, path in skab_files(root, include_anomaly_free):
-        _skab_file(path, experiment, tally, columns)
+        _skab_file(path, experiment, tally, columns, per_sensor)
     yield from columns.sorted_readings(tally)
 
 
@@ -597,17 +766,23 @@ def skab_readings(
 #: fixed, arbitrary start anchors it so replays are reproducible.
 WSN_START = datetime(2010, 1, 1, tzinfo=UTC)
 WSN_INTERVAL_S = 5.0
+#: The measurements a WSN reading carries by default (``indoor`` is a 0/1 placement flag).
+WSN_CHANNELS: tuple[str, ...] = ("humidity", "temperature")
 _WSN_NON_FIELDS = ("reading", "mote_id", "label")
 
 
 def wsn_readings(
     path: str | Path = SHARED_DATA_DIR / "wsn" / "data.csv",
-    field: str = "temperature",
+    field: str | None = None,
     report: LoadReport | None = None,
     start: datetime = WSN_START,
     interval_s: float = WSN_INTERVAL_S,
 ) -> Iterator[Reading]:
-    """One field (``temperature`` or ``humidity``) of the WSN data; device ``wsn_mote_<id>``.
+    """The WSN data, one device ``wsn_mote_<id>`` per mote.
+
+    Default: channels ``humidity`` and ``temperature``. ``field="temperature"`` (or any other
+    measurement column) selects that one column as a univariate reading (channels
+    ``("value",)``).
 
     Time: ``reading`` is a per-mote sequence number (1, 2, ... per mote), so the timestamp is
     ``start + reading * 5 s``. Motes are assumed to be sampled in step (same reading number =
@@ -618,21 +793,26 @@ def wsn_readings(
     header = _read_header(path)
     if field in _WSN_NON_FIELDS:
         raise ValueError(f"field must be a measurement column, not {field!r}")
-    cols = _column_index(header, ["reading", "mote_id", "label", field], str(path))
+    names = list(WSN_CHANNELS) if field is None else [field]
+    cols = _column_index(header, ["reading", "mote_id", "label", *names], str(path))
+    if field is None:
+        value_cols, channels = _channel_layout([(cols[n], n) for n in names], str(path))
+    else:
+        value_cols, channels = [cols[field]], SINGLE_CHANNEL
     start_us, step_us = _to_us(start), round(interval_s * 1_000_000)
 
-    def parse(row: list[str], _line: int) -> tuple[int, str, float, int | None]:
+    def parse(row: list[str], _line: int) -> tuple[int, str, list[float], int | None]:
         mote = row[cols["mote_id"]].strip()
         if not mote:
             raise _BadRow("missing device")
         seq = row[cols["reading"]].strip()
-        if not seq.isdigit():
+        if not (seq.isascii() and seq.isdigit()) or len(seq) > 15:
             raise _BadRow("unparsable timestamp")
-        value = _parse_value(row[cols[field]])
+        values = _parse_values([row[i] for i in value_cols])
         label = _parse_label(row[cols["label"]], optional=True)
-        return _checked_us(start_us + int(seq) * step_us), f"wsn_mote_{mote}", value, label
+        return start_us + int(seq) * step_us, f"wsn_mote_{mote}", values, label
 
-    yield from _read_rows(path, tally, parse, len(header)).sorted_readings(tally)
+    yield from _read_rows(path, tally, parse, len(header), channels).sorted_readings(tally)
 
 
 # --------------------------------------------------------------------------------------------
@@ -648,6 +828,35 @@ _EDGE_WIRESHARK = re.compile(
     r"^([A-Z][a-z]{2})\s+(\d{1,2}),\s+(\d{4})\s+(\d{1,2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:\s+[A-Za-z+\-0-9]+)?$"
 )
 _EDGE_MISSING = {"", "0", "0.0"}  # how Edge-IIoTset writes an absent field
+
+#: Edge-IIoTset columns that are not numeric features, so never channels: the time, the hosts
+#: (device id and peer), the labels, and the protocol fields whose values are text (addresses,
+#: URIs, payloads and hex dumps, HTTP methods/versions/referers, DNS names, MQTT topics,
+#: messages, protocol names and flag strings; ``tcp.srcport`` mixes text into its numbers in
+#: the published file). Every other column is a channel and must parse as a number in each row.
+EDGE_IIOT_NON_FEATURES: tuple[str, ...] = (
+    "frame.time",
+    "ip.src_host",
+    "ip.dst_host",
+    "Attack_label",
+    "Attack_type",
+    "arp.dst.proto_ipv4",
+    "arp.src.proto_ipv4",
+    "http.file_data",
+    "http.request.uri.query",
+    "http.request.method",
+    "http.referer",
+    "http.request.full_uri",
+    "http.request.version",
+    "tcp.options",
+    "tcp.payload",
+    "tcp.srcport",
+    "dns.qry.name.len",
+    "mqtt.conack.flags",
+    "mqtt.msg",
+    "mqtt.protoname",
+    "mqtt.topic",
+)
 
 
 def _edge_datetime(parts: Sequence[str | None]) -> int:
@@ -685,28 +894,42 @@ def parse_edge_iiot_time(raw: str) -> int:
 
 
 def edge_iiot_readings(
-    path: str | Path, value_field: str = "tcp.len", report: LoadReport | None = None
+    path: str | Path, value_field: str | None = None, report: LoadReport | None = None
 ) -> Iterator[Reading]:
-    """Edge-IIoTset (``DNN-EdgeIIoT-dataset.csv``): device = ``ip.src_host``, value =
-    ``value_field``, label = ``Attack_label``, time = ``frame.time`` (see
-    :func:`parse_edge_iiot_time`). A source host of ``""``, ``0`` or ``0.0`` (how the dataset
-    writes an absent field) counts as a missing device.
+    """Edge-IIoTset (``DNN-EdgeIIoT-dataset.csv``): device = ``ip.src_host``, label =
+    ``Attack_label``, time = ``frame.time`` (see :func:`parse_edge_iiot_time`).
+
+    Default: every column not in :data:`EDGE_IIOT_NON_FEATURES` is a channel, named by its header
+    (``arp.opcode``, ``tcp.len``, ``mqtt.len`` ...; 42 in the published file); a row where one of
+    them does not parse as a number is a bad row. ``value_field="tcp.len"`` selects one column
+    as a univariate reading (channels ``("value",)``). Memory: the whole file is held as float64
+    before sorting, 8 bytes per value (the full 2.2M-row file with 42 channels takes ~0.75 GB;
+    a single ``value_field`` ~40 MB).
+
+    A source host of ``""``, ``0`` or ``0.0`` (how the dataset writes an absent field) counts as
+    a missing device.
     """
     path = Path(path)
     tally = _Tally(report, str(path))
     header = _read_header(path)
-    wanted = ["frame.time", "ip.src_host", "Attack_label", value_field]
-    cols = _column_index(header, wanted, str(path))
+    wanted = ["frame.time", "ip.src_host", "Attack_label"]
+    cols = _column_index(header, wanted + ([value_field] if value_field else []), str(path))
+    if value_field:
+        value_cols, channels = [cols[value_field]], SINGLE_CHANNEL
+    else:
+        features = [(i, h) for i, h in enumerate(header) if h not in EDGE_IIOT_NON_FEATURES]
+        value_cols, channels = _channel_layout(features, str(path))
+    time_col, host_col, label_col = (cols[w] for w in wanted)
 
-    def parse(row: list[str], _line: int) -> tuple[int, str, float, int | None]:
-        ts = parse_edge_iiot_time(row[cols["frame.time"]])  # first: it exposes shifted rows
-        device = row[cols["ip.src_host"]].strip()
+    def parse(row: list[str], _line: int) -> tuple[int, str, list[float], int | None]:
+        ts = parse_edge_iiot_time(row[time_col])  # first: it exposes shifted rows
+        device = row[host_col].strip()
         if device in _EDGE_MISSING:
             raise _BadRow("missing device")
-        value = _parse_value(row[cols[value_field]])
-        return ts, device, value, _parse_label(row[cols["Attack_label"]], optional=False)
+        values = _parse_values([row[i] for i in value_cols])
+        return ts, device, values, _parse_label(row[label_col], optional=False)
 
-    yield from _read_rows(path, tally, parse, len(header)).sorted_readings(tally)
+    yield from _read_rows(path, tally, parse, len(header), channels).sorted_readings(tally)
 
 
 # --------------------------------------------------------------------------------------------
@@ -727,7 +950,8 @@ def open_source(name: str, **options: Any) -> Iterator[Reading]:
     """A source by name (for CLIs and config files); ``options`` go to its function.
 
     Every file-backed source takes ``path``: for ``skab`` it is the folder (alias of ``root``),
-    so a CLI can pass one ``--path`` whatever the source.
+    so a CLI can pass one ``--path`` whatever the source. ``per_sensor`` (SKAB's one device per
+    sensor) is refused for any other source when true, ignored when false.
     """
     try:
         source = SOURCES[name]
@@ -737,4 +961,6 @@ def open_source(name: str, **options: Any) -> Iterator[Reading]:
         ) from None
     if name == "skab" and "path" in options:
         options["root"] = options.pop("path")
+    if name != "skab" and options.pop("per_sensor", False):
+        raise ValueError(f"per_sensor applies to the skab source only, not {name!r}")
     return source(**options)

@@ -92,6 +92,9 @@ MALFORMED = {
     "readings": [
         b'{"device_id": "device_0001", "timestamp": "2025-11-07T00:00:00Z", "data": "x"}',
         b"not json at all",
+        # Valid for the contract, but two channels: the edge learner models one.
+        b'{"device_id": "device_0002", "timestamp": "2025-11-07T00:00:00Z",'
+        b' "data": {"humidity": 40.5, "temperature": 21.0}}',
     ],
     "global_updates": [b'{"version": 0, "weights": []}'],
     "local_updates": [b'{"device_id": "device_0001", "model_version": 1, "weights": "none"}'],

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from streaming import edge, model
-from streaming.messages import GlobalUpdate, Reading
+from streaming.messages import GlobalUpdate, InvalidMessage, Reading, epoch_ms, single_reading
 
 T0 = datetime(2025, 11, 7, tzinfo=UTC)
 CONFIG = edge.EdgeConfig(train_every=50, min_round_samples=10)
@@ -15,7 +15,7 @@ CONFIG = edge.EdgeConfig(train_every=50, min_round_samples=10)
 def readings(values, labels=None, device="device_0001"):
     labels = labels if labels is not None else [0] * len(values)
     return [
-        Reading(device, T0 + timedelta(seconds=10 * i), float(v), lab)
+        single_reading(device, epoch_ms(T0 + timedelta(seconds=10 * i)), v, lab)
         for i, (v, lab) in enumerate(zip(values, labels, strict=True))
     ]
 
@@ -152,3 +152,15 @@ def test_round_takes_the_oldest_rows_and_keeps_the_rest() -> None:
     update = edge.train_round(state, "d", None, CONFIG, T0)
     assert update.samples_processed == 50
     assert state.features == rows[50:]
+
+
+def test_readings_with_several_channels_are_refused() -> None:
+    single = readings([1.0, 2.0])
+    edge.check_single_channel(single)  # one channel: accepted
+    named = Reading("d", epoch_ms(T0), (21.5,), None, ("temperature",))
+    edge.check_single_channel([named])  # one named channel is still one channel
+    pair = Reading("d", epoch_ms(T0), (40.0, 21.5), None, ("humidity", "temperature"))
+    with pytest.raises(InvalidMessage, match=r"readings\[2\].*2 channels.*single channel"):
+        edge.check_single_channel([*single, pair])
+    with pytest.raises(ValueError):  # observe never silently picks one of the channels
+        edge.observe(edge.DeviceState(), pair, CONFIG, trains=True)

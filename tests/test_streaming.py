@@ -118,6 +118,7 @@ def test_malformed_input_on_every_topic_is_dead_lettered(pipeline: Settings) -> 
         name = getattr(pipeline.topics, topic)
         assert len(by_topic[name]) == len(values), f"dead letters from {name}: {by_topic[name]}"
         assert all(by_topic[name])
+    assert any("single channel" in r for r in by_topic[pipeline.topics.readings])
     # ... and the pipeline went on: everything after the bad messages was processed.
     assert scalar(pipeline, "SELECT count(*) FROM federated_models") >= 3
 

@@ -1,0 +1,277 @@
+"""One federation round, free of Kafka: buffer local rounds → combine → the next global version.
+
+The FedAvg service wraps this in a Kafka consumer and a database transaction; ``flead
+evaluate`` and the benchmarks drive it in-process with the same learner functions, so the
+numbers they report are the service's.
+
+A round closes when the buffer holds updates from ``min(min_devices, active devices)``
+distinct devices (active: sent an update within ``active_window_ms`` by the updates' own
+clocks), or when ``round_window_ms`` has passed since its first update: a fleet of any size
+gets versions, and a silent device cannot hold one up. A device sends at most one update per
+version: a second one is merged into its first (sample-weighted), so nothing is lost and no
+device counts twice.
+
+What a version carries beyond the averaged network parameters, all computed from what the
+devices sent and never from their raw readings:
+
+- the supervised decision threshold: the F1-best edge of the devices' score histograms
+  (positives and negatives of fresh readings scored by their current version), summed with
+  those of earlier versions faded by ``calibration_decay``;
+- the label-free model: the sum of the devices' normal-row statistics (faded the same way)
+  and its threshold, the score that flags ``contamination`` of the fleet's readings;
+- the prequential confusion counts each device reported for the version it was using.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from streaming.learner import GlobalParams, LocalRound
+from streaming.model import aggregation, detectors
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    min_devices: int = 20
+    round_window_ms: int = 60_000
+    active_window_ms: int = 300_000
+    rule: str = getattr(aggregation, "DEFAULT_RULE", "fedavg")
+    rule_options: tuple[tuple[str, float], ...] = ()
+    max_samples: int = 100  # a round holds train_every rows plus remembered anomalies
+    server_momentum: float = 0.7
+    calibration_decay: float = 0.99
+    normal_decay: float = 1.0
+    contamination: float = 0.02
+    hidden: int = 16
+
+    def __post_init__(self) -> None:
+        if self.min_devices < 1:
+            raise ValueError("min_devices must be >= 1")
+        if not 0.0 < self.contamination < 0.5:
+            raise ValueError("contamination must be in (0, 0.5)")
+        for name in ("calibration_decay", "normal_decay"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in (0, 1]")
+        if not 0.0 <= self.server_momentum < 1.0:
+            raise ValueError("server_momentum must be in [0, 1)")
+
+    def make_rule(self) -> aggregation.AggregationRule:
+        return aggregation.make_rule(
+            self.rule, max_samples=self.max_samples, **dict(self.rule_options)
+        )
+
+    @classmethod
+    def from_settings(cls, settings) -> FederationConfig:
+        return cls(
+            min_devices=settings.fedavg_min_devices,
+            round_window_ms=int(settings.fedavg_round_window_s * 1000),
+            active_window_ms=int(settings.fedavg_active_window_s * 1000),
+            rule=settings.fedavg_strategy,
+            max_samples=settings.train_every + settings.positive_memory,
+            server_momentum=settings.fedavg_server_momentum,
+            calibration_decay=settings.fedavg_calibration_decay,
+            contamination=settings.contamination,
+            hidden=settings.hidden_units,
+        )
+
+
+@dataclass
+class ServerState:
+    """What the server carries from version to version (rebuilt from storage on restart)."""
+
+    current: GlobalParams | None = None
+    velocity: np.ndarray | None = None
+    hist_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
+    hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
+    hist_normal: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
+    normal: NormalStats = field(default_factory=NormalStats.empty)
+    candidates: dict[str, np.ndarray] = field(default_factory=dict)  # kind → faded tp,fp,tn,fn
+
+
+@dataclass(frozen=True)
+class Version:
+    """A closed round: the new global version and how it was made."""
+
+    model: GlobalParams
+    updates: tuple[LocalRound, ...]  # one per device (merged)
+    weights: tuple[float, ...]  # the aggregation weight of each
+    prequential: dict[int, Confusion]  # reported counts per version they belong to
+    num_devices: int
+    accuracy: float  # sample-weighted training accuracy of the updates (not quality)
+
+
+def merge(a: LocalRound, b: LocalRound) -> LocalRound:
+    """Two updates of one device within one version as one (sample-weighted parameters,
+    summed counts); the later round's identity and base version."""
+    total = a.samples + b.samples
+    params = (a.params * a.samples + b.params * b.samples) / total
+    same_scores = a.scored_version == b.scored_version
+    return replace(
+        b,
+        params=params,
+        samples=total,
+        normal=a.normal + b.normal,
+        loss=(a.loss * a.samples + b.loss * b.samples) / total,
+        accuracy=(a.accuracy * a.samples + b.accuracy * b.samples) / total,
+        hist_pos=a.hist_pos + b.hist_pos if same_scores else b.hist_pos,
+        hist_neg=a.hist_neg + b.hist_neg if same_scores else b.hist_neg,
+        hist_normal=a.hist_normal + b.hist_normal if same_scores else b.hist_normal,
+        prequential=a.prequential + b.prequential if same_scores else b.prequential,
+        candidates={
+            k: a.candidates.get(k, Confusion(0, 0, 0, 0))
+            + b.candidates.get(k, Confusion(0, 0, 0, 0))
+            for k in set(a.candidates) | set(b.candidates)
+        }
+        if same_scores
+        else b.candidates,
+    )
+
+
+class Federation:
+    """The server's round: :meth:`add` updates, :meth:`due` says when, :meth:`close` makes
+    the next version. Deterministic: the same updates in the same order give the same
+    versions."""
+
+    def __init__(self, config: FederationConfig, state: ServerState | None = None) -> None:
+        self.config = config
+        self.state = state or ServerState()
+        self.rule = config.make_rule()
+        self.network = Network(N_FEATURES, config.hidden)
+        self.buffer: dict[str, LocalRound] = {}
+        self.merged: dict[str, list[LocalRound]] = {}
+        self.opened_ms: int | None = None
+        self.last_seen: dict[str, int] = {}
+
+    @property
+    def version(self) -> int:
+        return self.state.current.version if self.state.current else 0
+
+    def add(self, update: LocalRound) -> None:
+        if update.params.shape != (self.network.size,):
+            raise ValueError(
+                f"{update.params.size} parameters, the global network has {self.network.size}"
+            )
+        if update.base_version > self.version:
+            raise ValueError(
+                f"base version {update.base_version} is newer than the latest {self.version}"
+            )
+        self.last_seen[update.device_id] = max(
+            update.timestamp_ms, self.last_seen.get(update.device_id, update.timestamp_ms)
+        )
+        if self.opened_ms is None:
+            self.opened_ms = update.timestamp_ms
+        previous = self.buffer.get(update.device_id)
+        self.buffer[update.device_id] = update if previous is None else merge(previous, update)
+        self.merged.setdefault(update.device_id, []).append(update)
+
+    def active_devices(self, now_ms: int) -> int:
+        horizon = now_ms - self.config.active_window_ms
+        return sum(1 for seen in self.last_seen.values() if seen >= horizon)
+
+    def due(self, now_ms: int) -> bool:
+        if not self.buffer:
+            return False
+        wanted = min(self.config.min_devices, max(self.active_devices(now_ms), 1))
+        if len(self.buffer) >= wanted:
+            return True
+        return now_ms - (self.opened_ms or now_ms) >= self.config.round_window_ms
+
+    def close(self, now_ms: int) -> Version:
+        if not self.buffer:
+            raise ValueError("no update to make a version from")
+        updates = tuple(self.buffer[d] for d in sorted(self.buffer))
+        state = self.state
+        reference = state.current.params if state.current else self.network.initial()
+        batch = aggregation.Updates(
+            params=np.vstack([u.params for u in updates]),
+            samples=np.array([u.samples for u in updates], dtype=np.float64),
+            staleness=np.array([self.version - u.base_version for u in updates]),
+        )
+        combined = self.rule.combine(batch, reference)
+        delta = combined - reference
+        if self.config.server_momentum > 0:
+            velocity = (
+                delta
+                if state.velocity is None
+                else (self.config.server_momentum * state.velocity + delta)
+            )
+            state.velocity = velocity
+            combined = reference + velocity
+        weights = tuple(float(w) for w in self.rule.weights(batch))
+        self._calibrate(updates)
+        prequential: dict[int, Confusion] = {}
+        for u in updates:
+            if u.scored_version:
+                prequential[u.scored_version] = (
+                    prequential.get(u.scored_version, Confusion(0, 0, 0, 0)) + u.prequential
+                )
+        samples = np.array([u.samples for u in updates], dtype=np.float64)
+        ground_truth = samples[[u.label_source == "ground_truth" for u in updates]].sum()
+        threshold = self._supervised_threshold()
+        normal_threshold = (
+            detectors.quantile_threshold(state.hist_normal, NORMAL_EDGES, self.config.contamination)
+            if state.hist_normal.sum()
+            else None
+        )
+        new = GlobalParams(
+            version=self.version + 1,
+            hidden=self.config.hidden,
+            params=combined,
+            threshold=threshold,
+            normal=state.normal,
+            normal_threshold=normal_threshold,
+            label_source="ground_truth" if ground_truth * 2 >= samples.sum() else "pseudo",
+            detector=self._choose(threshold is not None, normal_threshold is not None),
+        )
+        version = Version(
+            model=new,
+            updates=updates,
+            weights=weights,
+            prequential=prequential,
+            num_devices=len(updates),
+            accuracy=float(np.average([u.accuracy for u in updates], weights=samples)),
+        )
+        state.current = new
+        self.buffer, self.merged, self.opened_ms = {}, {}, None
+        return version
+
+    def _calibrate(self, updates: tuple[LocalRound, ...]) -> None:
+        s, c = self.state, self.config
+        s.hist_pos = s.hist_pos * c.calibration_decay + sum(u.hist_pos for u in updates)
+        s.hist_neg = s.hist_neg * c.calibration_decay + sum(u.hist_neg for u in updates)
+        s.hist_normal = s.hist_normal * c.calibration_decay + sum(u.hist_normal for u in updates)
+        fresh = NormalStats.empty(N_FEATURES)
+        for u in updates:
+            fresh = fresh + u.normal
+        s.normal = s.normal.scaled(c.normal_decay) + fresh
+        faded = {k: v * c.calibration_decay for k, v in s.candidates.items()}
+        for u in updates:
+            for kind, counts in u.candidates.items():
+                row = np.array([counts.tp, counts.fp, counts.tn, counts.fn], dtype=np.float64)
+                faded[kind] = faded.get(kind, np.zeros(4)) + row
+        s.candidates = faded
+
+    def _choose(self, supervised: bool, label_free: bool) -> str:
+        """The detector ``auto`` devices use next: the one whose decisions on the devices'
+        fresh labelled readings had the best Matthews correlation (faded over versions); with
+        no labels, the label-free model once calibrated, else the z-score rule."""
+        available = {"zscore": True, "supervised": supervised, "label_free": label_free}
+        scored = {
+            kind: Confusion(*(round(v) for v in counts)).mcc
+            for kind, counts in self.state.candidates.items()
+            if available.get(kind) and counts[0] + counts[3] > 0
+        }
+        if scored:
+            return max(sorted(scored), key=lambda kind: scored[kind])
+        return "label_free" if label_free else "zscore"
+
+    def _supervised_threshold(self) -> float | None:
+        found = detectors.best_f1_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)
+        if found is not None:
+            return found
+        return self.state.current.threshold if self.state.current else None

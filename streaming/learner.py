@@ -1,0 +1,413 @@
+"""One device's on-device learner: score each reading with the newest global model, buffer it,
+and train a local round every ``train_every`` readings, as pure functions of a state object.
+
+The same functions run in the Flink job (one state per key), in ``flead evaluate`` and in the
+benchmarks, so that what is measured is what runs.
+
+Per batch of one device's readings (:func:`observe`):
+
+1. features and per-channel z against the device's baseline
+   (:func:`streaming.model.features.advance`);
+2. detection by the :class:`Detector` of the newest global version the device holds: the
+   supervised network when the fleet's version was trained on ground-truth labels, the
+   label-free normal model otherwise, the z-score rule before any calibrated version;
+3. on training devices, test-then-train bookkeeping: the detector's scores go into the
+   calibration histograms and, where a label is known, into the prequential confusion counts
+   of that version; then the rows join the round's buffer (label: the stream's, else the
+   z-score rule's).
+
+:func:`train_round` turns the buffer into a :class:`~streaming.messages.ModelUpdate`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from streaming.model import detectors, features
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import FeatureState, Scored
+from streaming.model.metrics import Confusion
+
+DETECTORS = ("auto", "supervised", "label_free", "zscore")
+"""``auto``: supervised where the fleet has labels, label-free where it has not."""
+
+
+@dataclass(frozen=True)
+class LearnerConfig:
+    """The knobs of the device learner (filled from :class:`flead.config.Settings`)."""
+
+    train_every: int = 50
+    min_round_samples: int = 10
+    hidden: int = 16
+    learning_rate: float = 0.1
+    epochs: int = 10
+    batch_size: int = 16
+    positive_memory: int = 32
+    detector: str = "auto"
+    anomaly_z: float = 2.5
+    critical_z: float = 4.0
+    gate: float = features.GATE
+    holdout_fraction: float = 0.1
+    seed: int = 42
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_round_samples <= self.train_every:
+            raise ValueError(
+                f"need 1 <= min_round_samples ({self.min_round_samples}) <= train_every "
+                f"({self.train_every})"
+            )
+        if self.detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {', '.join(DETECTORS)}: {self.detector!r}")
+        if self.positive_memory < 0:
+            raise ValueError("positive_memory must be >= 0")
+
+    @property
+    def network(self) -> Network:
+        return Network(features.N_FEATURES, self.hidden)
+
+    @classmethod
+    def from_settings(cls, settings) -> LearnerConfig:
+        return cls(
+            train_every=settings.train_every,
+            min_round_samples=settings.min_round_samples,
+            hidden=settings.hidden_units,
+            learning_rate=settings.model_learning_rate,
+            epochs=settings.model_epochs,
+            batch_size=settings.local_batch_size,
+            positive_memory=settings.positive_memory,
+            detector=settings.detector,
+            anomaly_z=settings.anomaly_z,
+            critical_z=settings.critical_z,
+            gate=settings.baseline_gate,
+            holdout_fraction=settings.holdout_fraction,
+            seed=settings.seed,
+        )
+
+
+def is_held_out(device_id: str, fraction: float, seed: int = 42) -> bool:
+    """Whether ``device_id`` is an evaluation device: scored, never trained on.
+
+    A hash, not a list, so the Flink job, the FedAvg service and the Spark evaluation agree on
+    the split without sharing state, for any fleet, deterministically for a seed.
+    """
+    digest = hashlib.blake2b(f"{seed}:{device_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64 < fraction
+
+
+# --------------------------------------------------------------------------------------------
+# The global model as a device uses it
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GlobalParams:
+    """What a global version holds (the transport-free form of ``global-model-updates``)."""
+
+    version: int
+    hidden: int
+    params: np.ndarray
+    threshold: float | None  # logit threshold of the supervised network; None: not calibrated
+    normal: NormalStats
+    normal_threshold: float | None  # label-free score threshold; None: not calibrated
+    label_source: str  # "ground_truth" or "pseudo": what most of its training labels were
+    detector: str = "zscore"  # what ``auto`` devices score with (chosen by the server)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """A detector's verdict on a batch: flags, scores, the threshold, which detector."""
+
+    flagged: np.ndarray  # bool (n,)
+    score: np.ndarray  # (n,) the detector's score (|z| max for the rule)
+    threshold: float
+    kind: str  # "supervised" | "label_free" | "zscore"
+    version: int  # the global version that decided (0: the rule before any version)
+
+
+class Detector:
+    """A global version ready to score (the normal model's inverse is computed once)."""
+
+    def __init__(self, model: GlobalParams | None, config: LearnerConfig) -> None:
+        self.model = model
+        self.config = config
+        self.network = Network(features.N_FEATURES, model.hidden if model else config.hidden)
+        self.kind = self._kind()
+        if model is not None and model.normal.count >= 2:
+            self.precision = detectors.normal_precision(model.normal)
+        else:
+            self.precision = None
+
+    def _kind(self) -> str:
+        m, wanted = self.model, self.config.detector
+        supervised_ready = m is not None and m.threshold is not None
+        label_free_ready = m is not None and m.normal_threshold is not None and m.normal.count >= 2
+        if wanted == "supervised":
+            return "supervised" if supervised_ready else "zscore"
+        if wanted == "label_free":
+            return "label_free" if label_free_ready else "zscore"
+        if wanted == "auto" and m is not None:
+            ready = {"supervised": supervised_ready, "label_free": label_free_ready}
+            return m.detector if ready.get(m.detector) else "zscore"
+        return "zscore"
+
+    @property
+    def version(self) -> int:
+        return self.model.version if self.model else 0
+
+    def supervised_scores(self, X: np.ndarray) -> np.ndarray | None:
+        if self.model is None or self.model.params.size != self.network.size:
+            return None
+        return self.network.logits(self.model.params, X)
+
+    def normal_scores(self, X: np.ndarray) -> np.ndarray | None:
+        if self.precision is None:
+            return None
+        return detectors.normal_scores(self.model.normal.mean, self.precision, X)
+
+    def decide(self, scored: Scored) -> Decision:
+        if self.kind == "supervised":
+            score = self.supervised_scores(scored.features)
+            threshold = float(self.model.threshold)
+        elif self.kind == "label_free":
+            score = self.normal_scores(scored.features)
+            threshold = float(self.model.normal_threshold)
+        else:
+            score = features.max_abs_z(scored)
+            threshold = self.config.anomaly_z
+            return Decision(scored.warm & (score > threshold), score, threshold, "zscore", 0)
+        return Decision(
+            scored.warm & (score >= threshold), score, threshold, self.kind, self.version
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The device's state and its learning
+# --------------------------------------------------------------------------------------------
+
+
+class ChannelMismatch(ValueError):
+    """A reading whose channels differ from the ones the device has reported so far."""
+
+
+@dataclass
+class DeviceState:
+    """Everything one device remembers; bounded: feature state O(C² + 30·C), a buffer of fewer
+    than ``train_every`` rows between batches, at most ``positive_memory`` remembered anomalies,
+    histograms of fixed size."""
+
+    features: FeatureState | None = None
+    rows: list[np.ndarray] = field(default_factory=list)  # feature rows waiting for a round
+    labels: list[np.ndarray] = field(default_factory=list)
+    pseudo: list[np.ndarray] = field(default_factory=list)  # row labelled by the z-score rule
+    buffered: int = 0
+    positives: np.ndarray | None = None  # remembered anomalous rows, replayed in each round
+    rounds: int = 0
+    local_params: np.ndarray | None = None
+    hist_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64))
+    hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64))
+    hist_normal: np.ndarray = field(
+        default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1, np.int64)
+    )
+    prequential: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
+    candidates: dict[str, Confusion] = field(default_factory=dict)  # per detector, see record
+    scored_version: int = 0  # the global version the histograms and counts belong to
+
+
+def readings_matrix(state: DeviceState, channels: tuple[str, ...], values: list) -> np.ndarray:
+    """The batch as an (n × C) array in the device's channel order; the first batch fixes the
+    channels, a later one with other channels raises :class:`ChannelMismatch`."""
+    if state.features is None:
+        state.features = features.new_state(channels)
+    elif channels != state.features.channels:
+        raise ChannelMismatch(
+            f"channels {list(channels)} differ from the device's {list(state.features.channels)}"
+        )
+    return np.asarray(values, dtype=np.float64).reshape(len(values), len(channels))
+
+
+def score(state: DeviceState, X: np.ndarray, config: LearnerConfig) -> Scored:
+    """Features of the batch against the device's state; the state moves past the batch."""
+    state.features, scored = features.advance(state.features, X, gate=config.gate)
+    return scored
+
+
+def record(
+    state: DeviceState,
+    scored: Scored,
+    labels: np.ndarray,
+    detector: Detector,
+    config: LearnerConfig,
+) -> None:
+    """Test-then-train on a training device: count how the device's global version scored the
+    batch (before any training on it), then buffer the rows for the next round.
+
+    ``labels``: 1/0 where the stream has a label, -1 where it has none.
+    """
+    warm = scored.warm
+    if not warm.any():
+        return
+    X = scored.features[warm]
+    truth = labels[warm]
+    rule = (features.max_abs_z(scored)[warm] > config.anomaly_z).astype(np.int64)
+    y = np.where(truth >= 0, truth, rule)
+    if detector.version and detector.version != state.scored_version:
+        _reset_scores(state, detector.version)
+    logits = normal = None
+    if detector.version:
+        logits = detector.supervised_scores(X)
+        if logits is not None:
+            state.hist_pos += detectors.histogram(logits[y == 1], LOGIT_EDGES)
+            state.hist_neg += detectors.histogram(logits[y == 0], LOGIT_EDGES)
+        normal = detector.normal_scores(X)
+        if normal is not None:
+            state.hist_normal += detectors.histogram(normal, NORMAL_EDGES)
+    labelled = truth >= 0
+    if labelled.any():
+        actual = truth[labelled] == 1
+        if detector.kind != "zscore":
+            flagged = detector.decide(scored).flagged[warm][labelled]
+            state.prequential = state.prequential + _counts(flagged, actual)
+        # How each detector the version offers would have done on the same fresh readings:
+        # the server picks the fleet's detector from these (model selection without raw data).
+        candidates = {"zscore": rule[labelled] == 1}
+        if logits is not None and detector.model.threshold is not None:
+            candidates["supervised"] = logits[labelled] >= detector.model.threshold
+        if normal is not None and detector.model.normal_threshold is not None:
+            candidates["label_free"] = normal[labelled] >= detector.model.normal_threshold
+        for kind, flagged in candidates.items():
+            before = state.candidates.get(kind, Confusion(0, 0, 0, 0))
+            state.candidates[kind] = before + _counts(flagged, actual)
+    state.rows.append(X)
+    state.labels.append(y)
+    state.pseudo.append(truth < 0)
+    state.buffered += X.shape[0]
+
+
+def _counts(flagged: np.ndarray, actual: np.ndarray) -> Confusion:
+    return Confusion(
+        int(np.count_nonzero(flagged & actual)),
+        int(np.count_nonzero(flagged & ~actual)),
+        int(np.count_nonzero(~flagged & ~actual)),
+        int(np.count_nonzero(~flagged & actual)),
+    )
+
+
+def _reset_scores(state: DeviceState, version: int) -> None:
+    state.hist_pos = np.zeros_like(state.hist_pos)
+    state.hist_neg = np.zeros_like(state.hist_neg)
+    state.hist_normal = np.zeros_like(state.hist_normal)
+    state.prequential = Confusion(0, 0, 0, 0)
+    state.candidates = {}
+    state.scored_version = version
+
+
+def round_due(state: DeviceState, config: LearnerConfig) -> bool:
+    return state.buffered >= config.train_every
+
+
+@dataclass(frozen=True)
+class LocalRound:
+    """The transport-free form of a ``local-model-updates`` message."""
+
+    device_id: str
+    round: int  # the device's round counter, 1, 2, ...
+    base_version: int  # the global version the round started from (0 = none yet)
+    params: np.ndarray
+    samples: int
+    label_source: str
+    loss: float
+    accuracy: float
+    normal: NormalStats  # statistics of the round's normal rows
+    hist_pos: np.ndarray
+    hist_neg: np.ndarray
+    hist_normal: np.ndarray
+    scored_version: int  # the version the histograms and prequential counts belong to
+    prequential: Confusion
+    timestamp_ms: int
+    candidates: dict[str, Confusion] = field(default_factory=dict)
+
+
+def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """The oldest ``n`` buffered rows, their labels and how many were pseudo-labelled."""
+    X = np.vstack(state.rows)
+    y = np.concatenate(state.labels)
+    pseudo = np.concatenate(state.pseudo)
+    rest = slice(n, None)
+    state.rows = [X[rest]] if X.shape[0] > n else []
+    state.labels = [y[rest]] if X.shape[0] > n else []
+    state.pseudo = [pseudo[rest]] if X.shape[0] > n else []
+    state.buffered = max(X.shape[0] - n, 0)
+    return X[:n], y[:n], int(np.count_nonzero(pseudo[:n]))
+
+
+def train_round(
+    state: DeviceState,
+    device_id: str,
+    model: GlobalParams | None,
+    config: LearnerConfig,
+    now_ms: int,
+) -> LocalRound | None:
+    """One local round on the oldest ``train_every`` buffered rows (all of them after a
+    timer), plus the remembered anomalies; None when fewer than ``min_round_samples`` wait."""
+    if state.buffered < config.min_round_samples:
+        return None
+    network = config.network
+    n = min(state.buffered, config.train_every)
+    X, y, pseudo = _take(state, n)
+    if model is not None and model.params.size == network.size:
+        start, base = model.params, model.version
+    elif state.local_params is not None:
+        start, base = state.local_params, 0
+    else:
+        start, base = network.initial(), 0
+    X_train, y_train = X, y
+    if state.positives is not None and state.positives.shape[0]:
+        X_train = np.vstack((X, state.positives))
+        y_train = np.concatenate((y, np.ones(state.positives.shape[0], dtype=np.int64)))
+    version = state.rounds + 1
+    # Seeded by device and round: a round recomputed after a restore gives the same weights.
+    seed = zlib.crc32(f"{config.seed}:{device_id}:{version}".encode())
+    result = detectors.train(
+        network,
+        start,
+        X_train,
+        y_train,
+        learning_rate=config.learning_rate,
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        seed=seed,
+    )
+    _remember_positives(state, X[y == 1], config.positive_memory)
+    update = LocalRound(
+        device_id=device_id,
+        round=version,
+        base_version=base,
+        params=result.params,
+        samples=n,
+        label_source="pseudo" if pseudo * 2 > n else "ground_truth",
+        loss=result.loss,
+        accuracy=result.accuracy,
+        normal=NormalStats.of(X[y == 0]),
+        hist_pos=state.hist_pos,
+        hist_neg=state.hist_neg,
+        hist_normal=state.hist_normal,
+        scored_version=state.scored_version,
+        prequential=state.prequential,
+        timestamp_ms=now_ms,
+        candidates=dict(state.candidates),
+    )
+    state.rounds = version
+    state.local_params = result.params
+    _reset_scores(state, state.scored_version)
+    return update
+
+
+def _remember_positives(state: DeviceState, rows: np.ndarray, memory: int) -> None:
+    if memory == 0 or rows.shape[0] == 0:
+        return
+    kept = rows if state.positives is None else np.vstack((state.positives, rows))
+    state.positives = kept[-memory:]

@@ -1,0 +1,288 @@
+"""The two detector families a global model carries, and their threshold calibration.
+
+- **Supervised**: a small multi-layer perceptron (one hidden tanh layer; ``hidden=0`` is
+  logistic regression) on the features of :mod:`streaming.model.features`, trained by each
+  device with minibatch SGD on the class-weighted log-loss; its parameters are what FedAvg
+  averages. Scores are logits.
+- **Label-free**: a Gaussian model of *normal* feature vectors whose sufficient statistics
+  (count, mean, co-moments) devices send and the server simply adds up, exactly. A reading's
+  score is its Mahalanobis length ``sqrt(d² / F)`` under that model: what is unlike the
+  fleet's normal behaviour scores high, whatever the rule that pseudo-labels would say.
+
+Thresholds are calibrated without raw data leaving devices: a device reports a histogram of
+the scores its current global model gave its fresh readings (before training on them), per
+label, on fixed bins (:data:`LOGIT_EDGES`, :data:`NORMAL_EDGES`); the server adds the
+histograms up and picks the threshold that maximises F1 (supervised) or that flags the
+configured share of readings (label-free).
+
+numpy only, no numpy-2-only API: the PyFlink environment has numpy < 2.2.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from streaming.model.features import CAP, FEATURE_NAMES, N_FEATURES, VOL_CAP
+
+INPUT_SCALE = np.array(
+    [VOL_CAP / 2.0 if name.startswith("vol") else CAP / 3.0 for name in FEATURE_NAMES]
+)
+"""Features are divided by this before the network: z-like ones (0..10) and vol ones (-5..5)
+both land within about ±3, where tanh units and a fixed learning rate work."""
+
+LOGIT_EDGES = np.linspace(-10.0, 10.0, 81)
+"""Histogram bins of supervised scores (logits), shared by devices and server."""
+NORMAL_EDGES = np.linspace(0.0, 10.0, 81)
+"""Histogram bins of label-free scores (Mahalanobis lengths)."""
+MAX_POSITIVE_WEIGHT = 50.0
+"""Cap of the class weight of anomalies in a round (rare positives, bounded SGD steps)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Supervised: the MLP
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Network:
+    """The shape of the supervised model: ``n_features`` inputs, ``hidden`` tanh units
+    (0 = logistic regression), one logit out. Parameters are one flat vector (what
+    aggregation works on): ``[W1 (F×H), b1 (H), w2 (H), b2]``, or ``[w (F), b]`` for H = 0."""
+
+    n_features: int = N_FEATURES
+    hidden: int = 16
+
+    def __post_init__(self) -> None:
+        if self.n_features < 1 or self.hidden < 0:
+            raise ValueError(f"need n_features >= 1 and hidden >= 0, got {self}")
+
+    @property
+    def size(self) -> int:
+        f, h = self.n_features, self.hidden
+        return f + 1 if h == 0 else f * h + 2 * h + 1
+
+    def initial(self, seed: int = 0) -> np.ndarray:
+        """The starting parameters every device shares before the first global version
+        (Glorot-scaled, from a fixed seed so that all devices start from the same point)."""
+        f, h = self.n_features, self.hidden
+        if h == 0:
+            return np.zeros(f + 1)
+        rng = np.random.default_rng(seed)
+        w1 = rng.normal(0.0, math.sqrt(1.0 / f), (f, h))
+        w2 = rng.normal(0.0, math.sqrt(1.0 / h), h)
+        return np.concatenate((w1.ravel(), np.zeros(h), w2, [0.0]))
+
+    def _split(self, params: np.ndarray) -> tuple[np.ndarray, ...]:
+        params = np.asarray(params, dtype=np.float64)
+        if params.shape != (self.size,):
+            raise ValueError(f"a {self} has {self.size} parameters, got shape {params.shape}")
+        f, h = self.n_features, self.hidden
+        if h == 0:
+            return params[:f], params[f]
+        w1 = params[: f * h].reshape(f, h)
+        b1 = params[f * h : f * h + h]
+        w2 = params[f * h + h : f * h + 2 * h]
+        return w1, b1, w2, params[-1]
+
+    def logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
+        """Anomaly logits of the feature rows ``X`` (n × F)."""
+        X = np.asarray(X, dtype=np.float64) / INPUT_SCALE[: self.n_features]
+        parts = self._split(params)
+        if self.hidden == 0:
+            w, b = parts
+            return X @ w + b
+        w1, b1, w2, b2 = parts
+        return np.tanh(X @ w1 + b1) @ w2 + b2
+
+    def gradient(
+        self, params: np.ndarray, X: np.ndarray, y: np.ndarray, sample_w: np.ndarray
+    ) -> np.ndarray:
+        """Gradient of the mean weighted log-loss over the rows (flat, like ``params``)."""
+        Xs = np.asarray(X, dtype=np.float64) / INPUT_SCALE[: self.n_features]
+        parts = self._split(params)
+        n = Xs.shape[0]
+        if self.hidden == 0:
+            w, b = parts
+            g = sample_w * (sigmoid(Xs @ w + b) - y) / n
+            return np.concatenate((Xs.T @ g, [g.sum()]))
+        w1, b1, w2, b2 = parts
+        a = np.tanh(Xs @ w1 + b1)
+        g = sample_w * (sigmoid(a @ w2 + b2) - y) / n
+        da = np.outer(g, w2) * (1.0 - a * a)
+        return np.concatenate(((Xs.T @ da).ravel(), da.sum(0), a.T @ g, [g.sum()]))
+
+
+def sigmoid(s: np.ndarray) -> np.ndarray:
+    """Numerically safe logistic function."""
+    s = np.clip(np.asarray(s, dtype=np.float64), -500.0, 500.0)
+    return 1.0 / (1.0 + np.exp(-s))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    params: np.ndarray
+    loss: float  # weighted training log-loss after the round (never reported as quality)
+    accuracy: float  # training accuracy after the round (never reported as quality)
+
+
+def train(
+    network: Network,
+    params: np.ndarray,
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    learning_rate: float = 0.1,
+    epochs: int = 3,
+    batch_size: int = 16,
+    l2: float = 1e-4,
+    seed: int = 0,
+) -> TrainResult:
+    """One device's local round: minibatch SGD from ``params`` (the global model) on the
+    class-balanced log-loss plus ``l2/2·|params|²``.
+
+    Anomalies are rare, so positives are weighted ``n_neg / n_pos`` (capped at
+    :data:`MAX_POSITIVE_WEIGHT`) and weights rescaled to mean 1, so the learning rate means the
+    same whatever the class mix. Deterministic for a seed.
+    """
+    X = np.asarray(X, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64)
+    if X.ndim != 2 or X.shape[1] != network.n_features or y.shape != (X.shape[0],):
+        raise ValueError(f"need X (n, {network.n_features}) and y (n,), got {X.shape}, {y.shape}")
+    if X.shape[0] == 0:
+        raise ValueError("a training round needs at least one sample")
+    if learning_rate <= 0 or epochs < 0 or batch_size < 1 or l2 < 0:
+        raise ValueError("need learning_rate > 0, epochs >= 0, batch_size >= 1, l2 >= 0")
+    positives = float(y.sum())
+    negatives = y.size - positives
+    pos_w = min(negatives / positives, MAX_POSITIVE_WEIGHT) if positives and negatives else 1.0
+    sample_w = np.where(y == 1.0, pos_w, 1.0)
+    sample_w /= sample_w.mean()
+    p = np.array(params, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    n = X.shape[0]
+    for _ in range(epochs):
+        order = rng.permutation(n)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            grad = network.gradient(p, X[rows], y[rows], sample_w[rows])
+            p = p * (1.0 - learning_rate * l2) - learning_rate * grad
+    s = network.logits(p, X)
+    loss = float(np.mean(sample_w * (np.logaddexp(0.0, s) - y * s)))
+    return TrainResult(p, loss, float(np.mean((s > 0.0) == (y == 1.0))))
+
+
+# --------------------------------------------------------------------------------------------
+# Label-free: the Gaussian model of normal behaviour
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NormalStats:
+    """Sufficient statistics of feature vectors: count, mean (F) and co-moment matrix (F×F).
+
+    They add up exactly (Chan et al.), so the server's sum of all devices' statistics is what a
+    central computation over all their normal rows would give — without the rows."""
+
+    count: float
+    mean: np.ndarray
+    comoment: np.ndarray
+
+    @classmethod
+    def empty(cls, n_features: int = N_FEATURES) -> NormalStats:
+        return cls(0.0, np.zeros(n_features), np.zeros((n_features, n_features)))
+
+    @classmethod
+    def of(cls, X: np.ndarray) -> NormalStats:
+        X = np.asarray(X, dtype=np.float64)
+        if X.shape[0] == 0:
+            return cls.empty(X.shape[1])
+        mean = X.mean(axis=0)
+        d = X - mean
+        return cls(float(X.shape[0]), mean, d.T @ d)
+
+    def __add__(self, other: NormalStats) -> NormalStats:
+        total = self.count + other.count
+        if total == 0:
+            return self
+        delta = other.mean - self.mean
+        mean = self.mean + delta * (other.count / total)
+        co = (
+            self.comoment
+            + other.comoment
+            + np.outer(delta, delta) * (self.count * other.count / total)
+        )
+        return NormalStats(total, mean, co)
+
+    def scaled(self, factor: float) -> NormalStats:
+        """The same distribution with ``factor`` times the weight (old versions fade out)."""
+        return NormalStats(self.count * factor, self.mean, self.comoment * factor)
+
+
+SHRINK = 0.05
+"""The normal model's covariance is shrunk towards its diagonal by this much before inversion."""
+
+
+def normal_precision(stats: NormalStats) -> np.ndarray:
+    """Inverse of the (shrunk, floor-regularised) covariance of the normal feature vectors."""
+    f = stats.mean.size
+    if stats.count < 2:
+        return np.eye(f)
+    cov = stats.comoment / (stats.count - 1.0)
+    diag = np.maximum(np.diag(cov), 1e-4)  # a feature that never moves still gets unit-ish scale
+    cov = (1.0 - SHRINK) * cov + SHRINK * np.diag(diag)
+    cov[np.diag_indices(f)] = diag
+    return np.linalg.inv(cov)
+
+
+def normal_scores(mean: np.ndarray, precision: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """``sqrt(d² / F)``: the Mahalanobis length of each row under the normal model, capped."""
+    d = np.asarray(X, dtype=np.float64) - mean
+    q = np.einsum("ni,ij,nj->n", d, precision, d) / d.shape[1]
+    return np.minimum(np.sqrt(np.maximum(q, 0.0)), NORMAL_EDGES[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Calibration: score histograms → thresholds
+# --------------------------------------------------------------------------------------------
+
+
+def histogram(scores: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Counts of ``scores`` per bin of ``edges`` (len(edges) + 1 bins: below the first edge,
+    between edges, from the last edge up)."""
+    return np.bincount(
+        np.searchsorted(edges, np.asarray(scores, dtype=np.float64), side="right"),
+        minlength=edges.size + 1,
+    ).astype(np.int64)
+
+
+def best_f1_threshold(
+    positives: np.ndarray, negatives: np.ndarray, edges: np.ndarray
+) -> float | None:
+    """The bin edge ``t`` whose rule ``score >= t`` has the highest F1 on the summed histograms
+    (ties: the higher edge, i.e. fewer alarms); None when there is no positive to learn from."""
+    positives = np.asarray(positives, dtype=np.float64)
+    negatives = np.asarray(negatives, dtype=np.float64)
+    if positives.sum() == 0:
+        return None
+    # Flagging score >= edges[k] flags bins k+1 .. end.
+    tp = np.cumsum(positives[::-1])[::-1][1:]
+    fp = np.cumsum(negatives[::-1])[::-1][1:]
+    fn = positives.sum() - tp
+    f1 = 2 * tp / np.maximum(2 * tp + fp + fn, 1e-12)
+    best = np.flatnonzero(f1 >= f1.max() - 1e-12)[-1]
+    return float(edges[best])
+
+
+def quantile_threshold(counts: np.ndarray, edges: np.ndarray, share: float) -> float | None:
+    """The lowest bin edge ``t`` such that at most ``share`` of the counted scores are
+    ``>= t``; None when nothing was counted."""
+    counts = np.asarray(counts, dtype=np.float64)
+    total = counts.sum()
+    if total == 0:
+        return None
+    above = np.cumsum(counts[::-1])[::-1][1:] / total  # share flagged by each edge
+    ok = np.flatnonzero(above <= share)
+    return float(edges[ok[0]]) if ok.size else float(edges[-1])

@@ -1,0 +1,214 @@
+"""streaming.evaluate on a tiny synthetic fleet: every held-out reading scored exactly once,
+the z-score and majority rows recomputed here with pandas, folds, skipped readings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from streaming import sources
+from streaming.evaluate import METHODS, collect, evaluate, folds_of
+from streaming.federation import FederationConfig
+from streaming.learner import LearnerConfig
+from streaming.messages import Reading
+from streaming.model.features import WARMUP
+from streaming.model.metrics import Confusion
+
+DEVICES, PER_DEVICE = 12, 200
+ODD_DEVICE = "device_0003"
+ODD_READINGS = 4
+
+
+def learner_config() -> LearnerConfig:
+    return LearnerConfig(
+        train_every=50,
+        min_round_samples=10,
+        hidden=4,
+        learning_rate=0.1,
+        epochs=2,
+        batch_size=16,
+        positive_memory=8,
+        detector="auto",
+        anomaly_z=2.5,
+        critical_z=4.0,
+        gate=float("inf"),  # the baseline is the plain expanding mean/std: pandas can check it
+        holdout_fraction=0.1,
+        seed=42,
+    )
+
+
+def federation_config() -> FederationConfig:
+    return FederationConfig(
+        min_devices=20,
+        round_window_ms=60_000,
+        active_window_ms=300_000,
+        rule="fedavg",
+        max_samples=58,
+        server_momentum=0.7,
+        calibration_decay=0.9,
+        normal_decay=0.9,
+        contamination=0.05,
+        hidden=4,
+    )
+
+
+def fleet_readings() -> list[Reading]:
+    readings = list(
+        sources.synthetic_fleet(
+            num_devices=DEVICES, readings_per_device=PER_DEVICE, anomaly_rate=0.05, seed=3
+        )
+    )
+    last = readings[-1].timestamp_ms
+    # A device whose channels change mid-stream: those readings are left out and counted.
+    readings += [
+        Reading(ODD_DEVICE, last + 1000 * (k + 1), (1.0, 2.0), 0, ("a", "b"))
+        for k in range(ODD_READINGS)
+    ]
+    return readings
+
+
+@pytest.fixture(scope="module")
+def readings() -> list[Reading]:
+    return fleet_readings()
+
+
+@pytest.fixture(scope="module")
+def report(readings):
+    return evaluate(
+        readings,
+        source="synthetic",
+        folds=3,
+        config=learner_config(),
+        fed_config=federation_config(),
+        batch=50,
+    )
+
+
+def test_every_method_scores_every_labelled_reading_once(report):
+    assert tuple(report.methods) == METHODS
+    assert report.devices == DEVICES
+    assert report.readings == DEVICES * PER_DEVICE
+    assert report.folds == 3 and len(report.versions) == 3
+    for name, c in report.methods.items():
+        assert c.samples == DEVICES * PER_DEVICE, name
+    table = report.table()
+    for name in (*METHODS, "prequential"):
+        assert name in table
+    as_dict = report.as_dict()
+    assert set(as_dict["methods"]) == set(METHODS)
+    assert as_dict["methods"]["zscore"]["samples"] == DEVICES * PER_DEVICE
+
+
+def test_skipped_readings_are_counted(report):
+    assert sum(report.skipped.values()) == ODD_READINGS
+
+
+def pandas_zscore_confusion(readings: list[Reading], anomaly_z: float) -> Confusion:
+    rows = [
+        (r.device_id, r.timestamp_ms, r.values[0], r.label)
+        for r in readings
+        if r.channels == ("value",)
+    ]
+    df = pd.DataFrame(rows, columns=["device", "ts", "value", "label"]).sort_values(
+        ["device", "ts"], kind="stable"
+    )
+    g = df.groupby("device")["value"]
+    mean_before = g.transform(lambda s: s.expanding().mean().shift(1))
+    std_before = g.transform(lambda s: s.expanding().std(ddof=1).shift(1))
+    position = df.groupby("device").cumcount()
+    z = (df["value"] - mean_before) / std_before
+    flagged = (position >= WARMUP) & (z.abs() > anomaly_z)
+    actual = df["label"] == 1
+    return Confusion(
+        tp=int((flagged & actual).sum()),
+        fp=int((flagged & ~actual).sum()),
+        tn=int((~flagged & ~actual).sum()),
+        fn=int((~flagged & actual).sum()),
+    )
+
+
+def test_zscore_row_equals_pandas_expanding_rule(report, readings):
+    expected = pandas_zscore_confusion(readings, anomaly_z=2.5)
+    assert expected.samples == DEVICES * PER_DEVICE
+    assert expected.tp > 0 and expected.fp > 0
+    assert report.methods["zscore"] == expected
+
+
+def test_majority_row_is_the_majority_class(report, readings):
+    labels = np.array([r.label for r in readings if r.channels == ("value",)])
+    anomalies = int(labels.sum())
+    assert 0 < anomalies < labels.size / 2
+    assert report.methods["majority"] == Confusion(0, 0, labels.size - anomalies, anomalies)
+    assert report.anomaly_share == pytest.approx(anomalies / labels.size)
+    assert report.labelled_share == 1.0
+
+
+def test_the_same_inputs_give_the_same_report(report, readings):
+    again = evaluate(
+        readings,
+        source="synthetic",
+        folds=3,
+        config=learner_config(),
+        fed_config=federation_config(),
+        batch=50,
+        methods=("majority", "zscore", "federated"),
+    )
+    for name in ("majority", "zscore", "federated"):
+        assert again.methods[name] == report.methods[name]
+
+
+def test_collect_counts_readings_whose_channels_change():
+    readings = [Reading("a", k, (float(k),), 0) for k in range(5)]
+    readings += [Reading("a", 10 + k, (1.0, 2.0), 1, ("x", "y")) for k in range(3)]
+    readings += [Reading("b", k, (1.0, 2.0), None, ("x", "y")) for k in range(4)]
+    fleet = collect(readings, batch=2)
+    assert sum(fleet.skipped.values()) == 3
+    assert len(fleet.devices["a"]) == 5 and len(fleet.devices["b"]) == 4
+    assert fleet.devices["a"].bounds == [(0, 2), (2, 4), (4, 5)]
+    np.testing.assert_array_equal(fleet.devices["b"].labels, [-1] * 4)
+    assert fleet.devices["b"].values.shape == (4, 2)
+
+
+def test_evaluate_needs_two_devices():
+    readings = [Reading("only", k, (float(k % 3),), 0) for k in range(60)]
+    with pytest.raises(ValueError):
+        evaluate(readings, config=learner_config(), fed_config=federation_config())
+
+
+# --------------------------------------------------------------------------------------------
+# Folds
+# --------------------------------------------------------------------------------------------
+
+
+def check_partition(folds: list[list[str]], ids: list[str]) -> None:
+    flat = [d for fold in folds for d in fold]
+    assert sorted(flat) == sorted(ids)
+    assert len(flat) == len(set(flat))
+    assert all(fold for fold in folds)
+
+
+@pytest.mark.parametrize("n", [2, 5, 12, 19])
+def test_folds_default_to_leave_one_out_below_20_devices(n):
+    ids = [f"dev{i}" for i in range(n)]
+    folds = folds_of(ids, None, seed=1)
+    check_partition(folds, ids)
+    assert len(folds) == n and all(len(f) == 1 for f in folds)
+
+
+@pytest.mark.parametrize("n", [20, 37, 200])
+def test_folds_default_to_five_from_20_devices(n):
+    ids = [f"dev{i}" for i in range(n)]
+    folds = folds_of(ids, None, seed=1)
+    check_partition(folds, ids)
+    assert len(folds) == 5
+    assert max(map(len, folds)) - min(map(len, folds)) <= 1
+
+
+@pytest.mark.parametrize(("n", "k", "expected"), [(12, 3, 3), (12, 50, 12), (12, 1, 2), (7, 2, 2)])
+def test_explicit_folds(n, k, expected):
+    ids = [f"dev{i}" for i in range(n)]
+    folds = folds_of(ids, k, seed=3)
+    check_partition(folds, ids)
+    assert len(folds) == expected
+    assert folds == folds_of(list(reversed(ids)), k, seed=3)  # input order does not matter

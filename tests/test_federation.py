@@ -1,0 +1,357 @@
+"""streaming.federation: when rounds close, how updates merge and combine, version numbering
+and calibration, against sums and brute-force F1 computed here."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.metrics import f1_score
+
+from streaming.federation import Federation, FederationConfig
+from streaming.learner import LocalRound
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
+
+HIDDEN = 2
+SIZE = Network(N_FEATURES, HIDDEN).size
+MINUTE = 60_000
+
+
+def fed_config(**overrides) -> FederationConfig:
+    base = {
+        "min_devices": 20,
+        "round_window_ms": MINUTE,
+        "active_window_ms": 5 * MINUTE,
+        "rule": "fedavg",
+        "rule_options": (("max_update_norm", 0.0), ("staleness_alpha", 0.5)),
+        "max_samples": 100,
+        "server_momentum": 0.0,
+        "calibration_decay": 0.9,
+        "normal_decay": 0.9,
+        "contamination": 0.05,
+        "hidden": HIDDEN,
+    }
+    base.update(overrides)
+    return FederationConfig(**base)
+
+
+def update(
+    device: str,
+    ts: int,
+    *,
+    base: int = 0,
+    params: np.ndarray | None = None,
+    samples: int = 50,
+    seed: int = 0,
+    scored_version: int = 0,
+    rows: np.ndarray | None = None,
+    hist_pos: np.ndarray | None = None,
+    hist_neg: np.ndarray | None = None,
+    prequential: Confusion | None = None,
+    label_source: str = "ground_truth",
+) -> LocalRound:
+    rng = np.random.default_rng(seed)
+    if params is None:
+        params = rng.normal(size=SIZE)
+    if rows is None:
+        rows = rng.uniform(0, 4, size=(10, N_FEATURES))
+    return LocalRound(
+        device_id=device,
+        round=1,
+        base_version=base,
+        params=np.asarray(params, dtype=np.float64),
+        samples=samples,
+        label_source=label_source,
+        loss=0.5,
+        accuracy=0.9,
+        normal=NormalStats.of(rows),
+        hist_pos=np.zeros(LOGIT_EDGES.size + 1) if hist_pos is None else hist_pos,
+        hist_neg=np.zeros(LOGIT_EDGES.size + 1) if hist_neg is None else hist_neg,
+        hist_normal=np.zeros(NORMAL_EDGES.size + 1),
+        scored_version=scored_version,
+        prequential=prequential or Confusion(0, 0, 0, 0),
+        timestamp_ms=ts,
+    )
+
+
+def devices(n: int) -> list[str]:
+    return [f"device_{i:02d}" for i in range(n)]
+
+
+def first_round(fed: Federation, ids: list[str], ts: int = 0):
+    """A first version from every device (added in one go, then closed)."""
+    for i, d in enumerate(ids):
+        fed.add(update(d, ts, seed=i))
+    return fed.close(ts)
+
+
+# --------------------------------------------------------------------------------------------
+# When a round closes
+# --------------------------------------------------------------------------------------------
+
+
+def test_a_fleet_smaller_than_min_devices_gets_a_version_once_all_have_sent():
+    fed = Federation(fed_config(min_devices=20))
+    ids = devices(5)
+    assert first_round(fed, ids).model.version == 1
+    t = 10_000
+    for i, d in enumerate(ids[:-1]):
+        fed.add(update(d, t, base=1, seed=10 + i))
+        assert not fed.due(t), f"due after {i + 1} of 5 devices"
+    fed.add(update(ids[-1], t, base=1, seed=20))
+    assert fed.due(t)
+    version = fed.close(t)
+    assert version.model.version == 2
+    assert version.num_devices == 5
+
+
+def test_min_devices_below_the_fleet_size_closes_at_min_devices():
+    fed = Federation(fed_config(min_devices=3))
+    ids = devices(6)
+    first_round(fed, ids)
+    for i, d in enumerate(ids[:2]):
+        fed.add(update(d, 1000, base=1, seed=i))
+        assert not fed.due(1000)
+    fed.add(update(ids[2], 1000, base=1, seed=9))
+    assert fed.due(1000)
+
+
+def test_a_one_device_fleet_gets_a_version_per_update():
+    fed = Federation(fed_config(min_devices=20))
+    for k in range(1, 5):
+        fed.add(update("solo", k * 1000, base=k - 1, seed=k))
+        assert fed.due(k * 1000)
+        assert fed.close(k * 1000).model.version == k
+    assert fed.version == 4
+
+
+def test_the_time_window_closes_a_round_when_a_device_is_silent():
+    cfg = fed_config(min_devices=20, round_window_ms=MINUTE, active_window_ms=5 * MINUTE)
+    fed = Federation(cfg)
+    ids = devices(3)
+    first_round(fed, ids, ts=0)
+    t0 = 1000
+    fed.add(update(ids[0], t0, base=1, seed=1))
+    fed.add(update(ids[1], t0 + 500, base=1, seed=2))
+    assert not fed.due(t0 + MINUTE - 1)  # the third is still active: wait for it ...
+    assert fed.due(t0 + MINUTE)  # ... but not longer than the round window
+    version = fed.close(t0 + MINUTE)
+    assert version.num_devices == 2 and version.model.version == 2
+
+
+def test_a_device_silent_beyond_the_active_window_is_not_waited_for():
+    cfg = fed_config(min_devices=20, round_window_ms=10 * MINUTE, active_window_ms=5 * MINUTE)
+    fed = Federation(cfg)
+    ids = devices(3)
+    first_round(fed, ids, ts=0)
+    t = 6 * MINUTE  # all three were last seen at 0: none active any more
+    fed.add(update(ids[0], t, base=1, seed=1))
+    assert fed.active_devices(t) == 1
+    assert fed.due(t)
+
+
+def test_empty_buffer_is_never_due_and_cannot_close():
+    fed = Federation(fed_config())
+    assert not fed.due(10**12)
+    with pytest.raises(ValueError):
+        fed.close(0)
+
+
+# --------------------------------------------------------------------------------------------
+# What a version holds
+# --------------------------------------------------------------------------------------------
+
+
+def test_versions_are_numbered_without_gaps():
+    fed = Federation(fed_config(min_devices=2))
+    ids = devices(2)
+    numbers = []
+    for k in range(6):
+        for i, d in enumerate(ids):
+            fed.add(update(d, k * 1000, base=fed.version, seed=10 * k + i))
+        assert fed.due(k * 1000)
+        numbers.append(fed.close(k * 1000).model.version)
+        assert fed.version == numbers[-1]
+    assert numbers == [1, 2, 3, 4, 5, 6]
+
+
+def test_fedavg_is_the_sample_weighted_mean_of_the_updates():
+    fed = Federation(fed_config(min_devices=3, server_momentum=0.0))
+    rng = np.random.default_rng(1)
+    params = rng.normal(size=(3, SIZE))
+    samples = [10, 35, 80]  # all below max_samples (100): no cap
+    for i, d in enumerate(devices(3)):
+        fed.add(update(d, 0, params=params[i], samples=samples[i]))
+    version = fed.close(0)
+    expected = (params * np.array(samples)[:, None]).sum(0) / sum(samples)
+    np.testing.assert_allclose(version.model.params, expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(version.weights, samples)
+    # Second version: base_version = 1 for everyone, so staleness 0 again.
+    params2 = rng.normal(size=(3, SIZE))
+    for i, d in enumerate(devices(3)):
+        fed.add(update(d, 1000, base=1, params=params2[i], samples=samples[::-1][i]))
+    version = fed.close(1000)
+    w = np.array(samples[::-1], dtype=float)
+    np.testing.assert_allclose(
+        version.model.params, (params2 * w[:, None]).sum(0) / w.sum(), rtol=1e-10, atol=1e-12
+    )
+
+
+def test_sample_counts_are_capped_at_max_samples():
+    fed = Federation(fed_config(min_devices=2, max_samples=100))
+    rng = np.random.default_rng(2)
+    params = rng.normal(size=(2, SIZE))
+    fed.add(update("a", 0, params=params[0], samples=1000))
+    fed.add(update("b", 0, params=params[1], samples=100))
+    version = fed.close(0)
+    np.testing.assert_allclose(version.model.params, params.mean(0), rtol=1e-10, atol=1e-12)
+
+
+def test_two_updates_of_one_device_are_merged_and_count_once():
+    fed = Federation(fed_config(min_devices=20))
+    first_round(fed, devices(3))
+    rng = np.random.default_rng(3)
+    pa1, pa2, pb = rng.normal(size=(3, SIZE))
+    rows_a1 = rng.uniform(0, 2, size=(12, N_FEATURES))
+    rows_a2 = rng.uniform(1, 3, size=(7, N_FEATURES))
+    hist = np.zeros(LOGIT_EDGES.size + 1)
+    hist[40] = 3
+    fed.add(
+        update(
+            "device_00",
+            100,
+            base=1,
+            params=pa1,
+            samples=20,
+            rows=rows_a1,
+            hist_pos=hist,
+            scored_version=1,
+            prequential=Confusion(1, 2, 3, 4),
+        )
+    )
+    fed.add(
+        update(
+            "device_00",
+            200,
+            base=1,
+            params=pa2,
+            samples=30,
+            rows=rows_a2,
+            hist_pos=hist,
+            scored_version=1,
+            prequential=Confusion(10, 0, 5, 1),
+        )
+    )
+    fed.add(update("device_01", 300, base=1, params=pb, samples=50))
+    assert len(fed.buffer) == 2
+    assert not fed.due(300)  # device_02 is active and silent: two distinct devices of three
+    version = fed.close(MINUTE + 100)
+    assert version.num_devices == 2
+    merged = {u.device_id: u for u in version.updates}["device_00"]
+    assert merged.samples == 50
+    np.testing.assert_allclose(merged.params, (20 * pa1 + 30 * pa2) / 50, rtol=1e-12)
+    both = np.vstack((rows_a1, rows_a2))
+    assert merged.normal.count == 19
+    np.testing.assert_allclose(merged.normal.mean, both.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(
+        merged.normal.comoment, np.cov(both, rowvar=False, ddof=0) * 19, rtol=1e-9, atol=1e-9
+    )
+    np.testing.assert_array_equal(merged.hist_pos, 2 * hist)
+    assert merged.prequential == Confusion(11, 2, 8, 5)
+    assert version.prequential == {1: Confusion(11, 2, 8, 5)}
+    expected = ((20 * pa1 + 30 * pa2) / 50 * 50 + pb * 50) / 100
+    np.testing.assert_allclose(version.model.params, expected, rtol=1e-10, atol=1e-12)
+
+
+def test_an_update_from_a_future_version_is_refused():
+    fed = Federation(fed_config(min_devices=1))
+    with pytest.raises(ValueError):
+        fed.add(update("a", 0, base=1))
+    fed.add(update("a", 0, base=0))
+    fed.close(0)
+    with pytest.raises(ValueError):
+        fed.add(update("a", 1000, base=2))
+    fed.add(update("a", 1000, base=1))  # the latest is fine
+    with pytest.raises(ValueError):
+        fed.add(update("b", 1000, params=np.zeros(SIZE + 1)))  # another network's shape
+
+
+def brute_force_f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+    edges = LOGIT_EDGES
+    reps = np.concatenate(([edges[0] - 1], (edges[:-1] + edges[1:]) / 2, [edges[-1] + 1]))
+    pos, neg = pos.astype(int), neg.astype(int)
+    scores = np.concatenate((np.repeat(reps, pos), np.repeat(reps, neg)))
+    truth = np.concatenate((np.ones(pos.sum()), np.zeros(neg.sum())))
+    best, best_f1 = None, -1.0
+    for t in edges:
+        f1 = f1_score(truth, scores >= t, zero_division=0.0)
+        if f1 >= best_f1 - 1e-12:
+            best, best_f1 = float(t), f1
+    return best
+
+
+def test_the_first_version_threshold_is_the_best_f1_of_the_summed_histograms():
+    fed = Federation(fed_config(min_devices=4))
+    rng = np.random.default_rng(4)
+    bins = LOGIT_EDGES.size + 1
+    pos_sum = np.zeros(bins)
+    neg_sum = np.zeros(bins)
+    for i, d in enumerate(devices(4)):
+        pos = np.bincount(np.clip(rng.normal(55, 6, 15).astype(int), 0, bins - 1), minlength=bins)
+        neg = np.bincount(np.clip(rng.normal(40, 8, 300).astype(int), 0, bins - 1), minlength=bins)
+        pos_sum += pos
+        neg_sum += neg
+        fed.add(update(d, 0, seed=i, hist_pos=pos.astype(float), hist_neg=neg.astype(float)))
+    version = fed.close(0)
+    assert version.model.threshold == brute_force_f1_threshold(pos_sum, neg_sum)
+    # No positives anywhere: no supervised threshold.
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(update("a", 0, hist_neg=neg_sum))
+    assert fed.close(0).model.threshold is None
+
+
+def test_the_normal_model_is_the_sum_of_the_devices_statistics():
+    fed = Federation(fed_config(min_devices=3))
+    rng = np.random.default_rng(5)
+    rows = [rng.normal(i, 1 + i, size=(8 + 3 * i, N_FEATURES)) for i in range(3)]
+    for i, d in enumerate(devices(3)):
+        fed.add(update(d, 0, seed=i, rows=rows[i]))
+    normal = fed.close(0).model.normal
+    everything = np.vstack(rows)
+    assert normal.count == everything.shape[0]
+    np.testing.assert_allclose(normal.mean, everything.mean(0), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        normal.comoment,
+        np.cov(everything, rowvar=False, ddof=0) * everything.shape[0],
+        rtol=1e-9,
+        atol=1e-9,
+    )
+
+
+def test_server_momentum_accumulates_the_deltas():
+    beta = 0.5
+    fed = Federation(fed_config(min_devices=1, server_momentum=beta))
+    reference = Network(N_FEATURES, HIDDEN).initial()
+    p1 = reference + 1.0
+    fed.add(update("a", 0, params=p1))
+    v1 = fed.close(0).model.params
+    np.testing.assert_allclose(v1, p1)  # first step: velocity = delta
+    p2 = v1 + 2.0
+    fed.add(update("a", 1000, base=1, params=p2))
+    v2 = fed.close(1000).model.params
+    np.testing.assert_allclose(v2, v1 + beta * 1.0 + 2.0)
+
+
+def test_config_validation():
+    for bad in (
+        {"min_devices": 0},
+        {"contamination": 0.0},
+        {"contamination": 0.5},
+        {"server_momentum": 1.0},
+        {"calibration_decay": -0.1},
+    ):
+        with pytest.raises(ValueError):
+            fed_config(**bad)
+    with pytest.raises(ValueError):
+        fed_config(rule="nonsense").make_rule()

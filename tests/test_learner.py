@@ -1,0 +1,483 @@
+"""streaming.learner: buffering, labels, local rounds, detector choice and prequential counts,
+checked against numpy/scikit-learn computations made here from the Scored rows."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix
+
+from streaming import learner as L
+from streaming.learner import (
+    ChannelMismatch,
+    Detector,
+    DeviceState,
+    GlobalParams,
+    LearnerConfig,
+    is_held_out,
+    readings_matrix,
+    record,
+    score,
+    train_round,
+)
+from streaming.model.detectors import INPUT_SCALE, LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES, WARMUP
+from streaming.model.metrics import Confusion
+
+CHANNELS = ("humidity", "temperature")
+
+
+def config(**overrides) -> LearnerConfig:
+    base = {
+        "train_every": 50,
+        "min_round_samples": 10,
+        "hidden": 0,
+        "learning_rate": 0.1,
+        "epochs": 2,
+        "batch_size": 16,
+        "positive_memory": 0,
+        "detector": "auto",
+        "anomaly_z": 2.5,
+        "critical_z": 4.0,
+        "gate": float("inf"),
+        "holdout_fraction": 0.1,
+        "seed": 7,
+    }
+    base.update(overrides)
+    return LearnerConfig(**base)
+
+
+def series(n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2)) * [5.0, 0.3] + [60.0, 21.0]
+    X[rng.random(n) < 0.08] += [30.0, 2.0]  # spikes
+    return X
+
+
+def scored_batch(cfg: LearnerConfig, n: int = 140, seed: int = 0):
+    state = DeviceState()
+    X = readings_matrix(state, CHANNELS, series(n, seed).tolist())
+    return state, score(state, X, cfg)
+
+
+def labels_for(n: int, seed: int = 1) -> np.ndarray:
+    """Stream labels: 1/0 on two thirds of the rows, -1 (unlabelled) on the rest."""
+    rng = np.random.default_rng(seed)
+    labels = (rng.random(n) < 0.1).astype(np.int64)
+    labels[rng.random(n) < 1 / 3] = -1
+    return labels
+
+
+def rule_of(scored, cfg: LearnerConfig) -> np.ndarray:
+    return (np.abs(scored.z).max(axis=1) > cfg.anomaly_z).astype(np.int64)
+
+
+def sk_confusion(actual: np.ndarray, flagged: np.ndarray) -> Confusion:
+    tn, fp, fn, tp = confusion_matrix(actual, flagged, labels=[0, 1]).ravel()
+    return Confusion(int(tp), int(fp), int(tn), int(fn))
+
+
+# --------------------------------------------------------------------------------------------
+# readings_matrix
+# --------------------------------------------------------------------------------------------
+
+
+def test_readings_matrix_fixes_the_channels_then_refuses_others():
+    state = DeviceState()
+    X = readings_matrix(state, CHANNELS, [(1.0, 2.0), (3.0, 4.0), (5.0, 6.0)])
+    np.testing.assert_array_equal(X, [[1, 2], [3, 4], [5, 6]])
+    assert state.features.channels == CHANNELS
+    np.testing.assert_array_equal(readings_matrix(state, CHANNELS, [(7.0, 8.0)]), [[7, 8]])
+    for other in (("humidity",), ("humidity", "pressure"), ("temperature", "humidity")):
+        with pytest.raises(ChannelMismatch):
+            readings_matrix(state, other, [(1.0,) * len(other)])
+    assert issubclass(ChannelMismatch, ValueError)
+    assert state.features.channels == CHANNELS
+
+
+def test_score_moves_the_state_past_the_batch():
+    cfg = config()
+    state = DeviceState()
+    X = readings_matrix(state, CHANNELS, series(30).tolist())
+    s1 = score(state, X[:12], cfg)
+    assert state.features.seen == 12
+    s2 = score(state, X[12:], cfg)
+    assert state.features.seen == 30
+    assert s1.warm.sum() == 12 - WARMUP and s2.warm.all()
+
+
+# --------------------------------------------------------------------------------------------
+# record
+# --------------------------------------------------------------------------------------------
+
+
+def test_record_buffers_warm_rows_with_stream_or_rule_labels():
+    cfg = config()
+    state, scored = scored_batch(cfg)
+    labels = labels_for(140)
+    record(state, scored, labels, Detector(None, cfg), cfg)
+    warm = scored.warm
+    assert warm.sum() == 140 - WARMUP
+    assert state.buffered == warm.sum()
+    np.testing.assert_array_equal(np.vstack(state.rows), scored.features[warm])
+    rule = rule_of(scored, cfg)[warm]
+    expected = np.where(labels[warm] >= 0, labels[warm], rule)
+    np.testing.assert_array_equal(np.concatenate(state.labels), expected)
+    assert int(np.concatenate(state.pseudo).sum()) == np.count_nonzero(labels[warm] < 0)
+    assert rule.any() and (expected != labels[warm]).any()  # the rule did label something
+    # Before any version: no histogram, no prequential counts; the rule's candidate counts.
+    assert state.hist_pos.sum() == state.hist_neg.sum() == state.hist_normal.sum() == 0
+    assert state.prequential == Confusion(0, 0, 0, 0)
+    labelled = labels[warm] >= 0
+    assert set(state.candidates) == {"zscore"}
+    assert state.candidates["zscore"] == sk_confusion(labels[warm][labelled], rule[labelled])
+
+
+def test_record_skips_a_cold_batch():
+    cfg = config()
+    state = DeviceState()
+    X = readings_matrix(state, CHANNELS, series(WARMUP).tolist())
+    scored = score(state, X, cfg)
+    record(state, scored, np.zeros(WARMUP, np.int64), Detector(None, cfg), cfg)
+    assert state.buffered == 0 and state.rows == []
+
+
+def test_record_with_a_higher_anomaly_z_labels_fewer_rows():
+    lo, hi = config(anomaly_z=2.0), config(anomaly_z=6.0)
+    state_lo, scored = scored_batch(lo)
+    state_hi = copy.deepcopy(state_lo)
+    unlabelled = np.full(140, -1, dtype=np.int64)
+    record(state_lo, scored, unlabelled, Detector(None, lo), lo)
+    record(state_hi, scored, unlabelled, Detector(None, hi), hi)
+    max_z = np.abs(scored.z).max(axis=1)[scored.warm]
+    np.testing.assert_array_equal(np.concatenate(state_lo.labels), max_z > 2.0)
+    np.testing.assert_array_equal(np.concatenate(state_hi.labels), max_z > 6.0)
+    assert sum(p.sum() for p in state_lo.pseudo) == sum(p.sum() for p in state_hi.pseudo) == 130
+
+
+# --------------------------------------------------------------------------------------------
+# train_round
+# --------------------------------------------------------------------------------------------
+
+
+def buffered_state(cfg: LearnerConfig, n: int = 140, labels=None) -> tuple[DeviceState, np.ndarray]:
+    state, scored = scored_batch(cfg, n)
+    labels = labels_for(n) if labels is None else labels
+    record(state, scored, labels, Detector(None, cfg), cfg)
+    rule = rule_of(scored, cfg)[scored.warm]
+    y = np.where(labels[scored.warm] >= 0, labels[scored.warm], rule)
+    return state, (scored.features[scored.warm], y)
+
+
+def test_train_round_takes_exactly_train_every_oldest_rows():
+    cfg = config(train_every=50, min_round_samples=10)
+    state, (X, y) = buffered_state(cfg)  # 130 warm rows
+    sizes = []
+    taken = 0
+    while (update := train_round(state, "dev-1", None, cfg, now_ms=1_000)) is not None:
+        n = update.samples
+        sizes.append(n)
+        rows, labels = X[taken : taken + n], y[taken : taken + n]
+        normal = rows[labels == 0]
+        assert update.normal.count == normal.shape[0]
+        np.testing.assert_allclose(update.normal.mean, normal.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            update.normal.comoment,
+            np.cov(normal, rowvar=False, ddof=0) * normal.shape[0],
+            rtol=1e-9,
+            atol=1e-9,
+        )
+        taken += n
+        assert state.buffered == X.shape[0] - taken
+        assert update.round == len(sizes) and update.timestamp_ms == 1_000
+        assert update.device_id == "dev-1" and update.base_version == 0
+    assert sizes == [50, 50, 30]  # the last: all that waits (>= min_round_samples)
+    assert state.rounds == 3
+
+
+def test_train_round_below_min_round_samples_returns_none_and_keeps_the_buffer():
+    cfg = config(train_every=50, min_round_samples=10)
+    state, _ = buffered_state(cfg, n=WARMUP + 9)
+    assert state.buffered == 9
+    assert train_round(state, "dev", None, cfg, 0) is None
+    assert state.buffered == 9 and state.rounds == 0
+    assert not L.round_due(state, cfg)
+
+
+def test_train_round_is_deterministic():
+    cfg = config(hidden=4, epochs=3)
+    state, _ = buffered_state(cfg)
+    twin = copy.deepcopy(state)
+    a = train_round(state, "dev", None, cfg, 5)
+    b = train_round(twin, "dev", None, cfg, 5)
+    np.testing.assert_array_equal(a.params, b.params)
+    assert (a.loss, a.accuracy, a.samples) == (b.loss, b.accuracy, b.samples)
+
+
+def global_model(cfg: LearnerConfig, params: np.ndarray, version: int = 3, **kw) -> GlobalParams:
+    fields = {
+        "version": version,
+        "hidden": cfg.hidden,
+        "params": params,
+        "threshold": None,
+        "normal": NormalStats.empty(),
+        "normal_threshold": None,
+        "label_source": "ground_truth",
+        "detector": "zscore",
+    }
+    fields.update(kw)
+    return GlobalParams(**fields)
+
+
+def test_train_round_starts_from_the_global_params():
+    cfg = config(hidden=4, epochs=0)  # no SGD step: the round returns its starting point
+    net = Network(N_FEATURES, 4)
+    start = np.random.default_rng(3).normal(size=net.size)
+    state, _ = buffered_state(cfg)
+    update = train_round(state, "dev", global_model(cfg, start, version=3), cfg, 0)
+    np.testing.assert_array_equal(update.params, start)
+    assert update.base_version == 3
+    # No global version (or one of another shape): the shared initial parameters, base 0.
+    state, _ = buffered_state(cfg)
+    update = train_round(state, "dev", None, cfg, 0)
+    np.testing.assert_array_equal(update.params, net.initial())
+    assert update.base_version == 0
+    state, _ = buffered_state(cfg)
+    other = global_model(cfg, np.zeros(N_FEATURES + 1), hidden=0)
+    update = train_round(state, "dev", other, cfg, 0)
+    np.testing.assert_array_equal(update.params, net.initial())
+    assert update.base_version == 0
+
+
+def test_train_round_result_depends_on_the_global_params():
+    cfg = config(hidden=0, epochs=2)
+    net = Network(N_FEATURES, 0)
+    state, _ = buffered_state(cfg)
+    twin = copy.deepcopy(state)
+    a = train_round(state, "dev", global_model(cfg, np.zeros(net.size), version=1), cfg, 0)
+    b = train_round(twin, "dev", global_model(cfg, np.full(net.size, 0.5), version=1), cfg, 0)
+    assert not np.allclose(a.params, b.params)
+
+
+def test_label_source_majority_of_a_round():
+    cfg = config()
+    n = 140
+    state, _ = buffered_state(cfg, n, labels=np.zeros(n, np.int64))
+    assert train_round(state, "dev", None, cfg, 0).label_source == "ground_truth"
+    state, _ = buffered_state(cfg, n, labels=np.full(n, -1, np.int64))
+    assert train_round(state, "dev", None, cfg, 0).label_source == "pseudo"
+
+
+def test_label_source_counts_the_rows_the_round_takes():
+    cfg = config(train_every=50)
+    labels = np.concatenate((np.zeros(WARMUP + 50, np.int64), np.full(50, -1, np.int64)))
+    state, _ = buffered_state(cfg, n=labels.size, labels=labels)
+    first = train_round(state, "dev", None, cfg, 0)  # the 50 labelled rows
+    second = train_round(state, "dev", None, cfg, 0)  # the 50 unlabelled rows
+    assert (first.label_source, second.label_source) == ("ground_truth", "pseudo")
+
+
+def test_positive_memory_replays_remembered_anomalies():
+    cfg = config(positive_memory=4)
+    n = 140
+    labels = np.zeros(n, np.int64)
+    labels[[20, 30, 40, 50, 60, 70]] = 1  # all in the first round's 50 rows (rows 10..59)
+    state, (X, _) = buffered_state(cfg, n, labels=labels)
+    train_round(state, "dev", None, cfg, 0)
+    positives = X[[i - WARMUP for i in (20, 30, 40, 50)]]
+    np.testing.assert_array_equal(state.positives, positives[-4:])
+
+
+# --------------------------------------------------------------------------------------------
+# Detector
+# --------------------------------------------------------------------------------------------
+
+
+def normal_stats(seed: int = 4) -> NormalStats:
+    rng = np.random.default_rng(seed)
+    return NormalStats.of(rng.uniform(0, 3, size=(200, N_FEATURES)))
+
+
+def test_detector_before_any_model_is_the_zscore_rule():
+    for wanted in ("auto", "supervised", "label_free", "zscore"):
+        det = Detector(None, config(detector=wanted))
+        assert det.kind == "zscore" and det.version == 0
+    cfg = config()
+    _, scored = scored_batch(cfg)
+    decision = Detector(None, cfg).decide(scored)
+    expected = scored.warm & (np.abs(scored.z).max(axis=1) > cfg.anomaly_z)
+    np.testing.assert_array_equal(decision.flagged, expected)
+    assert decision.kind == "zscore" and decision.threshold == cfg.anomaly_z
+
+
+@pytest.mark.parametrize(
+    ("model_detector", "threshold", "normal_threshold", "wanted", "expected"),
+    [
+        ("supervised", 0.5, 1.0, "auto", "supervised"),
+        ("label_free", 0.5, 1.0, "auto", "label_free"),
+        ("zscore", 0.5, 1.0, "auto", "zscore"),
+        ("supervised", None, 1.0, "auto", "zscore"),  # not calibrated: not ready
+        ("label_free", 0.5, None, "auto", "zscore"),
+        ("zscore", 0.5, None, "supervised", "supervised"),
+        ("zscore", None, 1.0, "supervised", "zscore"),
+        ("supervised", 0.5, 1.0, "label_free", "label_free"),
+        ("supervised", 0.5, 1.0, "zscore", "zscore"),
+    ],
+)
+def test_detector_kind(model_detector, threshold, normal_threshold, wanted, expected):
+    cfg = config(detector=wanted)
+    model = global_model(
+        cfg,
+        np.zeros(N_FEATURES + 1),
+        threshold=threshold,
+        normal=normal_stats(),
+        normal_threshold=normal_threshold,
+        detector=model_detector,
+    )
+    det = Detector(model, cfg)
+    assert det.kind == expected
+    assert det.version == 3
+
+
+def test_label_free_needs_a_normal_model_of_two_rows():
+    cfg = config(detector="label_free")
+    one_row = NormalStats.of(np.zeros((1, N_FEATURES)))
+    model = global_model(cfg, np.zeros(N_FEATURES + 1), normal=one_row, normal_threshold=1.0)
+    assert Detector(model, cfg).kind == "zscore"
+
+
+def own_logits(params: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """Logistic regression by hand: features / INPUT_SCALE, then w·x + b."""
+    return (X / INPUT_SCALE) @ params[:-1] + params[-1]
+
+
+def own_normal_scores(stats: NormalStats, X: np.ndarray) -> np.ndarray:
+    cov = stats.comoment / (stats.count - 1)
+    diag = np.maximum(np.diag(cov), 1e-4)
+    cov = 0.95 * cov + 0.05 * np.diag(diag)
+    cov[np.diag_indices_from(cov)] = diag
+    d = X - stats.mean
+    q = np.einsum("ni,ij,nj->n", d, np.linalg.inv(cov), d) / X.shape[1]
+    return np.minimum(np.sqrt(q), NORMAL_EDGES[-1])
+
+
+def calibrated_model(cfg: LearnerConfig, features: np.ndarray, version: int = 1) -> GlobalParams:
+    """A version whose supervised rule and label-free rule each flag some rows."""
+    params = np.random.default_rng(11).normal(size=N_FEATURES + 1)
+    logits = own_logits(params, features)
+    stats = normal_stats()
+    return global_model(
+        cfg,
+        params,
+        version=version,
+        threshold=float(np.quantile(logits, 0.8)),
+        normal=stats,
+        normal_threshold=float(np.quantile(own_normal_scores(stats, features), 0.7)),
+        detector="supervised",
+    )
+
+
+def test_supervised_decisions_are_the_logit_rule():
+    cfg = config()
+    _, scored = scored_batch(cfg)
+    model = calibrated_model(cfg, scored.features[scored.warm])
+    decision = Detector(model, cfg).decide(scored)
+    logits = own_logits(model.params, scored.features)
+    np.testing.assert_allclose(decision.score, logits, rtol=1e-12)
+    np.testing.assert_array_equal(decision.flagged, scored.warm & (logits >= model.threshold))
+    assert decision.kind == "supervised" and decision.version == 1
+
+
+def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
+    cfg = config()
+    state, scored = scored_batch(cfg)
+    warm = scored.warm
+    model = calibrated_model(cfg, scored.features[warm])
+    detector = Detector(model, cfg)
+    assert detector.kind == "supervised"
+    labels = labels_for(140, seed=5)
+    labels[np.flatnonzero(labels >= 0)[::7]] = 1  # enough positives to count
+    record(state, scored, labels, detector, cfg)
+
+    truth = labels[warm]
+    labelled = truth >= 0
+    actual = truth[labelled]
+    logits = own_logits(model.params, scored.features[warm])
+    supervised = (logits >= model.threshold).astype(np.int64)
+    label_free = own_normal_scores(model.normal, scored.features[warm]) >= model.normal_threshold
+    rule = rule_of(scored, cfg)[warm]
+    expected_preq = sk_confusion(actual, supervised[labelled])
+    expected_candidates = {
+        "zscore": sk_confusion(actual, rule[labelled]),
+        "supervised": expected_preq,
+        "label_free": sk_confusion(actual, label_free[labelled].astype(np.int64)),
+    }
+    assert state.prequential == expected_preq
+    assert state.candidates == expected_candidates
+    assert expected_preq.tp > 0 and expected_preq.fp > 0  # not a degenerate check
+    # Histograms: the version's scores of all warm rows, split by the round's labels.
+    y = np.where(truth >= 0, truth, rule)
+    assert state.hist_pos.sum() == np.count_nonzero(y == 1)
+    assert state.hist_neg.sum() == np.count_nonzero(y == 0)
+    assert state.hist_normal.sum() == warm.sum()
+    top = np.searchsorted(LOGIT_EDGES, logits[y == 1], side="right")
+    np.testing.assert_array_equal(state.hist_pos, np.bincount(top, minlength=LOGIT_EDGES.size + 1))
+
+    update = train_round(state, "dev", model, cfg, 0)
+    assert update.scored_version == 1
+    assert update.prequential == expected_preq
+    assert update.candidates == expected_candidates
+    assert update.hist_pos.sum() == np.count_nonzero(y == 1)
+    # The counts went with the update: the next round starts from zero.
+    assert state.prequential == Confusion(0, 0, 0, 0) and state.candidates == {}
+    assert state.hist_pos.sum() == 0
+
+
+def test_a_new_version_resets_the_counts():
+    cfg = config()
+    state, scored = scored_batch(cfg, n=140)
+    features = scored.features[scored.warm]
+    labels = labels_for(140, seed=6)
+    record(state, scored, labels, Detector(calibrated_model(cfg, features, 1), cfg), cfg)
+    # The next batch is scored by version 2: only its counts remain.
+    X2 = readings_matrix(state, CHANNELS, series(60, seed=9).tolist())
+    scored2 = score(state, X2, cfg)
+    labels2 = labels_for(60, seed=7)
+    model2 = calibrated_model(cfg, features, 2)
+    record(state, scored2, labels2, Detector(model2, cfg), cfg)
+    lab = labels2 >= 0
+    flagged = own_logits(model2.params, scored2.features) >= model2.threshold
+    assert state.scored_version == 2
+    assert state.prequential == sk_confusion(labels2[lab], flagged[lab].astype(np.int64))
+    assert state.hist_normal.sum() == 60
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and hold-out
+# --------------------------------------------------------------------------------------------
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        config(min_round_samples=0)
+    with pytest.raises(ValueError):
+        config(train_every=5, min_round_samples=10)
+    with pytest.raises(ValueError):
+        config(detector="magic")
+    with pytest.raises(ValueError):
+        config(positive_memory=-1)
+    assert config(hidden=3).network == Network(N_FEATURES, 3)
+
+
+def test_is_held_out_is_a_deterministic_fraction():
+    ids = [f"device_{i:05d}" for i in range(4000)]
+    held = [is_held_out(d, 0.1, seed=42) for d in ids]
+    assert held == [is_held_out(d, 0.1, seed=42) for d in ids]
+    assert 0.08 < np.mean(held) < 0.12
+    assert not any(is_held_out(d, 0.0) for d in ids[:200])
+    assert all(is_held_out(d, 1.0) for d in ids[:200])
+    assert [is_held_out(d, 0.1, seed=1) for d in ids] != held
+    # Nested: a device held out at 10 % is held out at 20 %.
+    assert all(is_held_out(d, 0.2, seed=42) for d, h in zip(ids, held, strict=True) if h)

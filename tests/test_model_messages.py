@@ -1,0 +1,393 @@
+"""The model topics' contracts: LocalRound and GlobalParams through encode/decode, and hostile
+payloads that must raise InvalidMessage and nothing else."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from streaming.learner import GlobalParams, LocalRound
+from streaming.messages import (
+    InvalidMessage,
+    decode_global_params,
+    decode_local_round,
+    encode_global_params,
+    encode_local_round,
+)
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
+
+TS = 1_762_473_601_592  # 2025-11-07T00:00:01.592Z
+
+
+def local_round(**overrides) -> LocalRound:
+    rng = np.random.default_rng(0)
+    net = Network(N_FEATURES, 4)
+    fields = {
+        "device_id": "plc-7/line 2",
+        "round": 12,
+        "base_version": 5,
+        "params": rng.normal(size=net.size),
+        "samples": 50,
+        "label_source": "pseudo",
+        "loss": 0.3125,
+        "accuracy": 0.94,
+        "normal": NormalStats.of(rng.uniform(0, 3, size=(40, N_FEATURES))),
+        "hist_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
+        "hist_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
+        "hist_normal": rng.integers(0, 50, NORMAL_EDGES.size + 1),
+        "scored_version": 4,
+        "prequential": Confusion(3, 1, 40, 2),
+        "timestamp_ms": TS,
+        "candidates": {"zscore": Confusion(2, 5, 36, 3), "supervised": Confusion(3, 1, 40, 2)},
+    }
+    fields.update(overrides)
+    return LocalRound(**fields)
+
+
+def global_params(**overrides) -> GlobalParams:
+    rng = np.random.default_rng(1)
+    hidden = overrides.pop("hidden", 4)
+    fields = {
+        "version": 17,
+        "hidden": hidden,
+        "params": rng.normal(size=Network(N_FEATURES, hidden).size),
+        "threshold": -1.25,
+        "normal": NormalStats.of(rng.uniform(0, 3, size=(60, N_FEATURES))),
+        "normal_threshold": 2.5,
+        "label_source": "ground_truth",
+        "detector": "label_free",
+    }
+    fields.update(overrides)
+    return GlobalParams(**fields)
+
+
+def assert_normal_equal(a: NormalStats, b: NormalStats) -> None:
+    assert a.count == b.count
+    np.testing.assert_array_equal(a.mean, b.mean)
+    np.testing.assert_array_equal(a.comoment, b.comoment)
+
+
+def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
+    for name in (
+        "device_id",
+        "round",
+        "base_version",
+        "samples",
+        "label_source",
+        "loss",
+        "accuracy",
+        "scored_version",
+        "prequential",
+        "timestamp_ms",
+        "candidates",
+    ):
+        assert getattr(a, name) == getattr(b, name), name
+    for name in ("params", "hist_pos", "hist_neg", "hist_normal"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
+    assert_normal_equal(a.normal, b.normal)
+
+
+def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
+    for name in ("version", "hidden", "threshold", "normal_threshold", "label_source", "detector"):
+        assert getattr(a, name) == getattr(b, name), name
+    np.testing.assert_array_equal(a.params, b.params)
+    assert_normal_equal(a.normal, b.normal)
+
+
+# --------------------------------------------------------------------------------------------
+# Round trips
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"base_version": 0, "scored_version": 0, "candidates": {}, "label_source": "ground_truth"},
+        {"params": np.zeros(N_FEATURES + 1), "normal": NormalStats.empty()},
+        {"timestamp_ms": 0, "device_id": "é-ü-device"},
+    ],
+)
+def test_local_round_round_trip(overrides):
+    original = local_round(**overrides)
+    payload = encode_local_round(original)
+    assert isinstance(payload, bytes)
+    assert_local_equal(decode_local_round(payload), original)
+    assert_local_equal(decode_local_round(payload.decode()), original)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "threshold": None,
+            "normal_threshold": None,
+            "detector": "zscore",
+            "label_source": "pseudo",
+        },
+        {"hidden": 0, "normal": NormalStats.empty(), "detector": "supervised"},
+    ],
+)
+def test_global_params_round_trip(overrides):
+    original = global_params(**overrides)
+    payload = encode_global_params(original, TS, num_devices=3, strategy="fedavg")
+    assert_global_equal(decode_global_params(payload), original)
+    obj = json.loads(payload)
+    assert obj["num_devices"] == 3 and obj["timestamp"] == "2025-11-07T00:00:01.592Z"
+
+
+def test_global_params_of_a_large_fleet_round_trip():
+    rng = np.random.default_rng(2)
+    rows = rng.uniform(0, 10, size=(2_000, N_FEATURES))  # features lie in [0, CAP]
+    big = NormalStats.of(rows).scaled(100.0)  # the same distribution over 200,000 rows
+    original = global_params(normal=big)
+    assert_global_equal(decode_global_params(encode_global_params(original, TS)), original)
+
+
+# --------------------------------------------------------------------------------------------
+# Hostile payloads
+# --------------------------------------------------------------------------------------------
+
+
+def local_obj() -> dict:
+    return json.loads(encode_local_round(local_round()))
+
+
+def global_obj() -> dict:
+    return json.loads(encode_global_params(global_params(), TS))
+
+
+def set_path(obj: dict, path: tuple, value) -> dict:
+    target = obj
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return obj
+
+
+def deep(n: int) -> str:
+    return "[" * n + "]" * n
+
+
+LOCAL_MUTATIONS = {
+    "huge weight": (("weights",), [1e308, 0.0]),
+    "weight beyond limit": (("weights",), [1e7]),
+    "empty weights": (("weights",), []),
+    "string weight": (("weights",), ["1.0"]),
+    "bool weight": (("weights",), [True]),
+    "weights not a list": (("weights",), {"0": 1.0}),
+    "histogram wrong length": (("scores", "positives"), [0] * LOGIT_EDGES.size),
+    "normal mean wrong length": (("normal", "mean"), [0.0] * (N_FEATURES - 1)),
+    "normal comoment wrong length": (("normal", "comoment"), [0.0] * N_FEATURES),
+    "negative count in histogram": (("scores", "negatives"), [-1] + [0] * LOGIT_EDGES.size),
+    "negative samples": (("samples_processed",), -5),
+    "zero samples": (("samples_processed",), 0),
+    "negative prequential": (("scores", "prequential", "tp"), -1),
+    "float prequential": (("scores", "prequential", "tp"), 1.5),
+    "negative normal count": (("normal", "count"), -1.0),
+    "version 2**40": (("model_version",), 2**40),
+    "base version 2**40": (("base_global_version",), 2**40),
+    "scored version 2**40": (("scores", "version"), 2**40),
+    "negative base version": (("base_global_version",), -1),
+    "round 0": (("model_version",), 0),
+    "string version": (("model_version",), "3"),
+    "unknown label source": (("label_source",), "oracle"),
+    "unknown candidate detector": (("scores", "candidates"), {"crystal_ball": {"tp": 0}}),
+    "candidate not counts": (("scores", "candidates"), {"zscore": [1, 2, 3, 4]}),
+    "missing device": (("device_id",), None),
+    "control char device": (("device_id",), "dev\x00ice"),
+    "long device": (("device_id",), "d" * 10_000),
+    "bad timestamp": (("timestamp",), "yesterday"),
+    "numeric timestamp": (("timestamp",), 1_762_473_601_592),
+    "timestamp year 9999": (("timestamp",), "9999-01-01T00:00:00Z"),
+    "scores not an object": (("scores",), [1, 2]),
+    "normal not an object": (("normal",), None),
+    "deep nesting in a field": (("weights",), json.loads(deep(500))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(LOCAL_MUTATIONS))
+def test_hostile_local_round_raises_invalid_message(name):
+    path, value = LOCAL_MUTATIONS[name]
+    payload = json.dumps(set_path(local_obj(), path, value))
+    with pytest.raises(InvalidMessage):
+        decode_local_round(payload)
+
+
+GLOBAL_MUTATIONS = {
+    "huge weight": (("weights",), [1e308] * Network(N_FEATURES, 4).size),
+    "wrong length": (("weights",), [0.0] * (Network(N_FEATURES, 4).size - 1)),
+    "length of another hidden size": (("hidden",), 5),
+    "version 2**40": (("version",), 2**40),
+    "version 0": (("version",), 0),
+    "negative hidden": (("hidden",), -1),
+    "huge hidden": (("hidden",), 10**6),
+    "unknown detector": (("detector",), "auto"),
+    "detector not a string": (("detector",), ["zscore"]),
+    "threshold beyond limit": (("threshold",), 1e300),
+    "threshold a string": (("threshold",), "0.5"),
+    "negative normal count": (("normal", "count"), -3.0),
+    "normal mean wrong length": (("normal", "mean"), [0.0]),
+    "unknown label source": (("label_source",), None),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GLOBAL_MUTATIONS))
+def test_hostile_global_params_raise_invalid_message(name):
+    path, value = GLOBAL_MUTATIONS[name]
+    payload = json.dumps(set_path(global_obj(), path, value))
+    with pytest.raises(InvalidMessage):
+        decode_global_params(payload)
+
+
+RAW_PAYLOADS = {
+    "nested 10,000 deep": deep(10_000),
+    "object nested 10,000 deep": '{"a":' * 10_000 + "1" + "}" * 10_000,
+    "invalid utf-8": b'{"device_id": "\xff\xfe"}',
+    "truncated": b'{"device_id": "a", "weights": [1.0',
+    "not an object": b"[1, 2, 3]",
+    "empty": b"",
+    "null": b"null",
+    "nan literal": b'{"weights": [NaN]}',
+    "lone surrogate": b'{"device_id": "\\ud800"}',
+    "duplicate garbage": b"\x00\x01\x02",
+    "too large": b" " * (8 * 1024 * 1024 + 1),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_PAYLOADS))
+@pytest.mark.parametrize("decode", [decode_local_round, decode_global_params])
+def test_raw_hostile_payloads_raise_invalid_message(name, decode):
+    with pytest.raises(InvalidMessage):
+        decode(RAW_PAYLOADS[name])
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_nan_and_infinity_anywhere_numeric_raise_invalid_message(token):
+    for path in (("weights",), ("normal", "mean"), ("scores", "positives")):
+        obj = local_obj()
+        target = obj
+        for key in path:
+            target = target[key]
+        target[0] = "__TOKEN__"
+        payload = json.dumps(obj).replace('"__TOKEN__"', token)
+        with pytest.raises(InvalidMessage):
+            decode_local_round(payload)
+    for name in ("loss", "accuracy"):
+        payload = json.dumps(set_path(local_obj(), (name,), "__TOKEN__"))
+        with pytest.raises(InvalidMessage):
+            decode_local_round(payload.replace('"__TOKEN__"', token))
+    for name in ("threshold", "normal_threshold"):
+        payload = json.dumps(set_path(global_obj(), (name,), "__TOKEN__"))
+        with pytest.raises(InvalidMessage):
+            decode_global_params(payload.replace('"__TOKEN__"', token))
+
+
+def test_non_bytes_payloads_raise_invalid_message():
+    for payload in (None, 42, ["a"], {"version": 1}):
+        for decode in (decode_local_round, decode_global_params):
+            with pytest.raises(InvalidMessage):
+                decode(payload)
+
+
+# --------------------------------------------------------------------------------------------
+# Property: nothing but InvalidMessage, whatever the JSON
+# --------------------------------------------------------------------------------------------
+
+json_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    json_scalars,
+    lambda children: st.lists(children, max_size=5)
+    | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=25,
+)
+
+
+def decoders_only_raise_invalid_message(payload) -> None:
+    for decode in (decode_local_round, decode_global_params):
+        with contextlib.suppress(InvalidMessage):
+            decode(payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(json_values)
+def test_random_json_only_raises_invalid_message(value):
+    text = json.dumps(value)
+    decoders_only_raise_invalid_message(text)
+    decoders_only_raise_invalid_message(text.encode())
+
+
+LOCAL_PATHS = [
+    ("device_id",),
+    ("model_version",),
+    ("base_global_version",),
+    ("weights",),
+    ("samples_processed",),
+    ("label_source",),
+    ("loss",),
+    ("accuracy",),
+    ("normal",),
+    ("normal", "count"),
+    ("normal", "mean"),
+    ("normal", "comoment"),
+    ("scores",),
+    ("scores", "version"),
+    ("scores", "positives"),
+    ("scores", "negatives"),
+    ("scores", "normal"),
+    ("scores", "prequential"),
+    ("scores", "prequential", "fn"),
+    ("scores", "candidates"),
+    ("timestamp",),
+]
+GLOBAL_PATHS = [
+    ("version",),
+    ("hidden",),
+    ("weights",),
+    ("threshold",),
+    ("normal",),
+    ("normal", "count"),
+    ("normal", "comoment"),
+    ("normal_threshold",),
+    ("label_source",),
+    ("detector",),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from(LOCAL_PATHS),
+    st.sampled_from(GLOBAL_PATHS),
+    json_values,
+    st.booleans(),
+)
+def test_valid_messages_with_one_random_field_only_raise_invalid_message(
+    local_path, global_path, value, delete
+):
+    for obj, path, decode in (
+        (local_obj(), local_path, decode_local_round),
+        (global_obj(), global_path, decode_global_params),
+    ):
+        if delete:
+            target = obj
+            for key in path[:-1]:
+                target = target[key]
+            del target[path[-1]]
+        else:
+            set_path(obj, path, value)
+        with contextlib.suppress(InvalidMessage):
+            decode(json.dumps(obj))
