@@ -132,6 +132,27 @@ def _messages(devices: list[DeviceSeries]) -> list[tuple[int, str, int]]:
     return order
 
 
+ATTACKS = ("scaled_x20", "sign_flipped", "inflated_samples", "all")
+"""Model poisoning by a share of the training devices: the round's change from the model it
+started from ×20, or reversed, or the claimed samples set to 2·10⁹; ``all``: reversed ×20
+with 2·10⁹ samples."""
+
+
+def poisoned(update: learner.LocalRound, federation: Federation, attack: str) -> learner.LocalRound:
+    current = federation.state.current
+    start = current.params if current is not None else federation.network.initial()
+    delta = update.params - start
+    if attack == "scaled_x20":
+        return replace(update, params=start + 20.0 * delta)
+    if attack == "sign_flipped":
+        return replace(update, params=start - delta)
+    if attack == "inflated_samples":
+        return replace(update, samples=2_000_000_000)
+    if attack == "all":
+        return replace(update, params=start - 20.0 * delta, samples=2_000_000_000)
+    raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
+
+
 @dataclass
 class FederationRun:
     model: GlobalParams | None
@@ -150,8 +171,13 @@ def federate(
     strip_labels: bool = False,
     encode_sizes: bool = False,
     collect_flags: bool = False,
+    attack: str | None = None,
+    attack_fraction: float = 0.2,
 ) -> FederationRun:
-    """Replay the training devices' messages through the learner and the server's round."""
+    """Replay the training devices' messages through the learner and the server's round.
+
+    ``attack`` (one of :data:`ATTACKS`) makes an ``attack_fraction`` of the devices (chosen by
+    hash) send poisoned rounds, to measure what the aggregation rule withstands."""
     from streaming.messages import encode_global_params, encode_local_round
 
     by_id = {d.device_id: d for d in devices}
@@ -175,6 +201,8 @@ def federate(
         learner.record(state, scored, labels, detector, config)
         while learner.round_due(state, config):
             update = learner.train_round(state, device_id, federation.state.current, config, ts)
+            if attack and learner.is_held_out(device_id, attack_fraction, seed=7):
+                update = poisoned(update, federation, attack)
             if encode_sizes:
                 update_bytes += len(encode_local_round(update))
             federation.add(update)
@@ -340,6 +368,7 @@ def evaluate(
     batch: int = 50,
     methods: tuple[str, ...] = METHODS,
     progress: bool = False,
+    attack: str | None = None,
 ) -> Report:
     """Run the whole evaluation (see the module doc) and return its report."""
     from streaming.messages import encode_reading
@@ -363,7 +392,7 @@ def evaluate(
         if progress:
             print(f"fold {k + 1}/{len(splits)}: holding out {len(held)} device(s)", flush=True)
         train = [d for i, d in fleet.devices.items() if i not in set(held)]
-        runs = _fold_runs(train, config, fed_config, methods)
+        runs = _fold_runs(train, config, fed_config, methods, attack)
         versions.append(runs["federated"].versions)
         prequential = prequential + runs["federated"].prequential
         wire["update_bytes"] += runs["federated"].update_bytes
@@ -411,8 +440,9 @@ def _fold_runs(
     config: LearnerConfig,
     fed_config: FederationConfig,
     methods: tuple[str, ...],
+    attack: str | None = None,
 ) -> dict[str, FederationRun]:
-    runs = {"federated": federate(train, config, fed_config, encode_sizes=True)}
+    runs = {"federated": federate(train, config, fed_config, encode_sizes=True, attack=attack)}
     if "linear" in methods:
         linear = replace(config, hidden=0)
         runs["linear"] = federate(train, linear, replace(fed_config, hidden=0))

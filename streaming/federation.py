@@ -40,10 +40,11 @@ class FederationConfig:
     min_devices: int = 20
     round_window_ms: int = 60_000
     active_window_ms: int = 300_000
-    rule: str = getattr(aggregation, "DEFAULT_RULE", "fedavg")
+    rule: str = "fedavg"
     rule_options: tuple[tuple[str, float], ...] = ()
     max_samples: int = 100  # a round holds train_every rows plus remembered anomalies
     server_momentum: float = 0.7
+    server_lr: float = 1.0
     calibration_decay: float = 0.99
     normal_decay: float = 1.0
     contamination: float = 0.02
@@ -59,6 +60,9 @@ class FederationConfig:
                 raise ValueError(f"{name} must be in (0, 1]")
         if not 0.0 <= self.server_momentum < 1.0:
             raise ValueError("server_momentum must be in [0, 1)")
+
+    def momentum(self) -> aggregation.ServerMomentum:
+        return aggregation.ServerMomentum(beta=self.server_momentum, server_lr=self.server_lr)
 
     def make_rule(self) -> aggregation.AggregationRule:
         return aggregation.make_rule(
@@ -141,6 +145,7 @@ class Federation:
         self.config = config
         self.state = state or ServerState()
         self.rule = config.make_rule()
+        self.momentum = config.momentum()
         self.network = Network(N_FEATURES, config.hidden)
         self.buffer: dict[str, LocalRound] = {}
         self.merged: dict[str, list[LocalRound]] = {}
@@ -192,16 +197,9 @@ class Federation:
             samples=np.array([u.samples for u in updates], dtype=np.float64),
             staleness=np.array([self.version - u.base_version for u in updates]),
         )
-        combined = self.rule.combine(batch, reference)
-        delta = combined - reference
-        if self.config.server_momentum > 0:
-            velocity = (
-                delta
-                if state.velocity is None
-                else (self.config.server_momentum * state.velocity + delta)
-            )
-            state.velocity = velocity
-            combined = reference + velocity
+        combined, state.velocity = self.momentum.step(
+            reference, self.rule.combine(batch, reference), state.velocity
+        )
         weights = tuple(float(w) for w in self.rule.weights(batch))
         self._calibrate(updates)
         prequential: dict[int, Confusion] = {}

@@ -411,3 +411,94 @@ def _remember_positives(state: DeviceState, rows: np.ndarray, memory: int) -> No
         return
     kept = rows if state.positives is None else np.vstack((state.positives, rows))
     state.positives = kept[-memory:]
+
+
+# --------------------------------------------------------------------------------------------
+# Anomaly records and the per-message edge loop (what the Flink job calls)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Anomaly:
+    """The transport-free form of an ``anomalies`` record: what was flagged, by what, why."""
+
+    device_id: str
+    timestamp_ms: int
+    value: float  # the reading of the channel with the largest |z|
+    z_score: float  # that channel's z against the device's baseline
+    severity: str  # "warning" | "critical"
+    score: float  # the detector's score (|z| for the rule)
+    threshold: float  # the score at and above which the detector flags
+    model_version: int  # the global version that decided; 0 = the rule before any version
+    detector: str  # "supervised" | "label_free" | "zscore"
+    channels: tuple[str, ...]  # the channels that drove it (|z| above anomaly_z, else the top)
+    reason: str
+
+
+def anomalies(
+    device_id: str,
+    timestamps_ms: list[int],
+    X: np.ndarray,
+    channels: tuple[str, ...],
+    scored: Scored,
+    decision: Decision,
+    config: LearnerConfig,
+) -> list[Anomaly]:
+    """Anomaly records of the flagged readings of a batch."""
+    found = []
+    for i in np.flatnonzero(decision.flagged).tolist():
+        z = scored.z[i]
+        abs_z = np.abs(z)
+        top = int(np.argmax(abs_z))
+        driving = [c for c, v in zip(channels, abs_z.tolist(), strict=True) if v > config.anomaly_z]
+        names = tuple(driving) or (channels[top],)
+        score = float(decision.score[i])
+        if decision.kind == "zscore":
+            why = f"z-score rule: |z| {abs_z[top]:.2f} > {decision.threshold:g}"
+        else:
+            why = (
+                f"{decision.kind} model v{decision.version}: score {score:.2f} >= "
+                f"{decision.threshold:.2f}; largest |z| {abs_z[top]:.2f}"
+            )
+        found.append(
+            Anomaly(
+                device_id=device_id,
+                timestamp_ms=int(timestamps_ms[i]),
+                value=float(X[i, top]),
+                z_score=float(z[top]),
+                severity="critical" if abs_z[top] > config.critical_z else "warning",
+                score=score,
+                threshold=float(decision.threshold),
+                model_version=decision.version,
+                detector=decision.kind,
+                channels=names,
+                reason=f"{why} on {', '.join(names)}",
+            )
+        )
+    return found
+
+
+def observe(
+    state: DeviceState,
+    device_id: str,
+    readings: list,
+    detector: Detector,
+    config: LearnerConfig,
+    trains: bool,
+) -> list[Anomaly]:
+    """One message's readings of one device (time-ordered ``Reading``s with the device's
+    channels): score them with the device's global version, learn from them, return the
+    anomalies. Raises :class:`ChannelMismatch` (the state unchanged) for foreign channels."""
+    channels = readings[0].channels
+    if any(r.channels != channels for r in readings):
+        raise ChannelMismatch(f"one message of {device_id!r} mixes channel sets")
+    X = readings_matrix(state, channels, [r.values for r in readings])
+    scored = score(state, X, config)
+    decision = detector.decide(scored)
+    if trains:
+        labels = np.fromiter(
+            (-1 if r.label is None else r.label for r in readings), np.int64, len(readings)
+        )
+        record(state, scored, labels, detector, config)
+    timestamps = [r.timestamp_ms for r in readings]
+    return anomalies(device_id, timestamps, X, channels, scored, decision, config)

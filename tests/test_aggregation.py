@@ -92,6 +92,7 @@ def columns(updates: Updates, reference: np.ndarray) -> list[list[float]]:
         ([[1.0], [2.0]], [1, 1], [0], "staleness values"),
         ([[1.0], [2.0]], [1, 1], [0, -1], "staleness"),
         ([[1.0], [2.0]], [1, 1], [0, 1.5], "whole numbers"),
+        ([[1.0], [2.0]], [1, 1], [0, 1e300], "whole numbers"),
         ([["a", "b"]], [1], None, "numbers"),
     ],
 )
@@ -154,7 +155,7 @@ def test_rules_refuse_bad_options(rule: type[AggregationRule], options: dict) ->
 
 def test_registry_has_the_config_names() -> None:
     assert {"fedavg", "trimmed_mean", "median", "clipped_fedavg"} <= set(RULES)
-    assert DEFAULT_RULE in RULES
+    assert isinstance(DEFAULT_RULE, RULES[DEFAULT_RULE.name])
     for name, rule in RULES.items():
         assert rule.name == name
         assert isinstance(make_rule(name), rule)
@@ -368,7 +369,7 @@ def attacked_batch(seed: int) -> tuple[Updates, np.ndarray, np.ndarray]:
 def test_default_rule_shrugs_off_20_percent_attackers(seed: int) -> None:
     updates, reference, honest_mean = attacked_batch(seed)
     honest_step = np.linalg.norm(honest_mean - reference)  # ≈ 0.95
-    default = make_rule(DEFAULT_RULE).combine(updates, reference)
+    default = DEFAULT_RULE.combine(updates, reference)
     plain = FedAvg(max_samples=2**62, max_update_norm=0.0).combine(updates, reference)
     assert np.linalg.norm(default - honest_mean) < 0.25 * honest_step
     assert np.linalg.norm(plain - honest_mean) > 15 * honest_step
@@ -409,6 +410,16 @@ def test_momentum_by_hand() -> None:
     x2, v2 = momentum.step(x1, x1 + np.array([0.0, 2.0]), v1)
     np.testing.assert_allclose(v2, [0.5, 2.0])
     np.testing.assert_allclose(x2, [0.15, 0.2])
+
+
+def test_momentum_with_lr_one_minus_beta_keeps_the_long_run_step() -> None:
+    # A steady Δ each version: v → Δ/(1 - β), so the step server_lr·v → Δ.
+    momentum, x, v = agg.DEFAULT_MOMENTUM, np.zeros(2), None
+    assert momentum.server_lr == pytest.approx(1 - momentum.beta)
+    for _ in range(300):
+        previous = x
+        x, v = momentum.step(x, x + np.array([1.0, -2.0]), v)
+    np.testing.assert_allclose(x - previous, [1.0, -2.0], rtol=1e-9)
 
 
 @pytest.mark.parametrize("options", [{"beta": 1.0}, {"beta": -0.1}, {"server_lr": 0.0}])

@@ -1,6 +1,57 @@
-"""Aggregation rules for the FedAvg service: small, typed strategy objects (Flower's style).
+"""Aggregation rules for the FedAvg service: small typed strategy objects, in the style of
+Flower's strategies, over plain parameter vectors (model-agnostic; numpy only, so it runs in the
+PyFlink environment too: numpy 1.26 and 2.x).
 
-Placeholder docstring; rewritten after measurement.
+Input: :class:`Updates`, the ``m`` updates' flattened parameters (m × d), claimed sample counts
+and staleness (global versions since each update's base), validated once; and ``reference``, the
+current global vector the devices started from. Every rule works on **deltas** ``p - reference``
+and returns ``reference + combined delta``: a delta says what one round learned, and the caps
+below are only meaningful on deltas (a norm bound on raw parameters would fight the model's own
+size). Shared by every rule (:class:`AggregationRule`):
+
+- weight = ``min(samples, max_samples) · (1 + staleness)^-staleness_alpha``. The cap is what one
+  round can hold (the service sets ``train_every`` + the positive-example memory): without it one
+  device claiming 2e9 samples *is* the global model under FedAvg or a weighted median. The
+  polynomial staleness discount is FedAsync's (Xie et al. 2019).
+- a delta longer than ``max_update_norm`` is scaled down to it (0 = off): a last line against a
+  runaway or scaled-up update, whatever the rule.
+
+Rules (``RULES``, by config name):
+
+- ``fedavg``: the weighted mean of deltas (McMahan et al. 2017). Unbiased, not robust.
+- ``trimmed_mean``: per coordinate, drop the ``trim_fraction`` lowest and highest deltas (by
+  count, so inflated sample claims do not help) and average the rest (Yin et al. 2018).
+- ``median``: per-coordinate weighted median of deltas (Yin et al. 2018).
+- ``geometric_median``: the weighted geometric median of deltas by smoothed Weiszfeld iterations
+  (RFA, Pillutla, Kakade & Harchaoui 2022): robust like the median, but rotation-invariant.
+- ``clipped_fedavg``: the weighted mean of deltas each clipped to ``clip_multiple`` × the batch's
+  median delta norm (norm bounding, Sun et al. 2019, with a bound that adapts to how far honest
+  rounds move). It bounds each update's influence but does not reject any.
+
+:class:`ServerMomentum` (FedAvgM, Hsu, Qi & Brown 2019) smooths the global model over versions:
+``v = beta·v_prev + Δ``, ``next = reference + server_lr·v``; the caller keeps ``v``.
+
+**What was measured** (``benchmarks/aggregation_robustness.py``: 200 logistic-regression devices,
+2 % anomalies in episodes, 20 updates per version, 20 % of devices attacking; mean F1 of the
+last 10 versions over 4-5 seeds). Robust rules need honest updates that resemble each other.
+Without the positive-example memory (each 50-reading round trains on its own rows) ~12 % of
+rounds hold a positive, and those few large updates are the only ones that teach what an
+anomaly looks like: trimmed mean, median, geometric median and clipping at 3× the median norm
+all discard them and learn "always normal" (F1 0, as the old rules did), while FedAvg reaches
+0.36 (0.42 with momentum); clipping holds only from ~30× the median norm, where it no longer
+protects. No per-batch rule fixes that alone: attackers scaling their delta ×20 send updates of
+the same size and nearly the same direction as the rare honest ones, so a rule that keeps the
+latter keeps the former (every rule ≤ 0.17 under the combined attack). With the memory (50
+earlier positives join each round; ~72 % of rounds hold one) honest updates are alike, and every
+robust rule holds without attack (trimmed mean 0.64-0.65, median 0.61, geometric median 0.56,
+clipped 0.54, FedAvg 0.53: dropping the noisiest deltas even helps). Under the combined attack
+(delta ×-20 and 2e9 samples claimed) FedAvg falls to 0.10 and clipped FedAvg to 0.11; the
+trimmed mean keeps 0.50 trimming 20 % and 0.57 trimming 30 % (the attackers' share of one
+batch of 20 often exceeds 20 %). Hence :data:`DEFAULT_RULE`, the trimmed mean trimming 30 %,
+with :data:`DEFAULT_MOMENTUM` (beta 0.9, server_lr 0.1, an exponential average with the same
+long-run step): it lowered the swing of F1 between versions from 0.083 to 0.034 and kept
+0.60-0.64 under every attack. Both assume the positive-example memory; without it use
+``fedavg`` with the momentum.
 """
 
 from __future__ import annotations
@@ -66,7 +117,8 @@ class Updates:
         staleness = _as_float(staleness, "staleness", 1)
         if staleness.shape != (m,):
             raise ValueError(f"{m} updates but {staleness.size} staleness values")
-        if not np.all((staleness >= 0) & (staleness == np.round(staleness))):
+        whole = (staleness >= 0) & (staleness < 2**53) & (staleness == np.round(staleness))
+        if not np.all(whole):
             raise ValueError("staleness must be whole numbers >= 0 (versions since the base)")
         object.__setattr__(self, "params", _readonly(params))
         object.__setattr__(self, "samples", _readonly(samples))
@@ -148,6 +200,8 @@ class AggregationRule(ABC):
     name: ClassVar[str]
     max_samples: int = DEFAULT_MAX_SAMPLES
     staleness_alpha: float = 0.5
+    # Honest deltas of the linear model measured < 4 (95th percentile) without the memory; the
+    # rare longer ones are capped at no measured cost in F1.
     max_update_norm: float = 10.0
 
     def __post_init__(self) -> None:
@@ -237,6 +291,7 @@ class ClippedFedAvg(AggregationRule):
         _check_float("clip_multiple", self.clip_multiple, 1e-9)
 
     def combine_deltas(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        # Median over updates, not weighted: claimed samples must not move the bound.
         bound = self.clip_multiple * float(np.median(_norms(deltas)))
         return weights @ _clip(deltas, bound) / weights.sum()
 
@@ -255,6 +310,8 @@ class GeometricMedian(AggregationRule):
         _check_float("smoothing", self.smoothing, 1e-12)
 
     def combine_deltas(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        # Weiszfeld: re-weight each point by 1/distance to the current estimate; the smoothing
+        # floor keeps it finite when the estimate lands on a point.
         z = weights @ deltas / weights.sum()
         for _ in range(self.iterations):
             alpha = weights / np.maximum(_norms(deltas - z), self.smoothing)
@@ -262,33 +319,18 @@ class GeometricMedian(AggregationRule):
         return z
 
 
-@dataclass(frozen=True, kw_only=True)
-class CenteredClipping(AggregationRule):
-    """Centered clipping (Karimireddy et al. 2021): ``v ← v + mean(clip(δᵢ - v, τ))``."""
-
-    name: ClassVar[str] = "centered_clipping"
-    clip_multiple: float = 3.0
-    iterations: int = 3
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _check_float("clip_multiple", self.clip_multiple, 1e-9)
-        _check_int("iterations", self.iterations, 1)
-
-    def combine_deltas(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
-        v = np.zeros(deltas.shape[1])
-        for _ in range(self.iterations):
-            bound = self.clip_multiple * float(np.median(_norms(deltas - v)))
-            v = v + weights @ _clip(deltas - v, bound) / weights.sum()
-        return v
-
-
 # --- server momentum ------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
 class ServerMomentum:
-    """FedAvgM (Hsu et al. 2019): ``v = beta·v_prev + Δ``, next = reference + server_lr·v."""
+    """Server momentum (FedAvgM, Hsu et al. 2019) applied to any rule's result.
+
+    With ``Δ = combined - reference``: ``v = beta·v_prev + Δ`` and the next global vector is
+    ``reference + server_lr·v``. Pure: the caller stores the velocity ``v`` between versions
+    (``None`` before the first). The defaults (beta 0, server_lr 1) return ``combined`` itself;
+    ``server_lr = 1 - beta`` keeps the long-run step of a steady Δ and averages out the swing.
+    """
 
     beta: float = 0.0
     server_lr: float = 1.0
@@ -300,6 +342,7 @@ class ServerMomentum:
     def step(
         self, reference: np.ndarray, combined: np.ndarray, velocity: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray]:
+        """``(next global vector, new velocity)`` from a rule's ``combined`` result."""
         reference = np.asarray(reference, dtype=np.float64)
         delta = np.asarray(combined, dtype=np.float64) - reference
         if velocity is None:
@@ -322,14 +365,19 @@ RULES: dict[str, type[AggregationRule]] = {
         CoordinateMedian,
         ClippedFedAvg,
         GeometricMedian,
-        CenteredClipping,
     )
 }
 
-DEFAULT_RULE = "trimmed_mean"
+DEFAULT_RULE: AggregationRule = TrimmedMean(trim_fraction=0.3)
+"""The measured default (module doc); the service still sets ``max_samples`` on it
+(``dataclasses.replace``) to its ``train_every`` + positive memory."""
+
+DEFAULT_MOMENTUM = ServerMomentum(beta=0.9, server_lr=0.1)
+"""The measured server momentum for :data:`DEFAULT_RULE` (``ServerMomentum()`` is off)."""
 
 
 def make_rule(name: str, **options: Any) -> AggregationRule:
+    """The rule registered as ``name`` with ``options``; ValueError naming the valid ones."""
     try:
         rule = RULES[name]
     except KeyError:
