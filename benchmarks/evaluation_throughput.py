@@ -4,7 +4,8 @@ the same readings, and the time to backfill 20 versions.
 
 Both engines do the whole job for one version, alternating over several rounds: read the
 readings topic, keep the held-out devices' readings, compute their time-ordered features
-(``streaming.model.series_features``), score with the version's weights, and write the per-sample
+(``streaming.learner.score`` per device, messages of ``replay_batch``), decide with the
+version's detector, and write the per-sample
 rows and the summary to PostgreSQL (a fresh benchmark database; the readings topic is only read).
 The Spark session is started once and kept warm: its start-up is reported separately.
 
@@ -29,13 +30,14 @@ from urllib.parse import urlsplit
 import pandas as pd
 import psycopg
 from confluent_kafka import Consumer, TopicPartition
+from psycopg.types.json import Jsonb
 
 from benchmarks.common import interleaved, summarise, write_result
 from flead import db
 from flead.config import REPO_ROOT, Settings, load_settings
 from flead_assets.lib import evaluation, spark_jobs
-from flead_assets.lib.evaluation import GlobalModel
 from flead_assets.resources.spark import spark_config
+from streaming.learner import Detector, GlobalParams, LearnerConfig
 from streaming.messages import InvalidMessage, decode_readings
 
 # --- setup -----------------------------------------------------------------------------------
@@ -60,12 +62,17 @@ def drop_database(settings: Settings, url: str) -> None:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def copy_versions(source_url: str, target_url: str, count: int) -> list[GlobalModel]:
+_COPIED = (
+    "global_version, aggregation_round, num_devices, accuracy, weights, bias, strategy,"
+    " created_at, hidden, threshold, normal_threshold, label_source, detector, server_state"
+)
+
+
+def copy_versions(source_url: str, target_url: str, count: int) -> list[GlobalParams]:
     """The first ``count`` global versions the FedAvg service stored (real models)."""
     with psycopg.connect(source_url) as conn:
         rows = conn.execute(
-            "SELECT global_version, aggregation_round, num_devices, accuracy, weights, bias,"
-            " strategy FROM federated_models ORDER BY global_version LIMIT %s",
+            f"SELECT {_COPIED} FROM federated_models ORDER BY global_version LIMIT %s",
             (count,),
         ).fetchall()
     if len(rows) < count:
@@ -75,11 +82,11 @@ def copy_versions(source_url: str, target_url: str, count: int) -> list[GlobalMo
         )
     with psycopg.connect(target_url) as conn, conn.cursor() as cursor:
         cursor.executemany(
-            "INSERT INTO federated_models (global_version, aggregation_round, num_devices,"
-            " accuracy, weights, bias, strategy) VALUES (%s, %s, %s, %s, %s, %s, %s)",
-            rows,
+            f"INSERT INTO federated_models ({_COPIED}) VALUES ({', '.join(['%s'] * 14)})",
+            [(*r[:-1], Jsonb(r[-1])) for r in rows],
         )
-    return [GlobalModel(r[0], tuple(r[4]), r[5]) for r in rows]
+        found = evaluation.load_global_params(conn, [r[0] for r in rows])
+    return found
 
 
 def spark_session(settings: Settings):
@@ -122,36 +129,35 @@ def pandas_readings(settings: Settings) -> pd.DataFrame:
                     readings = decode_readings(message.value())
                 except InvalidMessage:
                     continue
-                # Like the Spark reader: a multichannel reading has no single value to score.
                 rows.extend(
-                    (r.device_id, r.timestamp, r.values[0], r.label)
+                    (r.device_id, r.timestamp, list(r.channels), list(r.values), r.label)
                     for r in readings
-                    if len(r.values) == 1
                 )
     finally:
         consumer.close()
-    frame = pd.DataFrame(rows, columns=["device_id", "ts", "value", "label"])
+    frame = pd.DataFrame(rows, columns=["device_id", "ts", "channels", "values", "label"])
     return frame.drop_duplicates(["device_id", "ts"])
 
 
-def pandas_evaluate(settings: Settings, gm: GlobalModel, url: str) -> int:
+def pandas_evaluate(settings: Settings, gm: GlobalParams, url: str) -> int:
     readings = pandas_readings(settings)
     held = readings[
         evaluation.held_out_mask(readings["device_id"], settings.holdout_fraction, settings.seed)
     ]
-    features = evaluation.fleet_features(held, settings.feature_set)
-    scored = evaluation.score(features, gm, settings.feature_set, settings.evaluation_threshold)
+    config = LearnerConfig.from_settings(settings)
+    rows = evaluation.fleet_rows(held, config, settings.replay_batch)
+    evaluated = evaluation.evaluate(rows, Detector(gm, config))
     with psycopg.connect(url) as conn:
-        evaluation.store(conn, scored)
-    return len(features)
+        evaluation.store(conn, evaluated)
+    return len(rows)
 
 
-def spark_evaluate(spark, settings: Settings, gm: GlobalModel, url: str) -> int:
-    features = spark_jobs.held_out_features_of_topic(spark, settings)
+def spark_evaluate(spark, settings: Settings, gm: GlobalParams, url: str) -> int:
+    rows = spark_jobs.held_out_rows_of_topic(spark, settings)
     spark_jobs.evaluate_versions(
-        spark, features, [gm], url, settings.feature_set, settings.evaluation_threshold
+        spark, rows, [gm.version], url, LearnerConfig.from_settings(settings)
     )
-    return len(features)
+    return len(rows)
 
 
 def rate(run) -> float:
@@ -188,7 +194,7 @@ def cli_materialize(settings: Settings, url: str, home: str, partition_args: lis
     return seconds
 
 
-def backfill_times(settings: Settings, url: str, versions: list[GlobalModel]) -> dict:
+def backfill_times(settings: Settings, url: str, versions: list[GlobalParams]) -> dict:
     from dagster import DagsterInstance
 
     keys = [str(v.version) for v in versions]

@@ -76,10 +76,41 @@ def render() -> str:
         result = _load(name)
         if result:
             lines += [*part(result), ""]
-    quality = RESULTS_DIR / "model_quality.md"
-    if quality.exists():
-        lines += ["## Model quality on held-out devices", "", quality.read_text()]
+    quality = _load("detection_quality")
+    if quality:
+        lines += [*_detection(quality), ""]
     return "\n".join(lines)
+
+
+def _detection(r: dict) -> list[str]:
+    """Every method's F1 and MCC per data set, then F1 per aggregation rule under attack."""
+    lines = [
+        "## Detection quality (`flead evaluate`: device k-fold, every held-out reading)",
+        "",
+        "| data set | method | F1 | MCC | precision | recall |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, data in r["data_sets"].items():
+        rows = [*data["methods"].items(), ("prequential", data["prequential"])]
+        for method, c in rows:
+            lines.append(
+                f"| {name} | {method} | {c['f1']:.3f} | {c['mcc']:.3f} | {c['precision']:.3f}"
+                f" | {c['recall']:.3f} |"
+            )
+    poisoning = r.get("poisoning") or {}
+    if poisoning:
+        attacks = list(next(iter(poisoning.values())))
+        lines += [
+            "",
+            "Supervised family's F1 with 20 % of training devices attacking (synthetic fleet):",
+            "",
+            "| rule | " + " | ".join(attacks) + " |",
+            "| --- |" + " --- |" * len(attacks),
+        ]
+        for rule, by_attack in poisoning.items():
+            cells = " | ".join(f"{by_attack[a]['supervised']['f1']:.3f}" for a in attacks)
+            lines.append(f"| {rule} | {cells} |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> Path:

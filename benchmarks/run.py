@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 from benchmarks import (
+    detection_quality,
     evaluation_throughput,
-    model_quality,
     replay_throughput,
     report,
     streaming_throughput,
@@ -15,7 +15,7 @@ from benchmarks import (
 
 BENCHMARKS = {
     "replay_throughput": replay_throughput.main,
-    "model_quality": model_quality.main,
+    "detection_quality": detection_quality.main,
     "streaming_throughput": streaming_throughput.main,
     "evaluation_throughput": evaluation_throughput.main,
 }

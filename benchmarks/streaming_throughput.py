@@ -183,26 +183,29 @@ def read_anomalies(settings, latencies, stop, t0, e0, speedup) -> None:
 
 def python_learner(settings: Settings, messages) -> dict:
     """The learner's own Python work on the same messages, in this process, without Flink:
-    decode, vectorised scoring and local rounds. The gap to the job's capacity is the cost of
-    running Python inside Flink (JVM↔Python hand-over, pickled keyed state, timers)."""
-    from datetime import UTC, datetime
-
-    from streaming import edge
+    decode, :func:`streaming.learner.observe` (features, scoring) and
+    :func:`streaming.learner.train_round`, as the job's parse step and keyed operator call
+    them. The gap to the job's capacity is the cost of running Python inside Flink
+    (JVM↔Python hand-over, pickled keyed state, timers)."""
+    from streaming import learner
     from streaming.messages import decode_readings
 
-    config = edge.EdgeConfig.from_settings(settings)
-    states: dict[str, edge.DeviceState] = {}
+    config = learner.LearnerConfig.from_settings(settings)
+    detector = learner.Detector(None, config)  # the job's detector before any global version
+    states: dict[str, learner.DeviceState] = {}
     readings = 0
     started = time.perf_counter()
     for _, value, _ in messages:
         batch = decode_readings(value)
-        edge.check_single_channel(batch)  # the job's parse step does the same
-        device = batch[0].device_id
-        state = states.setdefault(device, edge.DeviceState())
-        trains = not edge.is_held_out(device, config.holdout_fraction, config.seed)
-        edge.observe_batch(state, batch, config, trains)
-        while trains and edge.round_due(state, config):
-            edge.train_round(state, device, None, config, datetime.now(UTC))
+        by_device: dict[str, list] = {}
+        for reading in batch:  # the job's parse step groups a message by device
+            by_device.setdefault(reading.device_id, []).append(reading)
+        for device, device_readings in by_device.items():
+            state = states.setdefault(device, learner.DeviceState())
+            trains = not learner.is_held_out(device, config.holdout_fraction, config.seed)
+            learner.observe(state, device, device_readings, detector, config, trains)
+            while trains and learner.round_due(state, config):
+                learner.train_round(state, device, None, config, int(time.time() * 1000))
         readings += len(batch)
     return {"readings_per_s": readings / (time.perf_counter() - started)}
 

@@ -131,6 +131,7 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
             fed_config=FederationConfig.from_settings(settings),
             batch=args.batch or settings.replay_batch,
             progress=not args.json,
+            attack=args.attack,
         )
     except ValueError as exc:
         print(f"flead evaluate: {exc}", file=sys.stderr)
@@ -276,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluate_cmd.add_argument("--batch", type=int, help="readings of one device per message")
     evaluate_cmd.add_argument("--limit", type=int, help="use at most this many readings")
+    evaluate_cmd.add_argument(
+        "--attack",
+        choices=("scaled_x20", "sign_flipped", "inflated_samples", "all"),
+        help="20%% of training devices poison their rounds (measures the aggregation rule)",
+    )
     evaluate_cmd.add_argument("--json", action="store_true", help="print JSON")
     wait_cmd = commands.add_parser(
         "wait", help="wait until every reading is scored and every global version evaluated"

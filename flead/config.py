@@ -63,31 +63,29 @@ class Settings:
     train_interval_s: float = 60.0  # ... or seconds, whichever comes first
     min_round_samples: int = 10  # a timer-triggered round needs at least this many readings
     holdout_fraction: float = 0.1  # share of devices that are scored but never train
-    feature_set: str = "scale_free"  # or "original" ([mean, std, z], to compare against)
-    learning_rate: float = 0.2  # measured in benchmarks/model_quality.py: see README
-    local_epochs: int = 1  # one pass: less client drift between FedAvg rounds
-    positive_weight: float = 0.0  # anomalies' weight in the local loss; 0 = balanced per round
     anomaly_z: float = 2.5
     critical_z: float = 4.0
     # The detection learner (streaming/learner.py; `flead evaluate` runs it in-process).
     # Chosen by measurement with `flead evaluate` on the synthetic fleet, SKAB and WSN (README).
     detector: str = "auto"  # auto | supervised | label_free | zscore
     hidden_units: int = 16  # the supervised network's tanh units; 0 = logistic regression
-    model_learning_rate: float = 0.1
-    model_epochs: int = 10  # local passes over a round's rows
+    learning_rate: float = 0.1  # local SGD step
+    local_epochs: int = 10  # local passes over a round's rows
     local_batch_size: int = 16
     positive_memory: int = 32  # anomalous rows a device remembers and replays in its rounds
     baseline_gate: float = 4.0  # readings with max |z| above this stay out of the baseline
     contamination: float = 0.02  # share of readings the label-free model's threshold flags
+    # Federated averaging: the FedAvg service
+    fedavg_min_devices: int = 20  # distinct devices buffered before a new global version
     fedavg_round_window_s: float = 60.0  # a round closes this long after its first update ...
     fedavg_active_window_s: float = 300.0  # ... or once every device active this recently sent one
     fedavg_server_momentum: float = 0.7  # FedAvgM: damps the version-to-version swing
     fedavg_calibration_decay: float = 0.99  # how fast old score histograms fade per version
-    # Federated averaging: the FedAvg service
-    fedavg_min_devices: int = 20  # distinct devices buffered before a new global version
-    fedavg_strategy: str = "fedavg"  # fedavg | trimmed_mean | median | clipped_fedavg
-    fedavg_trim_fraction: float = 0.2
-    fedavg_max_norm: float = 0.0  # clipped_fedavg's bound; 0 = the median update norm
+    fedavg_selection_decay: float = 0.8  # fading of the detectors' comparison counts
+    # fedavg | trimmed_mean | median | clipped_fedavg | geometric_median (model/aggregation.py)
+    fedavg_strategy: str = "fedavg"
+    fedavg_trim_fraction: float = 0.2  # trimmed_mean: share of updates cut at each end
+    fedavg_max_norm: float = 10.0  # every rule: a longer update delta is scaled down; 0 = off
     fedavg_staleness_alpha: float = 0.5  # weight (1 + staleness)^-alpha; 0 = no staleness weighting
     # Orchestration: Dagster (instance storage in dagster_database_url, home under state_dir)
     dagster_host: str = "127.0.0.1"

@@ -72,8 +72,13 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
             " (SELECT max(global_version) FROM federated_models)"
         ).fetchone()
         latest = conn.execute(
-            "SELECT model_version, accuracy, precision, recall, f1, baseline_accuracy"
+            "SELECT model_version, accuracy, precision, recall, f1, mcc, baseline_accuracy"
             " FROM model_evaluation_summaries ORDER BY model_version DESC LIMIT 1"
+        ).fetchone()
+        # The newest version the devices have reported enough test-then-train readings for.
+        prequential = conn.execute(
+            "SELECT model_version, samples, precision, recall, f1, mcc FROM prequential_metrics"
+            " WHERE samples >= 100 ORDER BY model_version DESC LIMIT 1"
         ).fetchone()
     coverage: dict[str, Any] = {
         "global_versions": versions,
@@ -81,8 +86,11 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
         "newest_version": newest,
     }
     if latest:
-        keys = ("version", "accuracy", "precision", "recall", "f1", "baseline_accuracy")
+        keys = ("version", "accuracy", "precision", "recall", "f1", "mcc", "baseline_accuracy")
         coverage["newest_evaluation"] = dict(zip(keys, latest, strict=True))
+    if prequential:
+        keys = ("version", "samples", "precision", "recall", "f1", "mcc")
+        coverage["newest_prequential"] = dict(zip(keys, prequential, strict=True))
     return coverage
 
 
@@ -114,5 +122,14 @@ def render(report: dict[str, Any]) -> str:
                 f"  newest evaluated v{latest['version']}: accuracy {latest['accuracy']:.3f}"
                 f" (majority baseline {latest['baseline_accuracy']:.3f}), precision"
                 f" {latest['precision']:.3f}, recall {latest['recall']:.3f}, F1 {latest['f1']:.3f}"
+                f", MCC {latest['mcc'] or 0:.3f}"
+            )
+        preq = coverage.get("newest_prequential")
+        if preq:
+            lines.append(
+                f"  prequential v{preq['version']} ({preq['samples']:,} readings of training"
+                f" devices, scored before training): precision {preq['precision'] or 0:.3f},"
+                f" recall {preq['recall'] or 0:.3f}, F1 {preq['f1'] or 0:.3f},"
+                f" MCC {preq['mcc'] or 0:.3f}"
             )
     return "\n".join(lines)

@@ -11,31 +11,53 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from confluent_kafka import Consumer, Producer
 
 from flead.config import Settings, load_settings
 from flead.kafka import producer_config
-from streaming.messages import Anomaly, InvalidMessage, dead_letter, decode_anomaly
+from streaming.learner import Anomaly
+from streaming.messages import InvalidMessage, dead_letter, decode_anomaly
 
 log = logging.getLogger("flead.anomaly_sink")
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
 UPSERT = (
-    "INSERT INTO anomalies (device_id, value, z_score, severity, timestamp)"
-    " VALUES (%s, %s, %s, %s, %s)"
+    "INSERT INTO anomalies (device_id, value, z_score, severity, timestamp, score, threshold,"
+    " model_version, detector, channels, reason)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
     " ON CONFLICT (device_id, timestamp) DO UPDATE SET value = EXCLUDED.value,"
-    " z_score = EXCLUDED.z_score, severity = EXCLUDED.severity"
+    " z_score = EXCLUDED.z_score, severity = EXCLUDED.severity, score = EXCLUDED.score,"
+    " threshold = EXCLUDED.threshold, model_version = EXCLUDED.model_version,"
+    " detector = EXCLUDED.detector, channels = EXCLUDED.channels, reason = EXCLUDED.reason"
 )
 
 
 def write_anomalies(conn: psycopg.Connection, anomalies: list[Anomaly]) -> None:
     # The same key twice in one statement would make ON CONFLICT fail: keep the last.
-    latest = {(a.device_id, a.timestamp): a for a in anomalies}
+    latest = {(a.device_id, a.timestamp_ms): a for a in anomalies}
     with conn.transaction(), conn.cursor() as cursor:
         cursor.executemany(
             UPSERT,
-            [(a.device_id, a.value, a.z_score, a.severity, a.timestamp) for a in latest.values()],
+            [
+                (
+                    a.device_id,
+                    a.value,
+                    a.z_score,
+                    a.severity,
+                    _EPOCH + timedelta(milliseconds=a.timestamp_ms),
+                    a.score,
+                    a.threshold,
+                    a.model_version,
+                    a.detector,
+                    list(a.channels),
+                    a.reason,
+                )
+                for a in latest.values()
+            ],
         )
 
 

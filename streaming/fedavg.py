@@ -1,18 +1,27 @@
-"""The FedAvg service: local model updates in, versioned global models out.
+"""The FedAvg service: local rounds in, versioned global models out.
 
-It consumes ``local-model-updates`` in a consumer group, buffers updates until ``min_devices``
-distinct devices have sent one, combines their *weights* with the configured strategy
-(sample-weighted FedAvg by default, robust rules as options, staleness-aware weights), and then,
-in this order:
+A thin Kafka + PostgreSQL shell around :class:`streaming.federation.Federation` (the round,
+its aggregation rule, calibration and detector choice live there, transport-free). It consumes
+``local-model-updates`` in a consumer group (manual commits, ``read_committed``), adds each
+decoded round to the federation, and closes a version when :meth:`Federation.due` says so —
+checked after every message and after every poll, with wall-clock time, so that the round's
+time window closes it on a quiet fleet too. Closing a version does, in this order:
 
-1. writes the buffered ``local_models`` rows and the new ``federated_models`` row in one
-   transaction (natural keys: a replayed update is recognised and skipped);
-2. publishes the version on ``global-model-updates`` for the devices to adopt;
-3. commits the consumer offsets of exactly the messages that went into it.
+1. one transaction: the ``federated_models`` row (parameters, calibrated thresholds, chosen
+   detector and ``server_state``, everything the server carries to the next version), one
+   ``local_models`` row per *message* that went into it (a device's two rounds merged into one
+   update are stored as their two original rounds, the merged weight split by samples), and the
+   prequential counts devices reported, added per version into ``prequential_evaluations``;
+2. the version on ``global-model-updates`` (key: the version);
+3. the consumer offsets of exactly the messages that went into it.
 
-A crash anywhere leaves versions 1..n with no gap and no duplicate: uncommitted messages are
-read again, those already stored are skipped, and on start the newest stored version is
-published again (devices ignore versions they already have).
+Messages that cannot be used (undecodable, wrong size, a base version from the future, ...) go
+to the dead-letter topic with the reason and are counted; their offsets are committed only once
+every earlier message of their partition is. A round already in ``local_models`` (read again
+after a crash between steps 1 and 3) is skipped. On start the service rebuilds the federation's
+state from the newest stored version and publishes that version again (devices ignore versions
+they already have). A crash anywhere therefore leaves versions 1..n without gap or duplicate,
+and every round in exactly one version.
 """
 
 from __future__ import annotations
@@ -20,188 +29,261 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-from dataclasses import dataclass, field
+import time
+from collections import deque
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import numpy as np
 import psycopg
 from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartition
+from psycopg.types.json import Jsonb
 
 from flead.config import Settings, load_settings
 from flead.kafka import producer_config
-from streaming import model
-from streaming.messages import (
-    GlobalUpdate,
-    InvalidMessage,
-    LocalUpdate,
-    dead_letter,
-    decode_local_update,
-    encode_global_update,
-)
+from streaming.federation import Federation, FederationConfig, ServerState, Version
+from streaming.learner import GlobalParams, LocalRound
+from streaming.messages import dead_letter, decode_local_round, encode_global_params
+from streaming.model.detectors import NormalStats
 
 log = logging.getLogger("flead.fedavg")
 
 
-@dataclass(frozen=True)
-class FedAvgConfig:
-    min_devices: int = 20
-    strategy: str = "fedavg"
-    trim_fraction: float = 0.2
-    max_norm: float = 0.0  # 0 = the batch's median update norm
-    staleness_alpha: float = 0.5
-    feature_count: int = model.feature_count("scale_free")
+def wall_clock_ms() -> int:
+    return time.time_ns() // 1_000_000
 
-    @classmethod
-    def from_settings(cls, settings: Settings) -> FedAvgConfig:
-        if settings.fedavg_strategy not in model.STRATEGIES:
-            raise ValueError(
-                f"FLEAD_FEDAVG_STRATEGY={settings.fedavg_strategy!r} is not one of "
-                f"{', '.join(sorted(model.STRATEGIES))}"
-            )
-        return cls(
-            min_devices=settings.fedavg_min_devices,
-            strategy=settings.fedavg_strategy,
-            trim_fraction=settings.fedavg_trim_fraction,
-            max_norm=settings.fedavg_max_norm,
-            staleness_alpha=settings.fedavg_staleness_alpha,
-            feature_count=model.feature_count(settings.feature_set),
+
+# --- the server's state as JSON (federated_models.server_state) ------------------------------
+
+STATE_FORMAT = 1
+
+
+def state_to_json(federation: Federation) -> dict[str, Any]:
+    """Everything beyond the version's own columns that the next version depends on."""
+    s = federation.state
+    newest = max(federation.last_seen.values(), default=0)
+    horizon = newest - federation.config.active_window_ms
+    return {
+        "format": STATE_FORMAT,
+        "normal": {
+            "count": float(s.normal.count),
+            "mean": s.normal.mean.tolist(),
+            "comoment": s.normal.comoment.tolist(),
+        },
+        "hist_pos": s.hist_pos.tolist(),
+        "hist_neg": s.hist_neg.tolist(),
+        "hist_normal": s.hist_normal.tolist(),
+        "candidates": {kind: counts.tolist() for kind, counts in sorted(s.candidates.items())},
+        "velocity": None if s.velocity is None else s.velocity.tolist(),
+        # When each device was last heard of (its own clock), for "devices active recently";
+        # devices silent for longer than the active window no longer count and are dropped.
+        "last_seen": {d: t for d, t in sorted(federation.last_seen.items()) if t >= horizon},
+    }
+
+
+def _array(values: Any) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64)
+
+
+def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
+    """``ServerState`` and the devices' last-seen times from the newest ``federated_models`` row
+    (global_version, hidden, weights, threshold, normal_threshold, label_source, detector,
+    server_state)."""
+    version, hidden, weights, threshold, normal_threshold, label_source, detector, saved = row
+    if saved is None or hidden is None:
+        raise RuntimeError(
+            f"global version {version} has no server_state: it was made by the first model's "
+            "service; the detection learner cannot continue from it (start on a new database)"
         )
-
-
-def aggregation_weight(update: LocalUpdate, current_version: int, alpha: float) -> float:
-    """Sample count, discounted for updates built on an older global version."""
-    staleness = model.staleness_factor(current_version, update.base_global_version, alpha)
-    return update.samples_processed * staleness
-
-
-def combine(
-    updates: list[LocalUpdate], current: GlobalUpdate | None, config: FedAvgConfig
-) -> tuple[model.LinearModel, list[float]]:
-    """The next global model from ``updates``; with the weight each update was given."""
-    version = current.version if current else 0
-    weights = [aggregation_weight(u, version, config.staleness_alpha) for u in updates]
-    models = [model.LinearModel(np.asarray(u.weights), u.bias) for u in updates]
-    options: dict = {}
-    if config.strategy == "trimmed_mean":
-        options["trim_fraction"] = config.trim_fraction
-    if config.strategy == "clipped_fedavg" and config.max_norm > 0:
-        options["max_norm"] = config.max_norm
-    reference = (
-        model.LinearModel(np.asarray(current.weights), current.bias)
-        if current
-        else model.LinearModel.zeros(config.feature_count)
+    n = saved["normal"]
+    normal = NormalStats(float(n["count"]), _array(n["mean"]), _array(n["comoment"]))
+    current = GlobalParams(
+        version=version,
+        hidden=hidden,
+        params=_array(weights),
+        threshold=threshold,
+        normal=normal,
+        normal_threshold=normal_threshold,
+        label_source=label_source,
+        detector=detector,
     )
-    combined = model.aggregate(config.strategy, models, weights, reference=reference, **options)
-    return combined, weights
-
-
-@dataclass
-class Buffer:
-    """Updates waiting for the next version, with the offsets that carried them."""
-
-    updates: list[LocalUpdate] = field(default_factory=list)
-    keys: set[tuple[str, int]] = field(default_factory=set)
-    offsets: dict[tuple[str, int], int] = field(default_factory=dict)  # (topic, partition) → next
-
-    def add(self, update: LocalUpdate) -> bool:
-        key = (update.device_id, update.model_version)
-        if key in self.keys:
-            return False
-        self.keys.add(key)
-        self.updates.append(update)
-        return True
-
-    def consumed(self, message: Message) -> None:
-        self.offsets[(message.topic(), message.partition())] = message.offset() + 1
-
-    def devices(self) -> int:
-        return len({u.device_id for u in self.updates})
-
-    def clear(self) -> None:
-        self.updates, self.keys, self.offsets = [], set(), {}
+    state = ServerState(
+        current=current,
+        velocity=None if saved["velocity"] is None else _array(saved["velocity"]),
+        hist_pos=_array(saved["hist_pos"]),
+        hist_neg=_array(saved["hist_neg"]),
+        hist_normal=_array(saved["hist_normal"]),
+        normal=normal,
+        candidates={kind: _array(c) for kind, c in saved["candidates"].items()},
+    )
+    return state, {d: int(t) for d, t in saved.get("last_seen", {}).items()}
 
 
 # --- storage ---------------------------------------------------------------------------------
 
+_LATEST = (
+    "SELECT global_version, hidden, weights, threshold, normal_threshold, label_source,"
+    " detector, server_state, num_devices, strategy, accuracy"
+    " FROM federated_models ORDER BY global_version DESC LIMIT 1"
+)
 
-def latest_global(conn: psycopg.Connection) -> GlobalUpdate | None:
-    row = conn.execute(
-        "SELECT global_version, aggregation_round, weights, bias, accuracy, num_devices,"
-        " strategy, created_at FROM federated_models ORDER BY global_version DESC LIMIT 1"
-    ).fetchone()
+
+def restore(conn: psycopg.Connection, config: FederationConfig) -> tuple[Federation, tuple | None]:
+    """A federation continuing after the newest stored version (and that row), or a new one."""
+    row = conn.execute(_LATEST).fetchone()
     if row is None:
-        return None
-    return GlobalUpdate(row[0], row[1], tuple(row[2]), row[3], row[4], row[5], row[6], row[7])
+        return Federation(config), None
+    state, last_seen = state_from_row(row[:8])
+    if state.current.hidden != config.hidden:
+        raise RuntimeError(
+            f"global version {state.current.version} has {state.current.hidden} hidden units, "
+            f"FLEAD_HIDDEN_UNITS is {config.hidden}: the devices' rounds would not fit it"
+        )
+    federation = Federation(config, state)
+    federation.last_seen = last_seen
+    return federation, row
 
 
-def already_stored(conn: psycopg.Connection, updates: list[LocalUpdate]) -> set[tuple[str, int]]:
-    if not updates:
+def stored_keys(conn: psycopg.Connection, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
+    """Which ``(device_id, model_version)`` of ``keys`` are already in ``local_models``."""
+    if not keys:
         return set()
     rows = conn.execute(
         "SELECT device_id, model_version FROM local_models"
         " WHERE (device_id, model_version) IN (SELECT * FROM unnest(%s::text[], %s::int[]))",
-        ([u.device_id for u in updates], [u.model_version for u in updates]),
+        ([d for d, _ in keys], [v for _, v in keys]),
     ).fetchall()
     return {(device, version) for device, version in rows}
 
 
+def local_rows(version: Version, rounds: dict[str, list[LocalRound]]) -> list[tuple]:
+    """One ``local_models`` row per original round: a device's merged update is stored as the
+    rounds it was made of, its aggregation weight split in proportion to their samples (so
+    ``Σ weight·(params − reference)`` over the rows is still the version's sum)."""
+    rows = []
+    for update, weight in zip(version.updates, version.weights, strict=True):
+        originals = rounds.get(update.device_id) or [update]
+        total = sum(r.samples for r in originals)
+        for r in originals:
+            rows.append(
+                (
+                    r.device_id,
+                    r.round,
+                    r.base_version,
+                    r.accuracy,
+                    r.loss,
+                    r.samples,
+                    r.params.tolist(),
+                    version.model.version,
+                    weight * r.samples / total,
+                    r.label_source,
+                    datetime.fromtimestamp(r.timestamp_ms / 1000, UTC),
+                )
+            )
+    return rows
+
+
 def store_version(
     conn: psycopg.Connection,
-    new: GlobalUpdate,
-    updates: list[LocalUpdate],
-    weights: list[float],
+    version: Version,
+    rounds: dict[str, list[LocalRound]],
+    server_state: dict[str, Any],
+    strategy: str,
+    now_ms: int,
 ) -> None:
-    """The version and the updates it was built from, in one transaction."""
-    with conn.transaction():
-        conn.execute(
+    """The version, the rounds it was made of and its prequential counts, in one transaction.
+    ``rounds``: device → its original rounds (``Federation.merged`` before the close)."""
+    model = version.model
+    with conn.transaction(), conn.cursor() as cursor:
+        cursor.execute(
             "INSERT INTO federated_models (global_version, aggregation_round, num_devices,"
-            " accuracy, weights, bias, strategy, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            " accuracy, weights, bias, strategy, created_at, hidden, threshold,"
+            " normal_threshold, label_source, detector, server_state)"
+            " VALUES (%s, %s, %s, %s, %s, 0, %s, %s, %s, %s, %s, %s, %s, %s)",
             (
-                new.version,
-                new.aggregation_round,
-                new.num_devices,
-                new.accuracy,
-                list(new.weights),
-                new.bias,
-                new.strategy,
-                new.timestamp,
+                model.version,
+                model.version,
+                version.num_devices,
+                version.accuracy,
+                model.params.tolist(),
+                strategy,
+                datetime.fromtimestamp(now_ms / 1000, UTC),
+                model.hidden,
+                model.threshold,
+                model.normal_threshold,
+                model.label_source,
+                model.detector,
+                Jsonb(server_state),
             ),
         )
-        with conn.cursor() as cursor:
-            cursor.executemany(
-                "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
-                " loss, samples_processed, weights, bias, aggregated_into, aggregation_weight,"
-                " created_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (device_id, model_version) DO NOTHING",
-                [
-                    (
-                        u.device_id,
-                        u.model_version,
-                        u.base_global_version,
-                        u.accuracy,
-                        u.loss,
-                        u.samples_processed,
-                        list(u.weights),
-                        u.bias,
-                        new.version,
-                        weight,
-                        u.timestamp,
-                    )
-                    for u, weight in zip(updates, weights, strict=True)
-                ],
-            )
+        cursor.executemany(
+            "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
+            " loss, samples_processed, weights, bias, aggregated_into, aggregation_weight,"
+            " label_source, created_at)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s)",
+            local_rows(version, rounds),
+        )
+        cursor.executemany(
+            "INSERT INTO prequential_evaluations AS p (model_version, tp, fp, tn, fn)"
+            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (model_version) DO UPDATE SET"
+            " tp = p.tp + EXCLUDED.tp, fp = p.fp + EXCLUDED.fp, tn = p.tn + EXCLUDED.tn,"
+            " fn = p.fn + EXCLUDED.fn, updated_at = now()",
+            [(v, c.tp, c.fp, c.tn, c.fn) for v, c in sorted(version.prequential.items())],
+        )
+
+
+# --- offsets -----------------------------------------------------------------------------
+
+
+@dataclass
+class _Pending:
+    offset: int
+    done: bool = False  # in a stored version, dead-lettered or skipped
+
+
+class Offsets:
+    """Consumed messages per partition, in order, until they are committable: a partition's
+    commit position is the first message not yet in a stored version (or refused)."""
+
+    def __init__(self) -> None:
+        self.pending: dict[tuple[str, int], deque[_Pending]] = {}
+        self.committed: dict[tuple[str, int], int] = {}
+
+    def consumed(self, message: Message, done: bool = False) -> _Pending:
+        entry = _Pending(message.offset(), done)
+        self.pending.setdefault((message.topic(), message.partition()), deque()).append(entry)
+        return entry
+
+    def committable(self) -> list[TopicPartition]:
+        """Partitions whose commit position moved, with it (and it is taken as committed)."""
+        out = []
+        for (topic, partition), queue in self.pending.items():
+            position = None
+            while queue and queue[0].done:
+                position = queue.popleft().offset + 1
+            if position is not None:
+                self.committed[(topic, partition)] = position
+                out.append(TopicPartition(topic, partition, position))
+        return out
 
 
 # --- the service ---------------------------------------------------------------------------
 
 
 class FedAvgService:
-    def __init__(self, settings: Settings, config: FedAvgConfig | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        config: FederationConfig | None = None,
+        clock=wall_clock_ms,
+    ) -> None:
         self.settings = settings
-        self.config = config or FedAvgConfig.from_settings(settings)
+        self.config = config or FederationConfig.from_settings(settings)
         self.topics = settings.topics
+        self.clock = clock
         self.conn = psycopg.connect(settings.database_url, autocommit=True)
+        self.federation, self.latest = restore(self.conn, self.config)
         self.consumer = Consumer(
             {
                 "bootstrap.servers": settings.kafka_bootstrap,
@@ -214,107 +296,141 @@ class FedAvgService:
             }
         )
         self.producer = Producer(producer_config(settings, **{"linger.ms": 5}))
-        self.buffer = Buffer()
-        self.current = latest_global(self.conn)
+        self.offsets = Offsets()
+        self.buffered: list[_Pending] = []  # the offsets of the rounds in the open round
+        self.keys: set[tuple[str, int]] = set()  # (device, round) in the open round
         self.dead_letters = 0
+        self.skipped = 0
+        self.versions = 0
         self.running = True
 
     def run(self, max_versions: int | None = None) -> None:
         self.consumer.subscribe([self.topics.local_updates])
-        if self.current is not None:
-            log.info("resuming after global version %d", self.current.version)
-            self._publish(self.current)
-        created = 0
-        while self.running and (max_versions is None or created < max_versions):
-            messages = self.consumer.consume(1000, timeout=1.0)
-            created += self._handle(messages)
-        self.close()
+        try:
+            if self.latest is not None:
+                version, num_devices, strategy, accuracy = (
+                    self.latest[0],
+                    self.latest[8],
+                    self.latest[9],
+                    self.latest[10],
+                )
+                log.info("resuming after global version %d", version)
+                self._publish(self.federation.state.current, num_devices, strategy, accuracy)
+            while self.running and (max_versions is None or self.versions < max_versions):
+                messages = self.consumer.consume(1000, timeout=0.5)
+                self.handle(messages, max_versions)
+        finally:
+            self.close()
 
-    def _handle(self, messages: list[Message]) -> int:
-        decoded: list[tuple[Message, LocalUpdate]] = []
+    def handle(self, messages: list[Message], max_versions: int | None = None) -> None:
+        """One poll's messages, in order; then a version if one is due by the clock."""
+        decoded: list[tuple[Message, LocalRound | None, str | None]] = []
         for message in messages:
             if message.error() is not None:
                 if message.error().code() != KafkaError._PARTITION_EOF:
                     log.warning("consumer error: %s", message.error())
                 continue
-            update = self._validate(message)
-            if update is None:
-                self.buffer.consumed(message)
-                continue
-            decoded.append((message, update))
-        stored = already_stored(self.conn, [u for _, u in decoded])
-        created = 0
-        for message, update in decoded:
-            if (update.device_id, update.model_version) not in stored:
-                self.buffer.add(update)
-            self.buffer.consumed(message)
-            if self.buffer.devices() >= self.config.min_devices:
-                self._new_version()
-                created += 1
-        return created
-
-    def _validate(self, message: Message) -> LocalUpdate | None:
-        try:
-            update = decode_local_update(message.value())
-            if len(update.weights) != self.config.feature_count:
-                raise InvalidMessage(
-                    f"{len(update.weights)} weights, the model has {self.config.feature_count}"
-                )
-            current = self.current.version if self.current else 0
-            if update.base_global_version > current:
-                raise InvalidMessage(
-                    f"base_global_version {update.base_global_version} is newer than the "
-                    f"latest global version {current}"
-                )
-            return update
-        except InvalidMessage as exc:
-            self.dead_letters += 1
-            log.warning("dead letter from %s: %s", message.topic(), exc)
-            self.producer.produce(
-                self.topics.dead_letter, dead_letter(message.topic(), message.value(), str(exc))
-            )
-            return None
-
-    def _new_version(self) -> None:
-        updates = self.buffer.updates
-        combined, weights = combine(updates, self.current, self.config)
-        version = (self.current.version if self.current else 0) + 1
-        samples = np.asarray([u.samples_processed for u in updates], dtype=np.float64)
-        accuracy = float(np.average([u.accuracy for u in updates], weights=samples))
-        new = GlobalUpdate(
-            version=version,
-            aggregation_round=version,
-            weights=tuple(float(w) for w in combined.weights),
-            bias=float(combined.bias),
-            accuracy=accuracy,
-            num_devices=self.buffer.devices(),
-            strategy=self.config.strategy,
-            timestamp=datetime.now(UTC),
+            try:
+                decoded.append((message, decode_local_round(message.value()), None))
+            except Exception as exc:  # whatever the bytes, the service goes on
+                decoded.append((message, None, str(exc) or type(exc).__name__))
+        stored = stored_keys(
+            self.conn, [(u.device_id, u.round) for _, u, _ in decoded if u is not None]
         )
-        store_version(self.conn, new, updates, weights)
-        self._publish(new)
-        self.consumer.commit(
-            offsets=[TopicPartition(t, p, o) for (t, p), o in self.buffer.offsets.items()],
-            asynchronous=False,
-        )
-        log.info(
-            "global version %d from %d updates of %d devices (%s)",
-            version,
-            len(updates),
-            new.num_devices,
-            new.strategy,
-        )
-        self.current = new
-        self.buffer.clear()
+        for message, update, problem in decoded:
+            if max_versions is not None and self.versions >= max_versions:
+                break  # the rest stays uncommitted: read again by the next run
+            if update is not None:
+                key = (update.device_id, update.round)
+                if key in stored or key in self.keys:
+                    self.skipped += 1
+                    log.info("skipping %s round %d: already received", *key)
+                    self.offsets.consumed(message, done=True)
+                    continue
+                try:
+                    self.federation.add(update)
+                except Exception as exc:  # a bad round never stops the service
+                    problem = str(exc) or type(exc).__name__
+                else:
+                    self.keys.add(key)
+                    self.buffered.append(self.offsets.consumed(message))
+                    self._close_if_due(stored)
+                    continue
+            self._refuse(message, problem)
+        self._close_if_due(stored)
+        self._commit()
 
-    def _publish(self, update: GlobalUpdate) -> None:
+    def _refuse(self, message: Message, reason: str) -> None:
+        self.dead_letters += 1
+        log.warning(
+            "dead letter from %s [%d] @%d: %s",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            reason,
+        )
         self.producer.produce(
-            self.topics.global_updates,
-            encode_global_update(update),
-            key=str(update.version).encode(),
+            self.topics.dead_letter, dead_letter(message.topic(), message.value(), reason)
         )
+        self.offsets.consumed(message, done=True)
+
+    def _close_if_due(self, stored: set[tuple[str, int]]) -> None:
+        now = self.clock()
+        if not self.federation.due(now):
+            return
+        rounds = {d: list(rs) for d, rs in self.federation.merged.items()}
+        version = self.federation.close(now)
+        model = version.model
+        store_version(
+            self.conn,
+            version,
+            rounds,
+            state_to_json(self.federation),
+            self.config.rule,
+            now,
+        )
+        stored |= self.keys  # a copy of a stored round later in this poll is skipped too
+        self._publish(model, version.num_devices, self.config.rule, version.accuracy, now)
+        for entry in self.buffered:
+            entry.done = True
+        self.buffered, self.keys = [], set()
+        self._commit()
+        self.versions += 1
+        log.info(
+            "global version %d from %d rounds of %d devices (%s, detector %s)",
+            model.version,
+            sum(len(rs) for rs in rounds.values()),
+            version.num_devices,
+            self.config.rule,
+            model.detector,
+        )
+
+    def _commit(self) -> None:
+        offsets = self.offsets.committable()
+        if not offsets:
+            return
+        if self.producer.flush(30):  # the dead letters of refused messages first
+            raise RuntimeError("dead letters were not acknowledged by Kafka")
+        self.consumer.commit(offsets=offsets, asynchronous=False)
+
+    def _publish(
+        self,
+        model: GlobalParams,
+        num_devices: int,
+        strategy: str,
+        accuracy: float | None,
+        now_ms: int | None = None,
+    ) -> None:
+        payload = encode_global_params(
+            model,
+            self.clock() if now_ms is None else now_ms,
+            num_devices=num_devices,
+            strategy=strategy,
+            accuracy=accuracy,
+        )
+        self.producer.produce(self.topics.global_updates, payload, key=str(model.version).encode())
         if self.producer.flush(30):
-            raise RuntimeError(f"global version {update.version} was not acknowledged by Kafka")
+            raise RuntimeError(f"global version {model.version} was not acknowledged by Kafka")
 
     def stop(self, *_: object) -> None:
         self.running = False

@@ -46,6 +46,7 @@ class FederationConfig:
     server_momentum: float = 0.7
     server_lr: float = 1.0
     calibration_decay: float = 0.99
+    selection_decay: float = 0.8  # fading of the detectors' comparison counts per version
     normal_decay: float = 1.0
     contamination: float = 0.02
     hidden: int = 16
@@ -55,7 +56,7 @@ class FederationConfig:
             raise ValueError("min_devices must be >= 1")
         if not 0.0 < self.contamination < 0.5:
             raise ValueError("contamination must be in (0, 0.5)")
-        for name in ("calibration_decay", "normal_decay"):
+        for name in ("calibration_decay", "normal_decay", "selection_decay"):
             if not 0.0 < getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in (0, 1]")
         if not 0.0 <= self.server_momentum < 1.0:
@@ -71,17 +72,30 @@ class FederationConfig:
 
     @classmethod
     def from_settings(cls, settings) -> FederationConfig:
-        return cls(
+        options = {
+            "staleness_alpha": settings.fedavg_staleness_alpha,
+            "max_update_norm": settings.fedavg_max_norm,
+        }
+        if settings.fedavg_strategy == "trimmed_mean":
+            options["trim_fraction"] = settings.fedavg_trim_fraction
+        config = cls(
             min_devices=settings.fedavg_min_devices,
             round_window_ms=int(settings.fedavg_round_window_s * 1000),
             active_window_ms=int(settings.fedavg_active_window_s * 1000),
             rule=settings.fedavg_strategy,
+            rule_options=tuple(sorted(options.items())),
             max_samples=settings.train_every + settings.positive_memory,
             server_momentum=settings.fedavg_server_momentum,
             calibration_decay=settings.fedavg_calibration_decay,
+            selection_decay=settings.fedavg_selection_decay,
             contamination=settings.contamination,
             hidden=settings.hidden_units,
         )
+        try:
+            config.make_rule()
+        except ValueError as exc:
+            raise ValueError(f"FLEAD_FEDAVG_* settings: {exc}") from exc
+        return config
 
 
 @dataclass
@@ -247,7 +261,7 @@ class Federation:
         for u in updates:
             fresh = fresh + u.normal
         s.normal = s.normal.scaled(c.normal_decay) + fresh
-        faded = {k: v * c.calibration_decay for k, v in s.candidates.items()}
+        faded = {k: v * c.selection_decay for k, v in s.candidates.items()}
         for u in updates:
             for kind, counts in u.candidates.items():
                 row = np.array([counts.tp, counts.fp, counts.tn, counts.fn], dtype=np.float64)

@@ -1,9 +1,12 @@
-"""The edge tier as a PyFlink job: every key is one device's on-device learner.
+"""The edge tier as a PyFlink job: every key is one device's on-device learner
+(:mod:`streaming.learner`: multichannel features, the newest global version's detector, local
+rounds of the supervised network plus the statistics the server calibrates with).
 
     edge-iiot-stream ──parse──► key_by(device) ──┐
-                        │                        ├─► EdgeLearner ──route──► anomalies
-    global-model-updates ──parse──► broadcast ───┘                  └──────► local-model-updates
-                        └──── invalid input ─────────────────────────────► dead-letter topic
+                        │                        ├─► EdgeLearner ──route──┬─► anomalies
+    global-model-updates ──parse──► broadcast ───┘                        ├─► local-model-updates
+                        │                                                  └─► (channel changes)
+                        └──── invalid input ──────────────────────────────────► dead-letter topic
 
 Run it with ``python -m streaming.flink_job`` (a local mini-cluster) or submit the same file to a
 Flink cluster with ``flink run -py streaming/flink_job.py``. Settings come from
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 from pyflink.common import Configuration, Types, WatermarkStrategy
@@ -40,27 +42,33 @@ from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
 
 from flead import services
 from flead.config import Settings, load_settings
-from streaming import edge
+from streaming import learner
+from streaming.learner import ChannelMismatch, Detector, DeviceState, GlobalParams, LearnerConfig
 from streaming.messages import (
     InvalidMessage,
     dead_letter,
-    decode_global_update,
+    decode_global_params,
     decode_readings,
     encode_anomaly,
-    encode_local_update,
+    encode_local_round,
+    encode_reading,
+    encode_reading_batch,
 )
 
 DEAD_LETTERS = OutputTag("dead-letters", Types.STRING())
 LOCAL_UPDATES = OutputTag("local-updates", Types.STRING())
-ANOMALY, LOCAL_UPDATE = "anomaly", "local-update"
+ANOMALY, LOCAL_UPDATE, DEAD_LETTER = "anomaly", "local-update", "dead-letter"
 LEARNER_OUTPUT = Types.TUPLE([Types.STRING(), Types.STRING()])  # (kind, JSON)
-GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.PICKLED_BYTE_ARRAY())
-LATEST = "latest"
+# The newest global version: its number and its JSON (as published), so a restore needs no
+# Python class to read it back.
+GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.STRING())
+VERSION, MODEL = "version", "model"
 
 
 class ParseReadings(ProcessFunction):
-    """JSON → ``(device_id, [Reading, ...])``; anything else → the dead-letter side output,
-    including readings of several channels, which the edge learner cannot model."""
+    """JSON → ``(device_id, [Reading, ...])`` per device of the message; anything invalid →
+    the dead-letter side output. Readings of one or several named channels are both valid:
+    the learner checks that a device keeps its channels."""
 
     def __init__(self, topic: str) -> None:
         self.topic = topic
@@ -68,7 +76,6 @@ class ParseReadings(ProcessFunction):
     def process_element(self, value: str, ctx: ProcessFunction.Context):
         try:
             readings = decode_readings(value)
-            edge.check_single_channel(readings)
         except InvalidMessage as exc:
             yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
             return
@@ -79,59 +86,88 @@ class ParseReadings(ProcessFunction):
 
 
 class ParseGlobalModels(ProcessFunction):
+    """JSON → ``(version, JSON)`` of a valid global version; anything else → dead letters."""
+
     def __init__(self, topic: str) -> None:
         self.topic = topic
 
     def process_element(self, value: str, ctx: ProcessFunction.Context):
         try:
-            yield decode_global_update(value)
+            yield decode_global_params(value).version, value
         except InvalidMessage as exc:
             yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
 
 
 class EdgeLearner(KeyedBroadcastProcessFunction):
-    """Scores every reading, trains a local round every ``train_every`` readings or
-    ``train_interval_s`` seconds, and adopts each new global model.
+    """Every key is one device's learner (:mod:`streaming.learner`): scores each reading with
+    the newest global version, trains a local round every ``train_every`` readings or
+    ``train_interval_s`` seconds (training devices only), and adopts each newer version.
 
-    Keyed state: ``device`` (the :class:`~streaming.edge.DeviceState`: running stats, the
-    round's buffer, the round counter) and ``timer`` (the pending round timer). They are one
-    value each rather than one per field because every state access crosses from Python into
-    the JVM; the state is bounded (the buffer never exceeds ``train_every`` rows).
-    Broadcast state: the newest global model.
+    Keyed state: ``device`` (the :class:`~streaming.learner.DeviceState`: feature baselines,
+    the round's buffer, histograms, the round counter) and ``timer`` (the pending round timer).
+    One value each rather than one per field because every state access crosses from Python
+    into the JVM; the state is bounded (see ``DeviceState``).
+    Broadcast state: the newest global version (number and JSON).
+
+    Outputs are ``(kind, JSON)`` tuples for :class:`RouteLearnerOutput`, not side outputs:
+    PyFlink drops side outputs emitted from ``on_timer``.
     """
 
-    def __init__(self, config: edge.EdgeConfig, train_interval_ms: int) -> None:
+    def __init__(self, config: LearnerConfig, train_interval_ms: int, topic: str) -> None:
         self.config = config
         self.train_interval_ms = train_interval_ms
+        self.topic = topic  # of the readings, for dead letters
 
     def open(self, runtime_context) -> None:
         self.device = runtime_context.get_state(
             ValueStateDescriptor("device", Types.PICKLED_BYTE_ARRAY())
         )
         self.timer = runtime_context.get_state(ValueStateDescriptor("timer", Types.LONG()))
-        self.trains: dict[str, bool] = {}  # a cache of a pure function, not state
+        # Caches of pure functions, not state: whether a device trains, the Detector of a
+        # version, and the broadcast state's version number (refreshed whenever it changes).
+        self.trains: dict[str, bool] = {}
+        self.detectors: dict[int, Detector] = {0: Detector(None, self.config)}
+        self.newest: int | None = None
 
     def _trains(self, device_id: str) -> bool:
         if device_id not in self.trains:
-            self.trains[device_id] = not edge.is_held_out(
+            self.trains[device_id] = not learner.is_held_out(
                 device_id, self.config.holdout_fraction, self.config.seed
             )
         return self.trains[device_id]
 
+    def _detector(self, ctx) -> Detector:
+        """The Detector of the newest global version (version 0: the z-score rule)."""
+        models = ctx.get_broadcast_state(GLOBAL_MODEL)
+        if self.newest is None:  # first element after a start or a restore
+            self.newest = int(models.get(VERSION)) if models.contains(VERSION) else 0
+        detector = self.detectors.get(self.newest)
+        if detector is None:
+            model = decode_global_params(models.get(MODEL))
+            detector = Detector(model, self.config)
+            self.detectors = {0: self.detectors[0], model.version: detector}
+        return detector
+
     def process_element(self, value, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
         device_id, readings = value
-        state = self.device.value() or edge.DeviceState()
+        state = self.device.value() or DeviceState()
         trains = self._trains(device_id)
-        if len(readings) == 1:
-            found = edge.observe(state, readings[0], self.config, trains)
-            anomalies = [] if found is None else [found]
-        else:
-            anomalies = edge.observe_batch(state, readings, self.config, trains)
+        detector = self._detector(ctx)
+        try:
+            anomalies = learner.observe(state, device_id, readings, detector, self.config, trains)
+        except ChannelMismatch as exc:
+            payload = (
+                encode_reading(readings[0])
+                if len(readings) == 1
+                else (encode_reading_batch(readings))
+            )
+            yield DEAD_LETTER, dead_letter(self.topic, payload, str(exc)).decode()
+            return
         for anomaly in anomalies:
             yield ANOMALY, encode_anomaly(anomaly).decode()
-        while trains and edge.round_due(state, self.config):
-            yield from self._round(state, device_id, ctx)
-        if trains and state.labels and self.timer.value() is None:
+        while trains and learner.round_due(state, self.config):
+            yield from self._round(state, device_id, detector.model, ctx)
+        if trains and state.buffered and self.timer.value() is None:
             due = ctx.timer_service().current_processing_time() + self.train_interval_ms
             ctx.timer_service().register_processing_time_timer(due)
             self.timer.update(due)
@@ -140,35 +176,41 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
         self.timer.clear()
         state = self.device.value()
-        if state is None or not state.labels:
+        if state is None or not state.buffered:
             return
-        yield from self._round(state, ctx.get_current_key(), ctx)
+        yield from self._round(state, ctx.get_current_key(), self._detector(ctx).model, ctx)
         self.device.update(state)
 
-    def _round(self, state: edge.DeviceState, device_id: str, ctx):
-        latest = ctx.get_broadcast_state(GLOBAL_MODEL).get(LATEST)
-        update = edge.train_round(state, device_id, latest, self.config, datetime.now(UTC))
+    def _round(self, state: DeviceState, device_id: str, model: GlobalParams | None, ctx):
+        now_ms = ctx.timer_service().current_processing_time()
+        update = learner.train_round(state, device_id, model, self.config, now_ms)
         if update is not None:
-            # Not a side output: PyFlink drops side outputs emitted from on_timer.
-            yield LOCAL_UPDATE, encode_local_update(update).decode()
+            yield LOCAL_UPDATE, encode_local_round(update).decode()
         pending = self.timer.value()
-        if pending is not None and not state.labels:
+        if pending is not None and not state.buffered:
             ctx.timer_service().delete_processing_time_timer(pending)
             self.timer.clear()
 
     def process_broadcast_element(self, value, ctx: KeyedBroadcastProcessFunction.Context):
+        version, payload = value
         models = ctx.get_broadcast_state(GLOBAL_MODEL)
-        current = models.get(LATEST) if models.contains(LATEST) else None
-        models.put(LATEST, edge.newer(current, value))
+        current = int(models.get(VERSION)) if models.contains(VERSION) else 0
+        if version > current:  # an older or repeated version (a republish) changes nothing
+            models.put(VERSION, str(version))
+            models.put(MODEL, payload)
+            current = version
+        self.newest = current
 
 
 class RouteLearnerOutput(ProcessFunction):
-    """Anomalies to the main output, local updates to their side output."""
+    """Anomalies to the main output, local rounds and dead letters to their side outputs."""
 
     def process_element(self, value, ctx: ProcessFunction.Context):
         kind, payload = value
         if kind == LOCAL_UPDATE:
             yield LOCAL_UPDATES, payload
+        elif kind == DEAD_LETTER:
+            yield DEAD_LETTERS, payload
         else:
             yield payload
 
@@ -249,24 +291,26 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
         "parse global models"
     )
 
-    learner = EdgeLearner(
-        edge.EdgeConfig.from_settings(settings), int(settings.train_interval_s * 1000)
+    edge_learner = EdgeLearner(
+        LearnerConfig.from_settings(settings),
+        int(settings.train_interval_s * 1000),
+        topics.readings,
     )
-    anomalies = (
+    outputs = (
         readings.key_by(lambda device_and_readings: device_and_readings[0], Types.STRING())
         .connect(global_models.broadcast(GLOBAL_MODEL))
-        .process(learner, output_type=LEARNER_OUTPUT)
+        .process(edge_learner, output_type=LEARNER_OUTPUT)
         .name("edge learner")
         .process(RouteLearnerOutput(), output_type=Types.STRING())
         .name("route")
-    )
+    )  # main output: anomalies
 
-    anomalies.sink_to(kafka_sink(settings, topics.anomalies)).name("anomalies")
-    anomalies.get_side_output(LOCAL_UPDATES).sink_to(
-        kafka_sink(settings, topics.local_updates)
-    ).name("local model updates")
+    outputs.sink_to(kafka_sink(settings, topics.anomalies)).name("anomalies")
+    outputs.get_side_output(LOCAL_UPDATES).sink_to(kafka_sink(settings, topics.local_updates)).name(
+        "local model updates"
+    )
     readings.get_side_output(DEAD_LETTERS).union(
-        global_models.get_side_output(DEAD_LETTERS)
+        global_models.get_side_output(DEAD_LETTERS), outputs.get_side_output(DEAD_LETTERS)
     ).sink_to(kafka_sink(settings, topics.dead_letter)).name("dead letters")
 
 

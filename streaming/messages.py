@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from streaming.learner import GlobalParams, LocalRound
+from streaming.learner import Anomaly, GlobalParams, LocalRound
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import N_FEATURES
 from streaming.model.metrics import Confusion
@@ -475,42 +475,7 @@ def dead_letter(topic: str, payload: bytes | str | None, reason: str) -> bytes:
     return json.dumps(record).encode()
 
 
-# --- anomalies, local-model-updates, global-model-updates ------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Anomaly:
-    device_id: str
-    value: float
-    z_score: float
-    severity: str  # "warning" | "critical"
-    timestamp: datetime
-
-
-@dataclass(frozen=True, slots=True)
-class LocalUpdate:
-    device_id: str
-    model_version: int  # the device's round counter, 1, 2, ...
-    base_global_version: int  # the global model the round started from (0 = none yet)
-    weights: tuple[float, ...]
-    bias: float
-    accuracy: float  # training accuracy of the round: never reported as model quality
-    loss: float
-    samples_processed: int
-    timestamp: datetime
-    label_source: str = "ground_truth"  # or "pseudo" (the z-score rule)
-
-
-@dataclass(frozen=True, slots=True)
-class GlobalUpdate:
-    version: int
-    aggregation_round: int
-    weights: tuple[float, ...]
-    bias: float
-    accuracy: float | None  # sample-weighted mean training accuracy of the updates
-    num_devices: int
-    strategy: str
-    timestamp: datetime
+# --- local-model-updates, global-model-updates of the first model ---------------------------
 
 
 def _dumps(obj: dict[str, Any]) -> bytes:
@@ -555,99 +520,6 @@ def _weights(obj: dict[str, Any]) -> tuple[float, ...]:
     if not isinstance(weights, list) or not weights:
         raise InvalidMessage("weights must be a non-empty list of numbers")
     return tuple(_number({"weights[]": w}, "weights[]") for w in weights)
-
-
-def encode_anomaly(anomaly: Anomaly) -> bytes:
-    return _dumps(
-        {
-            "device_id": anomaly.device_id,
-            "value": anomaly.value,
-            "z_score": anomaly.z_score,
-            "severity": anomaly.severity,
-            "timestamp": format_timestamp(anomaly.timestamp),
-        }
-    )
-
-
-def decode_anomaly(payload: bytes | str) -> Anomaly:
-    obj = _loads_object(payload)
-    severity = obj.get("severity")
-    if severity not in ("warning", "critical"):
-        raise InvalidMessage(f"severity must be 'warning' or 'critical', got {severity!r}")
-    return Anomaly(
-        _text(obj, "device_id"),
-        _number(obj, "value"),
-        _number(obj, "z_score"),
-        severity,
-        parse_timestamp(obj.get("timestamp")),
-    )
-
-
-def encode_local_update(update: LocalUpdate) -> bytes:
-    return _dumps(
-        {
-            "device_id": update.device_id,
-            "model_version": update.model_version,
-            "base_global_version": update.base_global_version,
-            "weights": list(update.weights),
-            "bias": update.bias,
-            "accuracy": update.accuracy,
-            "loss": update.loss,
-            "samples_processed": update.samples_processed,
-            "timestamp": format_timestamp(update.timestamp),
-            "label_source": update.label_source,
-        }
-    )
-
-
-def decode_local_update(payload: bytes | str) -> LocalUpdate:
-    obj = _loads_object(payload)
-    label_source = obj.get("label_source", "ground_truth")
-    if label_source not in ("ground_truth", "pseudo"):
-        raise InvalidMessage(
-            f"label_source must be 'ground_truth' or 'pseudo', got {label_source!r}"
-        )
-    return LocalUpdate(
-        device_id=_text(obj, "device_id"),
-        model_version=_count(obj, "model_version", 1),
-        base_global_version=_count(obj, "base_global_version"),
-        weights=_weights(obj),
-        bias=_number(obj, "bias"),
-        accuracy=_number(obj, "accuracy"),
-        loss=_number(obj, "loss"),
-        samples_processed=_count(obj, "samples_processed", 1),
-        timestamp=parse_timestamp(obj.get("timestamp")),
-        label_source=label_source,
-    )
-
-
-def encode_global_update(update: GlobalUpdate) -> bytes:
-    return _dumps(
-        {
-            "version": update.version,
-            "aggregation_round": update.aggregation_round,
-            "weights": list(update.weights),
-            "bias": update.bias,
-            "accuracy": update.accuracy,
-            "num_devices": update.num_devices,
-            "strategy": update.strategy,
-            "timestamp": format_timestamp(update.timestamp),
-        }
-    )
-
-
-def decode_global_update(payload: bytes | str) -> GlobalUpdate:
-    obj = _loads_object(payload)
-    return GlobalUpdate(
-        version=_count(obj, "version", 1),
-        aggregation_round=_count(obj, "aggregation_round", 1),
-        weights=_weights(obj),
-        bias=_number(obj, "bias"),
-        accuracy=_number(obj, "accuracy", optional=True),
-        num_devices=_count(obj, "num_devices", 1),
-        strategy=_text(obj, "strategy"),
-        timestamp=parse_timestamp(obj.get("timestamp")),
-    )
 
 
 # --- the learner's contracts: local rounds and global versions (detection models) ------------
@@ -869,4 +741,92 @@ def decode_global_params(obj: dict[str, Any]) -> GlobalParams:
         normal_threshold=_finite(obj, "normal_threshold", optional=True),
         label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
         detector=_choice(obj, "detector", DETECTOR_KINDS),
+    )
+
+
+# --- anomalies --------------------------------------------------------------------------------
+#
+# One record per flagged reading: what was flagged (the channel with the largest |z|, its value
+# and z), by which detector of which global version, its score against the threshold, the
+# channels that drove it and a human-readable reason.
+
+SEVERITIES = ("warning", "critical")
+MAX_REASON_CHARS = 2_000
+"""Longest ``reason`` accepted (characters)."""
+_REASON_BAD_CHARS = re.compile("[\x00\ud800-\udfff]")
+SCORE_LIMIT = MAGNITUDE_LIMIT
+"""|z_score|, |score| and |threshold| beyond this are refused (z and scores are capped far
+below it; a value beyond is a broken producer)."""
+
+
+def encode_anomaly(anomaly: Anomaly) -> bytes:
+    """A record for ``anomalies`` (see :class:`streaming.learner.Anomaly`)."""
+    return _dumps(
+        {
+            "device_id": anomaly.device_id,
+            "timestamp": format_timestamp(anomaly.timestamp_ms),
+            "value": anomaly.value,
+            "z_score": anomaly.z_score,
+            "severity": anomaly.severity,
+            "score": anomaly.score,
+            "threshold": anomaly.threshold,
+            "model_version": anomaly.model_version,
+            "detector": anomaly.detector,
+            "channels": list(anomaly.channels),
+            "reason": anomaly.reason,
+        }
+    )
+
+
+def _bounded(obj: dict[str, Any], name: str, limit: float) -> float:
+    value = obj.get(name)
+    if type(value) not in (int, float) or not -limit <= value <= limit:
+        raise InvalidMessage(f"{name} must be a number within ±{limit:g}, got {_describe(value)}")
+    return float(value)
+
+
+def _anomaly_channels(obj: dict[str, Any]) -> tuple[str, ...]:
+    channels = obj.get("channels")
+    if type(channels) is not list or not channels or len(channels) > MAX_CHANNELS:
+        raise InvalidMessage(
+            f"channels must be a non-empty list of at most {MAX_CHANNELS} names, "
+            f"got {_describe(channels)}"
+        )
+    for name in channels:
+        problem = name_problem(name, "channel name", MAX_CHANNEL_NAME_CHARS)
+        if problem:
+            raise InvalidMessage(problem)
+    if len(set(channels)) != len(channels):
+        raise InvalidMessage("channels names a channel more than once")
+    return tuple(channels)
+
+
+@_guarded
+def decode_anomaly(obj: dict[str, Any]) -> Anomaly:
+    """One record of ``anomalies`` (see :func:`encode_anomaly`)."""
+    device_id = obj.get("device_id")
+    problem = name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS)
+    if problem:
+        raise InvalidMessage(problem)
+    reason = obj.get("reason")
+    if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
+        raise InvalidMessage(
+            f"reason must be a string of at most {MAX_REASON_CHARS} characters, "
+            f"got {_describe(reason)}"
+        )
+    if _REASON_BAD_CHARS.search(reason):
+        # NUL cannot be stored in a PostgreSQL text column; a lone surrogate is not UTF-8.
+        raise InvalidMessage("reason contains NUL or a lone surrogate")
+    return Anomaly(
+        device_id=device_id,
+        timestamp_ms=parse_timestamp_ms(obj.get("timestamp")),
+        value=_bounded(obj, "value", MAGNITUDE_LIMIT),
+        z_score=_bounded(obj, "z_score", SCORE_LIMIT),
+        severity=_choice(obj, "severity", SEVERITIES),
+        score=_bounded(obj, "score", SCORE_LIMIT),
+        threshold=_bounded(obj, "threshold", SCORE_LIMIT),
+        model_version=_integer(obj, "model_version"),
+        detector=_choice(obj, "detector", DETECTOR_KINDS),
+        channels=_anomaly_channels(obj),
+        reason=reason,
     )

@@ -92,14 +92,17 @@ MALFORMED = {
     "readings": [
         b'{"device_id": "device_0001", "timestamp": "2025-11-07T00:00:00Z", "data": "x"}',
         b"not json at all",
-        # Valid for the contract, but two channels: the edge learner models one.
-        b'{"device_id": "device_0002", "timestamp": "2025-11-07T00:00:00Z",'
-        b' "data": {"humidity": 40.5, "temperature": 21.0}}',
     ],
     "global_updates": [b'{"version": 0, "weights": []}'],
     "local_updates": [b'{"device_id": "device_0001", "model_version": 1, "weights": "none"}'],
     "anomalies": [b'{"device_id": "device_0001", "severity": "loud"}'],
 }
+# Valid for the contract, but sent after device_0002's single-channel readings: a device keeps
+# the channels of its first reading, so the learner dead-letters it with the reason.
+CHANNEL_CHANGE = (
+    b'{"device_id": "device_0002", "timestamp": "2025-11-07T23:00:00Z",'
+    b' "data": {"humidity": 40.5, "temperature": 21.0}}'
+)
 
 
 def table_counts(settings: Settings) -> tuple:
@@ -132,7 +135,7 @@ def pipeline(kafka_broker: Settings, tmp_path_factory) -> Iterator[Settings]:
     from flead import kafka
     from streaming.replay import replay
     from streaming.sources import synthetic_fleet
-    from tests.streaming_harness import produce_raw, settled, start, stop
+    from tests.streaming_harness import produce_keyed, produce_raw, settled, start, stop
 
     with fresh_database(kafka_broker) as url:
         db.apply_schema(url)
@@ -142,6 +145,10 @@ def pipeline(kafka_broker: Settings, tmp_path_factory) -> Iterator[Settings]:
             state_dir=tmp_path_factory.mktemp("pipeline"),
             train_interval_s=5.0,
             checkpoint_interval_ms=2000,
+            # Plain FedAvg without server momentum: every version is checkable from the rows
+            # (tests/test_streaming.py: assert_versions_are_weighted_means).
+            fedavg_strategy="fedavg",
+            fedavg_server_momentum=0.0,
         )
         for topic, values in MALFORMED.items():
             produce_raw(settings, getattr(settings.topics, topic), values)
@@ -152,6 +159,7 @@ def pipeline(kafka_broker: Settings, tmp_path_factory) -> Iterator[Settings]:
             progress=False,
             batch=settings.replay_batch,
         )
+        produce_keyed(settings, settings.topics.readings, b"device_0002", CHANNEL_CHANGE)
         for name in services.STREAMING_SERVICES:
             start(settings, name)
         try:

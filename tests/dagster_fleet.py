@@ -1,11 +1,12 @@
-"""Test data for the Dagster tests: a small labelled fleet in a test topic and real global
-versions in a test database, made the way the streaming tier makes them (the replay producer;
-local SGD rounds combined and stored by the FedAvg service's own functions)."""
+"""Test data for the Dagster tests: a small labelled fleet in a test topic (univariate devices
+and a few with named channels) and real global versions in a test database, made the way the
+streaming tier makes them (the replay producer; the device learner's rounds combined by the
+federation round and stored with the FedAvg service's own function)."""
 
 from __future__ import annotations
 
 import dataclasses
-from datetime import UTC, datetime
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -14,28 +15,76 @@ from confluent_kafka import Producer
 
 from flead import kafka
 from flead.config import Settings
-from streaming import edge, fedavg, model
-from streaming.messages import GlobalUpdate, LocalUpdate, encode_reading
+from streaming import evaluate, fedavg, learner
+from streaming.federation import Federation, FederationConfig, Version
+from streaming.learner import Detector, LearnerConfig
+from streaming.messages import Reading, encode_reading
+from streaming.model.metrics import confusion, majority_baseline
 from streaming.replay import replay
-from streaming.sources import FleetArrays, fleet_readings, synthetic_fleet_arrays
+from streaming.sources import fleet_readings, synthetic_fleet_arrays
 
 FLEET = {"num_devices": 160, "readings_per_device": 60, "anomaly_rate": 0.04, "seed": 7}
 HOLDOUT_FRACTION = 0.25  # more held-out samples from a small fleet than the default 0.1
+# The label-free model once calibrated (with `auto` this small fleet's server keeps choosing
+# the z-score rule, and every version would decide alike).
+DETECTOR = "label_free"
 FIRST_HOUR = "2025-11-07-00:00"  # the fleet starts at 2025-11-07T00:00Z, 10 s apart: 10 min
+MULTICHANNEL = 16  # devices with three named channels, each made of three fleet devices' series
+CHANNELS = ("pressure", "temp", "vibration")
+SCALES = ((1e5, 2e3), (20.0, 1.0), (0.0, 0.01))  # per channel: value = offset + scale · series
+
+
+@dataclass
+class Fleet:
+    """The test fleet: every reading in event-time order."""
+
+    readings: list[Reading]
+
+    def __len__(self) -> int:
+        return len(self.readings)
+
+    @property
+    def device_ids(self) -> list[str]:
+        return sorted({r.device_id for r in self.readings})
+
+    def channel_readings(self) -> int:
+        """Readings × channels: the rows hourly analytics count."""
+        return sum(len(r.channels) for r in self.readings)
 
 
 def fleet_settings(settings: Settings) -> Settings:
-    return dataclasses.replace(settings, holdout_fraction=HOLDOUT_FRACTION)
+    return dataclasses.replace(settings, holdout_fraction=HOLDOUT_FRACTION, detector=DETECTOR)
 
 
-def make_fleet() -> FleetArrays:
-    return synthetic_fleet_arrays(**FLEET)
+def make_fleet() -> Fleet:
+    """The synthetic fleet's univariate devices plus :data:`MULTICHANNEL` devices whose
+    channels (wildly different scales) are three fleet devices' series; a multichannel
+    reading is anomalous when any of its three sources is."""
+    arrays = synthetic_fleet_arrays(**FLEET)
+    readings = list(fleet_readings(arrays))
+    by_device: dict[str, list[Reading]] = {}
+    for r in readings:
+        by_device.setdefault(r.device_id, []).append(r)
+    ids = arrays.device_ids
+    for k in range(MULTICHANNEL):
+        sources = [by_device[ids[(3 * k + j) % len(ids)]] for j in range(3)]
+        for parts in zip(*sources, strict=True):
+            values = tuple(
+                offset + scale * p.values[0]
+                for (offset, scale), p in zip(SCALES, parts, strict=True)
+            )
+            label = max(p.label for p in parts)
+            readings.append(
+                Reading(f"multi_{k:03d}", parts[0].timestamp_ms, values, label, CHANNELS)
+            )
+    readings.sort(key=lambda r: (r.timestamp_ms, r.device_id))
+    return Fleet(readings)
 
 
-def produce(settings: Settings, arrays: FleetArrays, batch: int = 1) -> int:
+def produce(settings: Settings, fleet: Fleet, batch: int = 1) -> int:
     """The fleet into the readings topic; ``batch`` > 1 uses the batched message form."""
     result = replay(
-        fleet_readings(arrays),
+        iter(fleet.readings),
         kafka.producer_config(settings),
         settings.topics.readings,
         progress=False,
@@ -44,11 +93,11 @@ def produce(settings: Settings, arrays: FleetArrays, batch: int = 1) -> int:
     return result.readings
 
 
-def produce_noise(settings: Settings, arrays: FleetArrays) -> int:
+def produce_noise(settings: Settings, fleet: Fleet) -> int:
     """Messages every reader must skip or de-duplicate: broken JSON, contract violations, and
     a replayed copy of a real reading. Returns how many were sent."""
     producer = Producer(kafka.producer_config(settings))
-    first = next(fleet_readings(arrays))
+    first = fleet.readings[0]
     payloads = [
         b"not json",
         b'{"device_id": "device_x", "timestamp": "2025-11-07T00:01:00.000Z", "data": 1,'
@@ -56,6 +105,9 @@ def produce_noise(settings: Settings, arrays: FleetArrays) -> int:
         b'{"device_id": "", "timestamp": "2025-11-07T00:01:00.000Z", "data": 1}',
         b'{"device_id": "device_x", "timestamp": "yesterday", "data": 1}',
         b'{"device_id": "device_x", "timestamp": "2025-11-07T00:01:00.000Z", "data": "1"}',
+        b'{"device_id": "device_x", "timestamp": "2025-11-07T00:01:00.000Z",'
+        b' "data": {"a": 1, "b": "2"}}',
+        b'{"device_id": "device_x", "timestamp": "2025-11-07T00:01:00.000Z", "data": {}}',
         encode_reading(first),  # the same reading again: counted once
     ]
     for payload in payloads:
@@ -66,99 +118,108 @@ def produce_noise(settings: Settings, arrays: FleetArrays) -> int:
     return len(payloads)
 
 
-def device_series(arrays: FleetArrays) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """device → (timestamps ms, values, labels), time-ordered (the arrays are in event order)."""
-    out = {}
-    for index, device in enumerate(arrays.device_ids):
-        mask = arrays.device == index
-        out[device] = (arrays.timestamp_ms[mask], arrays.value[mask], arrays.label[mask])
-    return out
+def learner_config(settings: Settings) -> LearnerConfig:
+    return LearnerConfig.from_settings(settings)
 
 
-def make_versions(settings: Settings, arrays: FleetArrays, count: int, per_version: int = 20):
-    """``count`` global versions, each FedAvg of ``per_version`` training devices' SGD rounds
-    on their own features, stored with ``fedavg.store_version`` like the service does."""
-    series = device_series(arrays)
+def make_versions(settings: Settings, fleet: Fleet, count: int, per_version: int = 20):
+    """``count`` global versions made by the training devices' learners (messages of
+    ``replay_batch`` readings in event-time order, rounds every 20 readings so that a small
+    fleet makes enough of them) and the federation round of ``per_version`` devices, each
+    stored with ``fedavg.store_version`` as the FedAvg service does. Returns the versions'
+    :class:`GlobalParams`."""
+    config = dataclasses.replace(learner_config(settings), train_every=20, min_round_samples=10)
+    series = evaluate.collect(iter(fleet.readings), batch=settings.replay_batch)
+    evaluate.featurize(series, config)
     training = [
         d
-        for d in arrays.device_ids
-        if not edge.is_held_out(d, settings.holdout_fraction, settings.seed)
+        for d in series.devices.values()
+        if not learner.is_held_out(d.device_id, settings.holdout_fraction, settings.seed)
     ]
-    rounds: dict[str, int] = {}
-    current: GlobalUpdate | None = None
-    config = fedavg.FedAvgConfig(min_devices=per_version)
+    by_id = {d.device_id: d for d in training}
+    states = {d.device_id: learner.DeviceState() for d in training}
+    federation = Federation(
+        dataclasses.replace(
+            FederationConfig.from_settings(settings),
+            min_devices=per_version,
+            round_window_ms=10**12,  # only device counts close rounds: deterministic versions
+        )
+    )
+    detector = Detector(None, config)
     made = []
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        for version in range(1, count + 1):
-            updates = []
-            for i in range(per_version):
-                device = training[((version - 1) * per_version + i) % len(training)]
-                _, values, labels = series[device]
-                X = model.series_features(values)[model.WARMUP :]
-                y = labels[model.WARMUP :].astype(np.int64)
-                start = (
-                    model.LinearModel(np.asarray(current.weights), current.bias)
-                    if current
-                    else model.LinearModel.zeros(model.feature_count())
-                )
-                trained, metrics = model.sgd_round(start, X, y, seed=version * 1000 + i)
-                rounds[device] = rounds.get(device, 0) + 1
-                updates.append(
-                    LocalUpdate(
-                        device_id=device,
-                        model_version=rounds[device],
-                        base_global_version=current.version if current else 0,
-                        weights=tuple(float(w) for w in trained.weights),
-                        bias=float(trained.bias),
-                        accuracy=metrics.train_accuracy,
-                        loss=metrics.train_loss,
-                        samples_processed=metrics.samples,
-                        timestamp=datetime.now(UTC),
+        for ts, device_id, k in evaluate._messages(training):
+            d = by_id[device_id]
+            lo, hi = d.bounds[k]
+            state = states[device_id]
+            learner.record(state, d.scored[k], d.labels[lo:hi], detector, config)
+            while learner.round_due(state, config) and len(made) < count:
+                update = learner.train_round(state, device_id, federation.state.current, config, ts)
+                federation.add(update)
+                if federation.due(ts):
+                    rounds = {dev: list(r) for dev, r in federation.merged.items()}
+                    version: Version = federation.close(ts)
+                    fedavg.store_version(
+                        conn, version, rounds, fedavg.state_to_json(federation), "fedavg", ts
                     )
-                )
-            combined, weights = fedavg.combine(updates, current, config)
-            current = GlobalUpdate(
-                version=version,
-                aggregation_round=version,
-                weights=tuple(float(w) for w in combined.weights),
-                bias=float(combined.bias),
-                accuracy=float(np.mean([u.accuracy for u in updates])),
-                num_devices=per_version,
-                strategy="fedavg",
-                timestamp=datetime.now(UTC),
-            )
-            fedavg.store_version(conn, current, updates, weights)
-            made.append(current)
+                    detector = Detector(version.model, config)
+                    made.append(version.model)
+            if len(made) == count:
+                break
+    assert len(made) == count, f"the fleet made {len(made)} versions, {count} wanted"
     return made
 
 
-def expected_evaluation(settings: Settings, arrays: FleetArrays, version: GlobalUpdate) -> dict:
-    """The summary of one version computed straight from the generated arrays with numpy:
-    no Kafka, no Spark, none of flead_assets' code."""
-    linear = model.LinearModel(np.asarray(version.weights), version.bias)
+def held_out_devices(settings: Settings, fleet: Fleet) -> list[str]:
+    return [
+        d
+        for d in fleet.device_ids
+        if learner.is_held_out(d, settings.holdout_fraction, settings.seed)
+    ]
+
+
+def expected_evaluation(settings: Settings, fleet: Fleet, version) -> dict:
+    """The summary of one version computed from the generated readings with the learner's
+    functions: no Kafka, no Spark, no database, none of flead_assets' code. Each held-out
+    device from a fresh state, messages of ``replay_batch`` readings, every labelled reading."""
+    config = learner_config(settings)
+    detector = Detector(version, config)
+    held = set(held_out_devices(settings, fleet))
+    by_device: dict[str, list[Reading]] = {}
+    for r in fleet.readings:
+        if r.device_id in held:
+            by_device.setdefault(r.device_id, []).append(r)
     actual, predicted = [], []
-    for device, (_, values, labels) in device_series(arrays).items():
-        if not edge.is_held_out(device, settings.holdout_fraction, settings.seed):
-            continue
-        X = model.series_features(values)[model.WARMUP :]
-        actual.append(labels[model.WARMUP :].astype(np.int64))
-        predicted.append(model.predict(linear, X))
-    y, p = np.concatenate(actual), np.concatenate(predicted)
-    counts = model.confusion(y, p)
-    return {**counts.as_dict(), "baseline_accuracy": model.majority_baseline(y).accuracy}
+    for readings in by_device.values():
+        state = learner.DeviceState()
+        for lo in range(0, len(readings), settings.replay_batch):
+            message = readings[lo : lo + settings.replay_batch]
+            X = learner.readings_matrix(state, message[0].channels, [r.values for r in message])
+            flags = detector.decide(learner.score(state, X, config)).flagged
+            labelled = [i for i, r in enumerate(message) if r.label is not None]
+            actual.extend(message[i].label for i in labelled)
+            predicted.extend(int(flags[i]) for i in labelled)
+    y, p = np.asarray(actual, dtype=np.int64), np.asarray(predicted, dtype=np.int64)
+    return {
+        **confusion(y, p).as_dict(),
+        "baseline_accuracy": majority_baseline(y).accuracy,
+        "detector": detector.kind,
+    }
 
 
-def expected_hourly(arrays: FleetArrays) -> pd.DataFrame:
+def expected_hourly(fleet: Fleet) -> pd.DataFrame:
+    """Per device, channel and hour, from the generated readings with pandas."""
     frame = pd.DataFrame(
-        {
-            "device_id": np.asarray(arrays.device_ids)[arrays.device],
-            "hour": pd.to_datetime(arrays.timestamp_ms, unit="ms", utc=True).floor("h"),
-            "value": arrays.value,
-            "label": arrays.label,
-        }
+        [
+            (r.device_id, channel, r.timestamp_ms, value, r.label)
+            for r in fleet.readings
+            for channel, value in zip(r.channels, r.values, strict=True)
+        ],
+        columns=["device_id", "channel", "ts", "value", "label"],
     )
+    frame["hour"] = pd.to_datetime(frame["ts"], unit="ms", utc=True).dt.floor("h")
     return (
-        frame.groupby(["device_id", "hour"])
+        frame.groupby(["device_id", "channel", "hour"])
         .agg(
             readings=("value", "size"),
             mean=("value", "mean"),

@@ -79,6 +79,14 @@ def produce_raw(settings: Settings, topic: str, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
+def produce_keyed(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
+    """One message with the producer settings and key the replay uses: it lands in the
+    partition of that device's readings, after them."""
+    producer = Producer(kafka.producer_config(settings))
+    producer.produce(topic, value, key=key)
+    assert producer.flush(30) == 0
+
+
 def dead_letters(settings: Settings) -> list[dict]:
     return [json.loads(v) for v in read_topic(settings, settings.topics.dead_letter)]
 

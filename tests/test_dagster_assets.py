@@ -1,8 +1,10 @@
 """The Dagster assets with the real Spark, Kafka and PostgreSQL: each asset materialized for a
 partition, a multi-version backfill in one run, idempotent re-runs, and the asset checks.
 
-Expected values come straight from the generated fleet (numpy, ``streaming.model``), never
-from ``flead_assets``' own code, so a bug in parsing, ordering, filtering or writing shows.
+Expected values come straight from the generated fleet (the device learner's functions on the
+readings, the versions as the federation made them), never from ``flead_assets``' own code or
+the database, so a bug in parsing, ordering, filtering, reading a version back or writing
+shows. The fleet has univariate devices and devices with named channels.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from tests import dagster_fleet
 pytestmark = pytest.mark.integration
 
 METRICS = ["tp", "fp", "tn", "fn", "samples"]
-RATIOS = ["accuracy", "precision", "recall", "f1", "baseline_accuracy"]
+RATIOS = ["accuracy", "precision", "recall", "f1", "mcc", "baseline_accuracy"]
 
 
 @pytest.fixture
@@ -39,11 +41,11 @@ def fleet_env(settings: Settings):
     sensor and daemon tests use the single-reading form.
     """
     test_settings = dagster_fleet.fleet_settings(settings)
-    arrays = dagster_fleet.make_fleet()
-    assert dagster_fleet.produce(test_settings, arrays, batch=7) == len(arrays)
-    dagster_fleet.produce_noise(test_settings, arrays)
-    versions = dagster_fleet.make_versions(test_settings, arrays, count=6)
-    return test_settings, arrays, versions
+    fleet = dagster_fleet.make_fleet()
+    assert dagster_fleet.produce(test_settings, fleet, batch=7) == len(fleet)
+    dagster_fleet.produce_noise(test_settings, fleet)
+    versions = dagster_fleet.make_versions(test_settings, fleet, count=6)
+    return test_settings, fleet, versions
 
 
 def resources(settings: Settings) -> dict:
@@ -59,10 +61,10 @@ def instance_with_versions(keys: list[str]) -> DagsterInstance:
 def summaries(settings: Settings) -> pd.DataFrame:
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
-            f"SELECT model_version, {', '.join(METRICS + RATIOS)} FROM model_evaluation_summaries"
-            " ORDER BY model_version"
+            f"SELECT model_version, {', '.join(METRICS + RATIOS)}, detector"
+            " FROM model_evaluation_summaries ORDER BY model_version"
         ).fetchall()
-    return pd.DataFrame(rows, columns=["model_version", *METRICS, *RATIOS])
+    return pd.DataFrame(rows, columns=["model_version", *METRICS, *RATIOS, "detector"])
 
 
 def count(settings: Settings, sql: str) -> int:
@@ -75,10 +77,11 @@ def assert_matches(row: pd.Series, expected: dict) -> None:
         assert int(row[name]) == expected[name], name
     for name in RATIOS:
         assert row[name] == pytest.approx(expected[name], abs=1e-12), name
+    assert row["detector"] == expected["detector"]
 
 
 def test_model_evaluations_one_version(fleet_env) -> None:
-    settings, arrays, versions = fleet_env
+    settings, fleet, versions = fleet_env
     instance = instance_with_versions([str(v.version) for v in versions])
     result = materialize(
         [model_evaluations],
@@ -89,9 +92,17 @@ def test_model_evaluations_one_version(fleet_env) -> None:
     assert result.success
     stored = summaries(settings)
     assert stored["model_version"].tolist() == [3]
-    expected = dagster_fleet.expected_evaluation(settings, arrays, versions[2])
+    expected = dagster_fleet.expected_evaluation(settings, fleet, versions[2])
     assert expected["samples"] > 200 and expected["tp"] + expected["fn"] > 0
+    assert expected["detector"] == dagster_fleet.DETECTOR  # a calibrated model, not the rule
     assert_matches(stored.iloc[0], expected)
+    # Multichannel held-out devices were scored too (one row per labelled reading).
+    multi = [d for d in dagster_fleet.held_out_devices(settings, fleet) if d.startswith("multi")]
+    assert multi
+    assert count(
+        settings,
+        "SELECT count(DISTINCT device_id) FROM model_evaluations WHERE device_id LIKE 'multi%'",
+    ) == len(multi)
     # Per-sample rows: one per scored reading, consistent with the summary.
     assert count(settings, "SELECT count(*) FROM model_evaluations") == expected["samples"]
     assert (
@@ -102,7 +113,8 @@ def test_model_evaluations_one_version(fleet_env) -> None:
         count(
             settings,
             "SELECT count(*) FROM model_evaluations WHERE confidence < 0.5 OR confidence > 1"
-            " OR is_correct <> (prediction = actual_result)",
+            " OR is_correct <> (prediction = actual_result) OR score IS NULL"
+            " OR threshold IS NULL",
         )
         == 0
     )
@@ -123,7 +135,7 @@ def test_model_evaluations_one_version(fleet_env) -> None:
 
 
 def test_backfill_of_several_versions_is_one_run_and_idempotent(fleet_env) -> None:
-    settings, arrays, versions = fleet_env
+    settings, fleet, versions = fleet_env
     keys = [str(v.version) for v in versions]
     instance = instance_with_versions(keys)
     tags = {ASSET_PARTITION_RANGE_START_TAG: "2", ASSET_PARTITION_RANGE_END_TAG: "6"}
@@ -146,7 +158,7 @@ def test_backfill_of_several_versions_is_one_run_and_idempotent(fleet_env) -> No
     stored = summaries(settings)
     assert stored["model_version"].tolist() == [2, 3, 4, 5, 6]
     for version, (_, row) in zip(versions[1:], stored.iterrows(), strict=True):
-        assert_matches(row, dagster_fleet.expected_evaluation(settings, arrays, version))
+        assert_matches(row, dagster_fleet.expected_evaluation(settings, fleet, version))
     per_version = count(settings, "SELECT count(*) FROM model_evaluations WHERE model_version = 2")
     assert count(settings, "SELECT count(*) FROM model_evaluations") == 5 * per_version
     # The report in the same run: one row per evaluated version, and the plot in metadata.
@@ -161,17 +173,21 @@ def test_backfill_of_several_versions_is_one_run_and_idempotent(fleet_env) -> No
 
 
 def test_versions_learn_something(fleet_env) -> None:
-    """A sanity check on the data the other tests use: the last version finds anomalies
-    (otherwise every comparison above could pass on an all-"normal" model)."""
-    settings, arrays, versions = fleet_env
-    first = dagster_fleet.expected_evaluation(settings, arrays, versions[0])
-    last = dagster_fleet.expected_evaluation(settings, arrays, versions[-1])
+    """A sanity check on the data the other tests use: the versions decide differently and
+    the last one finds anomalies with its calibrated model (otherwise every comparison above
+    could pass on an all-"normal" model or on the z-score rule alone)."""
+    settings, fleet, versions = fleet_env
+    evaluated = [dagster_fleet.expected_evaluation(settings, fleet, v) for v in versions]
+    calibrated = [e for e in evaluated if e["detector"] == dagster_fleet.DETECTOR]
+    assert len(calibrated) >= 2
+    first, last = calibrated[0], calibrated[-1]
     assert last["tp"] > 0 and last["f1"] > first["f1"]
     assert last["precision"] > 0.5
+    assert len({(e["tp"], e["fp"]) for e in evaluated}) >= 3
 
 
 def test_hourly_device_analytics_partition(fleet_env) -> None:
-    settings, arrays, _ = fleet_env
+    settings, fleet, _ = fleet_env
     hourly = build_hourly_device_analytics(settings)
     for _ in range(2):  # idempotent: the second run replaces the hour
         result = materialize(
@@ -180,21 +196,28 @@ def test_hourly_device_analytics_partition(fleet_env) -> None:
         assert result.success
     with psycopg.connect(settings.database_url) as conn:
         rows = conn.execute(
-            "SELECT device_id, hour, readings, mean, std, min, max, anomaly_rate"
-            " FROM hourly_device_analytics ORDER BY device_id, hour"
+            "SELECT device_id, channel, hour, readings, mean, std, min, max, anomaly_rate"
+            " FROM hourly_device_analytics ORDER BY device_id, channel, hour"
         ).fetchall()
-    stored = pd.DataFrame(
-        rows, columns=["device_id", "hour", "readings", "mean", "std", "min", "max", "anomaly_rate"]
+    columns = ["device_id", "channel", "hour", "readings", "mean", "std", "min", "max"]
+    stored = pd.DataFrame(rows, columns=[*columns, "anomaly_rate"])
+    expected = dagster_fleet.expected_hourly(fleet).sort_values(["device_id", "channel", "hour"])
+    channels = len(dagster_fleet.CHANNELS)
+    assert (
+        len(stored)
+        == len(expected)
+        == dagster_fleet.FLEET["num_devices"] + channels * dagster_fleet.MULTICHANNEL
     )
-    expected = dagster_fleet.expected_hourly(arrays).sort_values(["device_id", "hour"])
-    assert len(stored) == len(expected) == dagster_fleet.FLEET["num_devices"]
+    assert stored["device_id"].tolist() == expected["device_id"].tolist()
+    assert stored["channel"].tolist() == expected["channel"].tolist()
+    assert set(stored["channel"]) == {"value", *dagster_fleet.CHANNELS}
     assert (stored["readings"].to_numpy() == expected["readings"].to_numpy()).all()
     for column in ("mean", "std", "min", "max", "anomaly_rate"):
         np.testing.assert_allclose(
             stored[column].astype(float), expected[column].astype(float), rtol=1e-9, err_msg=column
         )
     meta = result.get_asset_materialization_events()[0].materialization.metadata
-    assert meta["readings"].value == len(arrays)
+    assert meta["readings"].value == fleet.channel_readings()
 
 
 def test_hourly_partition_without_data_writes_nothing(fleet_env) -> None:
@@ -209,14 +232,20 @@ def test_checks_fail_on_broken_summaries(settings: Settings) -> None:
     """The asset checks read the tables: a missing summary, a metric outside [0, 1], a sample
     count that disagrees with the per-sample rows, and no samples at all are all caught."""
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        for version, samples, accuracy in ((1, 2, 0.5), (2, 2, 1.5), (3, 5, 0.5), (4, 0, 0.0)):
+        for version, samples, accuracy, mcc in (
+            (1, 2, 0.5, 0.0),
+            (2, 2, 1.5, 0.0),
+            (3, 5, 0.5, 0.0),
+            (4, 0, 0.0, 0.0),
+            (6, 2, 0.5, -1.5),
+        ):
             conn.execute(
                 "INSERT INTO model_evaluation_summaries (model_version, samples, tp, fp, tn, fn,"
-                " accuracy, precision, recall, f1, baseline_accuracy)"
-                " VALUES (%s, %s, 0, 0, %s, 0, %s, 0, 0, 0, 1)",
-                (version, samples, samples, accuracy),
+                " accuracy, precision, recall, f1, mcc, baseline_accuracy)"
+                " VALUES (%s, %s, 0, 0, %s, 0, %s, 0, 0, 0, %s, 1)",
+                (version, samples, samples, accuracy, mcc),
             )
-        for version in (1, 2, 3):
+        for version in (1, 2, 3, 6):
             for second in (1, 2):
                 conn.execute(
                     "INSERT INTO model_evaluations (model_version, device_id, reading_timestamp,"
@@ -226,11 +255,11 @@ def test_checks_fail_on_broken_summaries(settings: Settings) -> None:
                 )
     results = {
         r.check_name: r
-        for r in check_results(FleadResource.for_settings(settings), [1, 2, 3, 4, 5])
+        for r in check_results(FleadResource.for_settings(settings), [1, 2, 3, 4, 5, 6])
     }
     assert not any(r.passed for r in results.values())
     assert results["samples_positive"].metadata["failing_versions"].value == "[4, 5]"
-    assert results["metrics_in_unit_interval"].metadata["failing_versions"].value == "[2]"
+    assert results["metrics_in_unit_interval"].metadata["failing_versions"].value == "[2, 6]"
     assert results["one_summary_per_version"].metadata["failing_versions"].value == "[3, 5]"
     ok = list(check_results(FleadResource.for_settings(settings), [1]))
     assert all(r.passed for r in ok)

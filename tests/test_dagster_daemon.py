@@ -77,15 +77,16 @@ def platform(kafka_broker: Settings, postgres: Settings, tmp_path_factory) -> It
         dagster_port=free_port(),
         evaluation_sensor_interval_s=5,
         holdout_fraction=dagster_fleet.HOLDOUT_FRACTION,
+        detector=dagster_fleet.DETECTOR,
     )
     db.apply_schema(settings.database_url)
     kafka.ensure_topics(settings)
-    arrays = dagster_fleet.make_fleet()
-    dagster_fleet.produce(settings, arrays)
-    versions = dagster_fleet.make_versions(settings, arrays, VERSIONS)
+    fleet = dagster_fleet.make_fleet()
+    dagster_fleet.produce(settings, fleet)
+    versions = dagster_fleet.make_versions(settings, fleet, VERSIONS)
     started = orchestration.ensure_dagster(settings)
     try:
-        yield settings, arrays, versions, started
+        yield settings, fleet, versions, started
     finally:
         stopped = orchestration.stop_dagster(settings)
         assert stopped == {"dagster-daemon": True, "dagster-webserver": True}
@@ -127,7 +128,7 @@ def test_ensure_dagster_starts_once_and_renders_the_instance(platform) -> None:
 def test_every_version_is_evaluated_by_a_sensor_run(platform) -> None:
     """End to end: the daemon's sensor sees the versions, adds their partitions, launches one
     run over them; the run's summaries match the fleet, and the report follows."""
-    settings, arrays, versions, _ = platform
+    settings, fleet, versions, _ = platform
     wait_for(
         lambda: scalar(settings, "SELECT count(*) FROM accuracy_reports") == VERSIONS,
         300,
@@ -147,17 +148,17 @@ def test_every_version_is_evaluated_by_a_sensor_run(platform) -> None:
             DagsterRunStatus.SUCCESS
         ]
         assert instance.get_dynamic_partitions("global_versions") == ["1", "2", "3", "4"]
-    expected = dagster_fleet.expected_evaluation(settings, arrays, versions[-1])
+    expected = dagster_fleet.expected_evaluation(settings, fleet, versions[-1])
     assert scalar(
         settings, f"SELECT f1 FROM model_evaluation_summaries WHERE model_version = {VERSIONS}"
     ) == pytest.approx(expected["f1"], abs=1e-12)
 
 
 def test_replayed_hours_get_hourly_analytics(platform) -> None:
-    settings, arrays, _, _ = platform
+    settings, fleet, _, _ = platform
     wait_for(
         lambda: scalar(settings, "SELECT sum(readings) FROM hourly_device_analytics")
-        == len(arrays),
+        == fleet.channel_readings(),
         300,
         "hourly analytics of the replayed readings",
         settings,

@@ -97,14 +97,14 @@ def test_many_new_versions_are_split_into_capped_runs(settings: Settings) -> Non
 def test_first_tick_reports_the_external_assets(settings: Settings) -> None:
     """Runless materializations of the streaming tables and of the raw topic."""
     flead = FleadResource.for_settings(settings)
-    arrays = dagster_fleet.make_fleet()
-    dagster_fleet.produce(settings, arrays)
+    fleet = dagster_fleet.make_fleet()
+    dagster_fleet.produce(settings, fleet)
     insert_versions(settings, range(1, 3))
     with instance_for_test() as instance:
         result = tick(instance, flead, None)
         events = {e.asset_key.to_user_string(): e for e in result.asset_events}
         assert set(events) == {"federated_models", "local_models", "anomalies", "edge_iiot_stream"}
-        assert events["edge_iiot_stream"].metadata["messages"].value == len(arrays)
+        assert events["edge_iiot_stream"].metadata["messages"].value == len(fleet)
         assert events["federated_models"].metadata["latest"].value == "2"
 
 

@@ -212,3 +212,41 @@ def test_explicit_folds(n, k, expected):
     check_partition(folds, ids)
     assert len(folds) == expected
     assert folds == folds_of(list(reversed(ids)), k, seed=3)  # input order does not matter
+
+
+def test_poisoned_rounds_follow_their_attack():
+    from streaming.evaluate import poisoned
+    from streaming.federation import Federation, FederationConfig
+    from streaming.learner import LocalRound
+    from streaming.model.detectors import NormalStats
+    from streaming.model.metrics import Confusion
+
+    federation = Federation(FederationConfig(hidden=0))
+    start = federation.network.initial()  # zeros for logistic regression
+    params = np.arange(federation.network.size, dtype=np.float64) + 1.0
+    hist = np.zeros(82)
+    update = LocalRound(
+        "d",
+        1,
+        0,
+        params,
+        50,
+        "ground_truth",
+        0.1,
+        0.9,
+        NormalStats.empty(),
+        hist,
+        hist,
+        hist,
+        0,
+        Confusion(0, 0, 0, 0),
+        0,
+    )
+    np.testing.assert_allclose(poisoned(update, federation, "scaled_x20").params, 20 * params)
+    np.testing.assert_allclose(poisoned(update, federation, "sign_flipped").params, -params)
+    assert poisoned(update, federation, "inflated_samples").samples == 2_000_000_000
+    worst = poisoned(update, federation, "all")
+    np.testing.assert_allclose(worst.params, start - 20 * params)
+    assert worst.samples == 2_000_000_000
+    with pytest.raises(ValueError, match="unknown attack"):
+        poisoned(update, federation, "krum")

@@ -1,70 +1,377 @@
-"""The FedAvg service's aggregation step and buffer (pure parts)."""
+"""The FedAvg service against the real Kafka broker and PostgreSQL: encoded local rounds in,
+versions out, every round in exactly one version, dead letters, restarts and the time window.
 
-from datetime import UTC, datetime
+The service runs in a thread of the test process (``FedAvgService.run``); rounds are produced
+to one partition so their order, and hence every version, is known here."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
+import psycopg
 import pytest
+from confluent_kafka import Producer
 
-from streaming import model
-from streaming.fedavg import Buffer, FedAvgConfig, aggregation_weight, combine
-from streaming.messages import GlobalUpdate, LocalUpdate
+from flead import kafka
+from flead.config import Settings, load_settings
+from streaming.fedavg import FedAvgService, Offsets
+from streaming.federation import Federation, FederationConfig
+from streaming.learner import LocalRound
+from streaming.messages import decode_global_params, encode_local_round
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
+from tests.streaming_harness import dead_letters, read_topic, scalar, wait_for
 
-T0 = datetime(2025, 11, 7, tzinfo=UTC)
+HIDDEN = 2
+NETWORK = Network(N_FEATURES, HIDDEN)
+FLEET = ["dev_a", "dev_b", "dev_c", "dev_d", "dev_e"]
 
 
-def update(device: str, weights, bias: float, samples: int, base: int = 0, version: int = 1):
-    return LocalUpdate(device, version, base, tuple(weights), bias, 0.9, 0.3, samples, T0)
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
 
 
-def current(version: int) -> GlobalUpdate:
-    return GlobalUpdate(version, version, (0.0, 0.0, 0.0, 0.0), 0.0, None, 20, "fedavg", T0)
+def local_round(
+    device: str,
+    number: int,
+    base: int,
+    *,
+    seed: int,
+    samples: int = 50,
+    scored_version: int = 0,
+    prequential: Confusion | None = None,
+    calibration: bool = False,
+    params: np.ndarray | None = None,
+) -> LocalRound:
+    rng = np.random.default_rng(seed)
+    bins = LOGIT_EDGES.size + 1
+    hist = (lambda n: rng.integers(0, 5, n).astype(np.float64)) if calibration else np.zeros
+    return LocalRound(
+        device_id=device,
+        round=number,
+        base_version=base,
+        params=NETWORK.initial() + rng.normal(0, 0.3, NETWORK.size) if params is None else params,
+        samples=samples,
+        label_source="ground_truth",
+        loss=float(rng.uniform(0.1, 1)),
+        accuracy=float(rng.uniform(0.5, 1)),
+        normal=NormalStats.of(rng.uniform(0, 3, size=(12, N_FEATURES))),
+        hist_pos=hist(bins),
+        hist_neg=hist(bins) * 10,
+        hist_normal=hist(NORMAL_EDGES.size + 1),
+        scored_version=scored_version,
+        prequential=prequential or Confusion(0, 0, 0, 0),
+        timestamp_ms=now_ms(),
+        candidates=(
+            {"zscore": Confusion(3, 2, 40, 5), "supervised": Confusion(4, 1, 41, 4)}
+            if calibration
+            else {}
+        ),
+    )
 
 
-def test_fedavg_is_the_sample_weighted_mean_of_weights() -> None:
-    updates = [
-        update("a", [1, 0, 0, 0], 1.0, 10),
-        update("b", [0, 1, 0, 0], -1.0, 30),
+def send(settings: Settings, payloads: list[bytes]) -> None:
+    """In this order, to partition 0 (one partition: the service reads them in this order)."""
+    producer = Producer(kafka.producer_config(settings))
+    for payload in payloads:
+        producer.produce(settings.topics.local_updates, payload, partition=0)
+    assert producer.flush(30) == 0
+
+
+def send_rounds(settings: Settings, rounds: list[LocalRound]) -> None:
+    send(settings, [encode_local_round(r) for r in rounds])
+
+
+def service_settings(settings: Settings, **overrides) -> Settings:
+    base = {
+        "hidden_units": HIDDEN,
+        "fedavg_min_devices": 20,
+        "fedavg_round_window_s": 120.0,
+        "fedavg_active_window_s": 300.0,
+    }
+    return dataclasses.replace(settings, **{**base, **overrides})
+
+
+@contextlib.contextmanager
+def running(settings: Settings) -> Iterator[tuple[FedAvgService, threading.Thread]]:
+    service = FedAvgService(settings)
+    thread = threading.Thread(target=service.run, name="fedavg", daemon=True)
+    thread.start()
+    try:
+        yield service, thread
+    finally:
+        service.stop()
+        thread.join(60)
+        assert not thread.is_alive()
+
+
+def versions(settings: Settings) -> int:
+    return scalar(settings, "SELECT count(*) FROM federated_models")
+
+
+def wait_versions(settings: Settings, n: int, timeout: float = 60) -> None:
+    wait_for(lambda: versions(settings) >= n, timeout, f"{n} global versions", every=0.2)
+    assert versions(settings) == n
+
+
+def rows(settings: Settings, sql: str, params: tuple = ()) -> list[tuple]:
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def stored_rounds(settings: Settings) -> Counter:
+    return Counter(rows(settings, "SELECT device_id, model_version FROM local_models"))
+
+
+def check_fedavg(settings: Settings) -> None:
+    """Every version's weights = reference + Σw(p − reference)/Σw over its stored rows."""
+    stored = rows(settings, "SELECT global_version, weights FROM federated_models ORDER BY 1")
+    assert [v for v, _ in stored] == list(range(1, len(stored) + 1)), "versions with a gap"
+    reference = NETWORK.initial()
+    for version, weights in stored:
+        local = rows(
+            settings,
+            "SELECT weights, aggregation_weight FROM local_models WHERE aggregated_into = %s",
+            (version,),
+        )
+        p = np.array([r[0] for r in local])
+        w = np.array([r[1] for r in local])
+        expected = reference + w @ (p - reference) / w.sum()
+        np.testing.assert_allclose(weights, expected, rtol=0, atol=1e-12)
+        reference = np.asarray(weights)
+
+
+# --- the service's round, end to end -----------------------------------------------------
+
+
+@pytest.fixture
+def fedavg_settings(settings: Settings) -> Settings:
+    return service_settings(
+        settings, fedavg_strategy="fedavg", fedavg_server_momentum=0.0, fedavg_max_norm=0.0
+    )
+
+
+def test_a_fleet_gets_versions_with_every_round_in_exactly_one(fedavg_settings: Settings):
+    s = fedavg_settings
+    a, b, c, d, e = FLEET
+    first = [
+        local_round(a, 1, 0, seed=1),  # alone: the only device heard of → version 1
+        *(local_round(x, 1, 0, seed=i) for i, x in enumerate([b, c, d, e], 2)),
+        local_round(b, 2, 0, seed=6, samples=30),  # merged into b's first round
+        local_round(a, 2, 1, seed=7),  # the fifth of five active devices → version 2
     ]
-    config = FedAvgConfig(min_devices=2, staleness_alpha=0.0)
-    combined, weights = combine(updates, None, config)
-    assert weights == [10, 30]
-    np.testing.assert_allclose(combined.weights, [0.25, 0.75, 0, 0])
-    assert combined.bias == pytest.approx(-0.5)
+    preq = Confusion(2, 1, 40, 3)
+    second = [
+        local_round(x, 3 if x in (a, b) else 2, 2, seed=10 + i, scored_version=2, prequential=preq)
+        for i, x in enumerate(FLEET)
+    ]
+    with running(s) as (service, thread):
+        send_rounds(s, first)
+        wait_versions(s, 2)
+        send_rounds(s, second[:4])
+        time.sleep(3)
+        assert versions(s) == 2, "a version before all 5 active devices sent a round"
+        send_rounds(s, second[4:])
+        wait_versions(s, 3)
+        assert thread.is_alive() and service.dead_letters == 0
+
+    sent = first + second
+    assert stored_rounds(s) == Counter((r.device_id, r.round) for r in sent)
+    membership = dict(
+        ((d_, r_), v)
+        for d_, r_, v in rows(
+            s, "SELECT device_id, model_version, aggregated_into FROM local_models"
+        )
+    )
+    assert membership == {
+        (a, 1): 1,
+        **{(x, 1): 2 for x in (b, c, d, e)},
+        (b, 2): 2,
+        (a, 2): 2,
+        **{(x, 3 if x in (a, b) else 2): 3 for x in FLEET},
+    }
+    devices = rows(
+        s, "SELECT global_version, num_devices, strategy FROM federated_models ORDER BY 1"
+    )
+    assert devices == [(1, 1, "fedavg"), (2, 5, "fedavg"), (3, 5, "fedavg")]
+    check_fedavg(s)
+    assert rows(s, "SELECT model_version, tp, fp, tn, fn FROM prequential_evaluations") == [
+        (2, 5 * preq.tp, 5 * preq.fp, 5 * preq.tn, 5 * preq.fn)
+    ]
+    # Published: versions 1..3, keyed by version; committed: every message.
+    published = [decode_global_params(v) for v in read_topic(s, s.topics.global_updates)]
+    assert sorted(g.version for g in published) == [1, 2, 3]  # partitioned by version
+    assert kafka.consumer_lag(s, s.consumer_group("fedavg"), s.topics.local_updates) == 0
 
 
-def test_stale_updates_weigh_less() -> None:
-    fresh = update("a", [1, 1, 1, 1], 0.0, 50, base=4)
-    stale = update("b", [1, 1, 1, 1], 0.0, 50, base=1)
-    assert aggregation_weight(fresh, 4, 0.5) == 50
-    assert aggregation_weight(stale, 4, 0.5) == pytest.approx(50 / 2)
-    assert aggregation_weight(stale, 4, 0.0) == 50
+def test_invalid_rounds_go_to_the_dead_letter_topic_and_the_service_goes_on(
+    fedavg_settings: Settings,
+):
+    s = fedavg_settings
+    good = local_round("dev_a", 1, 0, seed=1)
+    wrong_size = dataclasses.replace(
+        local_round("dev_b", 1, 0, seed=2), params=np.zeros(NETWORK.size + 1)
+    )
+    huge = json.loads(encode_local_round(local_round("dev_c", 1, 0, seed=3)))
+    huge["weights"] = [1e308] * NETWORK.size
+    future = local_round("dev_d", 1, 99, seed=4)
+    with running(s) as (service, thread):
+        send_rounds(s, [good])
+        wait_versions(s, 1)
+        send(
+            s,
+            [
+                encode_local_round(wrong_size),
+                json.dumps(huge).encode(),
+                b"\x00\xff garbage",
+                encode_local_round(future),
+            ],
+        )
+        wait_for(lambda: service.dead_letters == 4, 30, "4 dead letters", every=0.2)
+        assert thread.is_alive()
+        send_rounds(s, [local_round("dev_a", 2, 1, seed=5)])
+        wait_versions(s, 2)
+        assert thread.is_alive()
+    letters = dead_letters(s)
+    assert len(letters) == 4
+    assert {x["source_topic"] for x in letters} == {s.topics.local_updates}
+    reasons = " | ".join(sorted(x["reason"] for x in letters))
+    for why in ("parameters, the global network has", "weights holds", "base version 99"):
+        assert why in reasons
+    assert stored_rounds(s) == Counter({("dev_a", 1): 1, ("dev_a", 2): 1})
+    assert kafka.consumer_lag(s, s.consumer_group("fedavg"), s.topics.local_updates) == 0
 
 
-@pytest.mark.parametrize("strategy", ["trimmed_mean", "median", "clipped_fedavg"])
-def test_robust_strategies_resist_one_scaled_update(strategy: str) -> None:
-    honest = [update(f"d{i}", [1 + 0.01 * i, 1, 1, 1], 0.0, 50) for i in range(9)]
-    attacker = update("evil", [-1000, -1000, -1000, -1000], 0.0, 50)
-    config = FedAvgConfig(min_devices=10, strategy=strategy, staleness_alpha=0.0)
-    robust, _ = combine([*honest, attacker], current(1), config)
-    plain, _ = combine([*honest, attacker], current(1), FedAvgConfig(staleness_alpha=0.0))
-    assert np.all(np.abs(robust.weights) < 2)
-    assert np.all(plain.weights < -90)
+def test_a_restart_resumes_from_the_stored_server_state(settings: Settings):
+    s = service_settings(settings, fedavg_strategy="trimmed_mean")  # default momentum 0.7
+    a, b, c, d = FLEET[:4]
+
+    def rnd(device: str, number: int, base: int, seed: int) -> LocalRound:
+        return local_round(
+            device,
+            number,
+            base,
+            seed=seed,
+            calibration=True,
+            scored_version=base,
+            prequential=Confusion(1, 2, 30, 1) if base else None,
+        )
+
+    before = [rnd(a, 1, 0, 1), rnd(b, 1, 0, 2), rnd(c, 1, 0, 3), rnd(d, 1, 0, 4)]
+    before += [rnd(a, 2, 1, 5), rnd(b, 2, 2, 6), rnd(c, 2, 2, 7)]  # v1 {a}, v2 {a2 b1 c1 d1}
+    after = [rnd(d, 2, 2, 8), rnd(a, 3, 2, 9)]  # b2, c2 were buffered: → v3
+    with running(s):
+        send_rounds(s, before)
+        wait_versions(s, 2)
+        time.sleep(2)  # b2 and c2 buffered, not committed, when the service stops
+    assert versions(s) == 2
+    with running(s) as (service, _):
+        send_rounds(s, after)
+        wait_versions(s, 3)
+        assert service.skipped == 0
+
+    reference = Federation(FederationConfig.from_settings(s))
+    made = []
+    for r in before + after:
+        reference.add(r)
+        if reference.due(r.timestamp_ms):
+            made.append(reference.close(r.timestamp_ms))
+    assert [v.model.version for v in made] == [1, 2, 3]
+    expected = made[-1].model
+    (weights, threshold, normal_threshold, detector, label_source, num_devices) = rows(
+        s,
+        "SELECT weights, threshold, normal_threshold, detector, label_source, num_devices"
+        " FROM federated_models WHERE global_version = 3",
+    )[0]
+    np.testing.assert_array_equal(weights, expected.params)
+    assert (threshold, normal_threshold, detector, label_source, num_devices) == (
+        expected.threshold,
+        expected.normal_threshold,
+        expected.detector,
+        expected.label_source,
+        made[-1].num_devices,
+    )
+    published = [decode_global_params(v) for v in read_topic(s, s.topics.global_updates)]
+    assert sorted(g.version for g in published) == [1, 2, 2, 3]  # v2 again on start
+    last = next(g for g in published if g.version == 3)
+    np.testing.assert_array_equal(last.normal.comoment, expected.normal.comoment)
+    assert stored_rounds(s) == Counter((r.device_id, r.round) for r in before + after)
+    preq = rows(s, "SELECT model_version, tp, fp, tn, fn FROM prequential_evaluations ORDER BY 1")
+    assert preq == [(1, 1, 2, 30, 1), (2, 4, 8, 120, 4)]
 
 
-def test_buffer_counts_distinct_devices_and_drops_repeats() -> None:
-    buffer = Buffer()
-    assert buffer.add(update("a", [1, 0, 0, 0], 0, 50, version=1))
-    assert buffer.add(update("a", [1, 0, 0, 0], 0, 50, version=2))
-    assert not buffer.add(update("a", [1, 0, 0, 0], 0, 50, version=2))
-    assert buffer.add(update("b", [1, 0, 0, 0], 0, 50, version=1))
-    assert len(buffer.updates) == 3 and buffer.devices() == 2
-    buffer.clear()
-    assert buffer.devices() == 0
+def test_the_time_window_closes_a_round_on_a_quiet_fleet(settings: Settings):
+    s = service_settings(settings, fedavg_round_window_s=2.0)
+    with running(s):
+        send_rounds(s, [local_round("dev_a", 1, 0, seed=1)])
+        wait_versions(s, 1)
+        late = local_round("dev_b", 1, 0, seed=2)  # dev_a is active: the round waits for it
+        send_rounds(s, [late])
+        wait_versions(s, 2, timeout=30)
+    created, num_devices = rows(
+        s, "SELECT created_at, num_devices FROM federated_models WHERE global_version = 2"
+    )[0]
+    assert num_devices == 1
+    assert created.timestamp() * 1000 - late.timestamp_ms >= 2000
 
 
-def test_unknown_strategy_is_a_clear_error() -> None:
-    from flead.config import load_settings
+# --- pure parts ----------------------------------------------------------------------------
 
-    with pytest.raises(ValueError, match="FLEAD_FEDAVG_STRATEGY"):
-        FedAvgConfig.from_settings(load_settings({"FLEAD_FEDAVG_STRATEGY": "mean"}))
-    assert set(model.STRATEGIES) == {"fedavg", "trimmed_mean", "median", "clipped_fedavg"}
+
+class FakeMessage:
+    def __init__(self, partition: int, offset: int) -> None:
+        self._p, self._o = partition, offset
+
+    def topic(self) -> str:
+        return "t"
+
+    def partition(self) -> int:
+        return self._p
+
+    def offset(self) -> int:
+        return self._o
+
+
+def test_a_refused_message_is_committed_only_after_every_earlier_one_of_its_partition():
+    offsets = Offsets()
+    buffered = offsets.consumed(FakeMessage(0, 0))
+    offsets.consumed(FakeMessage(0, 1), done=True)  # refused after a buffered round
+    offsets.consumed(FakeMessage(1, 0), done=True)  # refused, nothing before it
+    assert [(tp.partition, tp.offset) for tp in offsets.committable()] == [(1, 1)]
+    later = offsets.consumed(FakeMessage(0, 2))  # buffered after the version's rounds
+    buffered.done = True
+    assert [(tp.partition, tp.offset) for tp in offsets.committable()] == [(0, 2)]
+    assert offsets.committable() == []
+    later.done = True
+    assert [(tp.partition, tp.offset) for tp in offsets.committable()] == [(0, 3)]
+
+
+def test_settings_reach_the_rule():
+    config = FederationConfig.from_settings(
+        load_settings(
+            {
+                "FLEAD_FEDAVG_STRATEGY": "trimmed_mean",
+                "FLEAD_FEDAVG_TRIM_FRACTION": "0.3",
+                "FLEAD_FEDAVG_MAX_NORM": "5",
+                "FLEAD_FEDAVG_STALENESS_ALPHA": "0.25",
+            }
+        )
+    )
+    rule = config.make_rule()
+    assert (rule.name, rule.trim_fraction, rule.max_update_norm, rule.staleness_alpha) == (
+        "trimmed_mean",
+        0.3,
+        5.0,
+        0.25,
+    )
+    assert config.make_rule().max_samples == 50 + 32
+    with pytest.raises(ValueError, match="FLEAD_FEDAVG"):
+        FederationConfig.from_settings(load_settings({"FLEAD_FEDAVG_STRATEGY": "mean"}))

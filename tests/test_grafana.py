@@ -1,4 +1,5 @@
-"""Grafana: provisioning, dashboards, and every panel's SQL run the way Grafana runs it.
+"""Grafana: provisioning, dashboards, alert rules, and every panel's and alert rule's SQL run the
+way Grafana runs it.
 
 The panel queries are expanded with a port of Grafana's PostgreSQL macro engine
 (``pkg/tsdb/grafana-postgresql-datasource/macros.go`` and the global substitutions of
@@ -29,6 +30,7 @@ GRAFANA = REPO_ROOT / "grafana"
 DASHBOARD_FILES = sorted((GRAFANA / "dashboards").glob("*.json"))
 DATASOURCE_FILE = GRAFANA / "provisioning" / "datasources" / "flead.yaml"
 PROVIDER_FILE = GRAFANA / "provisioning" / "dashboards" / "flead.yaml"
+ALERT_FILES = sorted((GRAFANA / "provisioning" / "alerting").glob("*.yaml"))
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 READER_MIGRATION = REPO_ROOT / "sql" / "004_grafana_reader.sql"
 READER = "flead_grafana"
@@ -40,6 +42,8 @@ TABLES_READ = (
     "model_evaluation_summaries",
     "hourly_device_analytics",
     "accuracy_reports",
+    "prequential_evaluations",
+    "prequential_metrics",
 )
 
 
@@ -383,7 +387,14 @@ def test_dashboards_are_well_formed() -> None:
         "Top devices by training count",
         "Recent federated models",
         "Anomalies per hour by severity",
+        "Recent anomalies",
+        "Anomalies per hour by detector",
     } <= titles
+    quality = {p["title"] for p in boards["flead-model-quality.json"]["panels"]}
+    assert {
+        "Held-out vs prequential F1 and MCC per version",
+        "Version-to-version swing (change from the previous version)",
+    } <= quality
 
 
 def test_reader_migration_is_database_independent() -> None:
@@ -478,6 +489,199 @@ def test_panel_sql_returns_rows(board_and_panel: tuple[str, dict], grafana_reade
             assert any(v is not None for row in rows for v in row), (name, panel["id"], rows)
             for seconds in (1, 60, 3600, 86_400, 30 * 86_400, 365 * 86_400):
                 conn.execute(expand_grafana_macros(target["rawSql"], start, end, seconds))
+
+
+# --- alert rules ---------------------------------------------------------------------------
+
+_ALERT_STATES = {"NoData", "Alerting", "OK", "KeepLast"}
+_ERROR_STATES = {"Error", "Alerting", "OK", "KeepLast"}
+
+
+def _alert_rules() -> list[dict]:
+    rules = []
+    for path in ALERT_FILES:
+        doc = yaml.safe_load(path.read_text())
+        assert doc["apiVersion"] == 1, path.name
+        for group in doc["groups"]:
+            rules.extend(group["rules"])
+    return rules
+
+
+def _alert_rule(uid: str) -> dict:
+    return next(r for r in _alert_rules() if r["uid"] == uid)
+
+
+def _alert_queries() -> list[tuple[str, dict]]:
+    """Every datasource query of every rule (expressions run inside Grafana, not as SQL)."""
+    return [
+        (rule["uid"], item)
+        for rule in _alert_rules()
+        for item in rule["data"]
+        if item["datasourceUid"] != "__expr__"
+    ]
+
+
+def _threshold(rule: dict) -> tuple[str, float]:
+    """The evaluator of the rule's condition (a threshold expression)."""
+    condition = next(d for d in rule["data"] if d["refId"] == rule["condition"])
+    assert condition["model"]["type"] == "threshold"
+    (evaluator,) = [c["evaluator"] for c in condition["model"]["conditions"]]
+    (value,) = evaluator["params"]
+    return evaluator["type"], float(value)
+
+
+def _alert_sql(item: dict, now: datetime, wide: bool = False) -> str:
+    """The query as Grafana's alert evaluation sends it: the rule's relative time range
+    (seconds before now), interval 1 s (alerting's intervalMs default); ``wide``: from 1970."""
+    span = item["relativeTimeRange"]
+    start = _EPOCH if wide else now - timedelta(seconds=span["from"])
+    end = now - timedelta(seconds=span["to"])
+    return expand_grafana_macros(item["model"]["rawSql"], start, end, 1, now=now)
+
+
+def test_alert_rules_are_well_formed() -> None:
+    """Grafana's file provisioning format for alert rules: apiVersion 1, groups with an
+    interval and a folder, rules whose condition is one of their refIds, datasource queries on
+    the provisioned datasource (table format, macros Grafana knows) and expressions that refer
+    to earlier refIds."""
+    assert [p.name for p in ALERT_FILES] == ["flead-alerts.yaml"]
+    doc = yaml.safe_load(ALERT_FILES[0].read_text())
+    assert set(doc) == {"apiVersion", "groups"}  # contact points are left to the user
+    provider = yaml.safe_load(PROVIDER_FILE.read_text())["providers"][0]
+    ds = _datasource()
+    uids = set()
+    for group in doc["groups"]:
+        assert group["orgId"] == 1 and group["name"] and group["interval"]
+        assert group["folder"] == provider["folder"]  # beside the dashboards
+        for rule in group["rules"]:
+            assert rule["uid"] not in uids
+            uids.add(rule["uid"])
+            assert len(rule["uid"]) <= 40 and rule["title"]
+            ref_ids = [d["refId"] for d in rule["data"]]
+            assert len(ref_ids) == len(set(ref_ids)) and rule["condition"] in ref_ids
+            assert rule["noDataState"] in _ALERT_STATES
+            assert rule["execErrState"] in _ERROR_STATES
+            assert rule["labels"]["team"] == "flead"
+            seen = set()
+            for item in rule["data"]:
+                model = item["model"]
+                assert model["refId"] == item["refId"]
+                if item["datasourceUid"] == "__expr__":
+                    assert model["type"] in {"reduce", "threshold", "math"}
+                    assert model.get("expression") in seen, (rule["uid"], item["refId"])
+                else:
+                    assert item["datasourceUid"] == ds["uid"]
+                    assert item["relativeTimeRange"]["from"] > item["relativeTimeRange"]["to"]
+                    assert model["rawQuery"] is True and model["format"] == "table"
+                    expanded = expand_grafana_macros(model["rawSql"], _EPOCH, _EPOCH, 1)
+                    assert "$" not in expanded and "time_bucket" not in expanded
+                seen.add(item["refId"])
+            _threshold(rule)
+    assert uids == {"flead-critical-anomalies", "flead-quality-drop"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("uid_and_query", _alert_queries(), ids=lambda q: f"{q[0]}#{q[1]['refId']}")
+def test_alert_rule_sql_runs(uid_and_query: tuple[str, dict], grafana_reader_url: str) -> None:
+    """Each alert query, expanded for the rule's own time range, runs as the read-only role
+    and gives what Grafana makes alert instances of: string columns (labels) and exactly one
+    numeric column (the value). Over all the data (from 1970) it returns rows."""
+    uid, item = uid_and_query
+    now = datetime.now(UTC)
+    with psycopg.connect(grafana_reader_url, connect_timeout=10) as conn:
+        for wide in (False, True):
+            cursor = conn.execute(_alert_sql(item, now, wide=wide))
+            rows = cursor.fetchall()
+            types = {d.name: d.type_code for d in cursor.description}
+            numeric = [n for n, t in types.items() if t in _NUMERIC_OIDS]
+            assert len(numeric) == 1, (uid, types)
+            assert set(types) - set(numeric) <= {n for n, t in types.items() if t == _TEXT_OID}
+        assert rows, f"alert rule {uid} returned no rows over all the data"
+        assert all(row[list(types).index(numeric[0])] is not None for row in rows), rows
+
+
+_TEXT_OID = 25
+_NUMERIC_OIDS = {20, 21, 23, 700, 701, 1700}  # int8, int2, int4, float4, float8, numeric
+
+
+def _reader_query(url: str, sql: str) -> list[tuple]:
+    with psycopg.connect(_as_reader(url), autocommit=True) as reader:
+        return reader.execute(sql).fetchall()
+
+
+@pytest.mark.integration
+def test_critical_anomalies_rule_fires_per_device(database: str) -> None:
+    """One instance per device with critical anomalies stored in the last 5 minutes; warnings
+    and older records do not count."""
+    with psycopg.connect(database, autocommit=True) as conn:
+        for device, severity, age_s, n in (
+            ("d1", "critical", 30, 2),
+            ("d2", "warning", 30, 3),
+            ("d3", "critical", 900, 1),
+        ):
+            for i in range(n):
+                conn.execute(
+                    "INSERT INTO anomalies (device_id, value, z_score, severity, timestamp,"
+                    " created_at, detector, score, threshold, channels, reason, model_version)"
+                    " VALUES (%s, 1, 5, %s, now() - make_interval(secs => %s),"
+                    " now() - make_interval(secs => %s), 'zscore', 5, 2.5, ARRAY['value'],"
+                    " 'test', 0)",
+                    (device, severity, age_s + i, age_s),
+                )
+    rule = _alert_rule("flead-critical-anomalies")
+    (item,) = [d for d in rule["data"] if d["datasourceUid"] != "__expr__"]
+    rows = _reader_query(database, _alert_sql(item, datetime.now(UTC)))
+    assert rows == [("d1", 2)]
+    kind, value = _threshold(rule)
+    assert (kind, value) == ("gt", 0.0)
+
+
+@pytest.mark.integration
+def test_quality_drop_rule_compares_with_the_best_so_far(database: str) -> None:
+    """The newest version's held-out and prequential F1 against the best of the versions
+    before it: a drop beyond the margin fires, a drop within it or a new best does not."""
+    rule = _alert_rule("flead-quality-drop")
+    (item,) = [d for d in rule["data"] if d["datasourceUid"] != "__expr__"]
+    kind, margin = _threshold(rule)
+    assert kind == "gt" and 0 < margin < 1
+
+    def summary(conn, version: int, f1: float) -> None:
+        conn.execute(
+            "INSERT INTO model_evaluation_summaries (model_version, samples, tp, fp, tn, fn,"
+            " accuracy, precision, recall, f1, mcc, baseline_accuracy) VALUES"
+            " (%s, 100, 1, 1, 97, 1, 0.98, 0.5, 0.5, %s, 0.5, 0.98)",
+            (version, f1),
+        )
+
+    def prequential(conn, version: int, tp: int, fp: int, fn: int, tn: int = 500) -> None:
+        conn.execute(
+            "INSERT INTO prequential_evaluations (model_version, tp, fp, tn, fn)"
+            " VALUES (%s, %s, %s, %s, %s)",
+            (version, tp, fp, tn, fn),
+        )
+
+    def fired() -> dict[str, tuple[str, float]]:
+        rows = _reader_query(database, _alert_sql(item, datetime.now(UTC)))
+        return {
+            source: (version, float(below)) for source, version, below in rows if below > margin
+        }
+
+    with psycopg.connect(database, autocommit=True) as conn:
+        summary(conn, 1, 0.30)
+        summary(conn, 2, 0.60)
+        prequential(conn, 1, 40, 10, 10)  # F1 0.8
+        prequential(conn, 2, 2, 1, 1, tn=10)  # too few samples to count
+        assert fired() == {}  # held-out: v2 is the best so far; prequential: one version
+        summary(conn, 3, 0.60 - margin / 2)
+        prequential(conn, 3, 40, 12, 12)  # F1 0.77: within the margin
+        assert fired() == {}
+        summary(conn, 4, 0.60 - margin - 0.05)
+        prequential(conn, 4, 10, 30, 30)  # F1 0.25
+    result = fired()
+    assert set(result) == {"held-out", "prequential"}
+    assert result["held-out"][0] == "4"
+    assert result["held-out"][1] == pytest.approx(margin + 0.05)
+    assert result["prequential"] == ("4", pytest.approx(0.8 - 0.25))
 
 
 # --- the read-only role ---------------------------------------------------------------------

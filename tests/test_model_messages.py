@@ -11,11 +11,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming.learner import GlobalParams, LocalRound
+from streaming.learner import Anomaly, GlobalParams, LocalRound
 from streaming.messages import (
     InvalidMessage,
+    decode_anomaly,
     decode_global_params,
     decode_local_round,
+    encode_anomaly,
     encode_global_params,
     encode_local_round,
 )
@@ -264,7 +266,7 @@ RAW_PAYLOADS = {
 
 
 @pytest.mark.parametrize("name", sorted(RAW_PAYLOADS))
-@pytest.mark.parametrize("decode", [decode_local_round, decode_global_params])
+@pytest.mark.parametrize("decode", [decode_local_round, decode_global_params, decode_anomaly])
 def test_raw_hostile_payloads_raise_invalid_message(name, decode):
     with pytest.raises(InvalidMessage):
         decode(RAW_PAYLOADS[name])
@@ -293,7 +295,7 @@ def test_nan_and_infinity_anywhere_numeric_raise_invalid_message(token):
 
 def test_non_bytes_payloads_raise_invalid_message():
     for payload in (None, 42, ["a"], {"version": 1}):
-        for decode in (decode_local_round, decode_global_params):
+        for decode in (decode_local_round, decode_global_params, decode_anomaly):
             with pytest.raises(InvalidMessage):
                 decode(payload)
 
@@ -318,7 +320,7 @@ json_values = st.recursive(
 
 
 def decoders_only_raise_invalid_message(payload) -> None:
-    for decode in (decode_local_round, decode_global_params):
+    for decode in (decode_local_round, decode_global_params, decode_anomaly):
         with contextlib.suppress(InvalidMessage):
             decode(payload)
 
@@ -391,3 +393,124 @@ def test_valid_messages_with_one_random_field_only_raise_invalid_message(
             set_path(obj, path, value)
         with contextlib.suppress(InvalidMessage):
             decode(json.dumps(obj))
+
+
+# --------------------------------------------------------------------------------------------
+# anomalies
+# --------------------------------------------------------------------------------------------
+
+
+def anomaly(**overrides) -> Anomaly:
+    fields = {
+        "device_id": "plc-7/line 2",
+        "timestamp_ms": TS,
+        "value": 71.5,
+        "z_score": -3.25,
+        "severity": "warning",
+        "score": 4.125,
+        "threshold": 2.5,
+        "model_version": 17,
+        "detector": "label_free",
+        "channels": ("pressure", "temp"),
+        "reason": "label_free model v17: score 4.12 >= 2.50; largest |z| 3.25 on pressure, temp",
+    }
+    fields.update(overrides)
+    return Anomaly(**fields)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"detector": "zscore", "model_version": 0, "channels": ("value",), "severity": "critical"},
+        {"detector": "supervised", "score": -0.5, "threshold": -1.0, "reason": ""},
+        {"reason": "é ✓ \t tab and newline \n", "value": -1e15, "model_version": 2**31 - 1},
+    ],
+)
+def test_anomaly_round_trip(overrides):
+    original = anomaly(**overrides)
+    payload = encode_anomaly(original)
+    assert set(json.loads(payload)) == {
+        "device_id",
+        "timestamp",
+        "value",
+        "z_score",
+        "severity",
+        "score",
+        "threshold",
+        "model_version",
+        "detector",
+        "channels",
+        "reason",
+    }
+    assert decode_anomaly(payload) == original
+
+
+def anomaly_obj() -> dict:
+    return json.loads(encode_anomaly(anomaly()))
+
+
+ANOMALY_MUTATIONS = {
+    "missing device": ("device_id", None),
+    "control char device": ("device_id", "dev\x00ice"),
+    "long device": ("device_id", "d" * 10_000),
+    "bad timestamp": ("timestamp", "yesterday"),
+    "timestamp year 9999": ("timestamp", "9999-01-01T00:00:00Z"),
+    "value a string": ("value", "71.5"),
+    "value beyond the limit": ("value", 1e300),
+    "value a bool": ("value", True),
+    "z missing": ("z_score", None),
+    "score beyond the limit": ("score", -1e300),
+    "threshold a list": ("threshold", [2.5]),
+    "unknown severity": ("severity", "loud"),
+    "unknown detector": ("detector", "auto"),
+    "version negative": ("model_version", -1),
+    "version 2**31": ("model_version", 2**31),
+    "version a float": ("model_version", 3.0),
+    "channels empty": ("channels", []),
+    "channels a string": ("channels", "pressure"),
+    "channel not a string": ("channels", ["pressure", 3]),
+    "channel empty": ("channels", [""]),
+    "channel repeated": ("channels", ["a", "a"]),
+    "channel control char": ("channels", ["a\x07"]),
+    "too many channels": ("channels", [f"c{i}" for i in range(257)]),
+    "reason missing": ("reason", None),
+    "reason too long": ("reason", "x" * 2001),
+    "reason with NUL": ("reason", "a\x00b"),
+    "reason a number": ("reason", 3),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ANOMALY_MUTATIONS))
+def test_hostile_anomaly_raises_invalid_message(name):
+    field, value = ANOMALY_MUTATIONS[name]
+    payload = json.dumps(set_path(anomaly_obj(), (field,), value))
+    with pytest.raises(InvalidMessage):
+        decode_anomaly(payload)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity"])
+def test_anomaly_nan_and_infinity_raise_invalid_message(token):
+    for name in ("value", "z_score", "score", "threshold"):
+        payload = json.dumps(set_path(anomaly_obj(), (name,), "__TOKEN__"))
+        with pytest.raises(InvalidMessage):
+            decode_anomaly(payload.replace('"__TOKEN__"', token))
+
+
+def test_anomaly_with_a_lone_surrogate_raises_invalid_message():
+    for name in ("reason", "device_id"):
+        payload = json.dumps(set_path(anomaly_obj(), (name,), "__X__")).replace("__X__", "\\ud800")
+        with pytest.raises(InvalidMessage):
+            decode_anomaly(payload)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(sorted(anomaly_obj())), json_values, st.booleans())
+def test_anomaly_with_one_random_field_only_raises_invalid_message(field, value, delete):
+    obj = anomaly_obj()
+    if delete:
+        del obj[field]
+    else:
+        obj[field] = value
+    with contextlib.suppress(InvalidMessage):
+        decode_anomaly(json.dumps(obj))

@@ -4,20 +4,27 @@ malformed input on every topic)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import threading
 import time
 from collections import defaultdict
+from datetime import UTC, datetime
 
 import numpy as np
 import pytest
 
 from flead import kafka, services
 from flead.config import Settings
-from streaming import edge, model
-from streaming.messages import LocalUpdate, decode_local_update, encode_local_update
+from streaming import learner
+from streaming.learner import LearnerConfig, LocalRound
+from streaming.messages import Reading, decode_local_round, encode_local_round
+from streaming.model import aggregation
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
+from streaming.model.features import N_FEATURES
+from streaming.model.metrics import Confusion
 from streaming.replay import replay
 from streaming.sources import synthetic_fleet
 from tests.conftest import MALFORMED, isolated, table_counts, wait_until_consumed
@@ -37,8 +44,16 @@ pytestmark = pytest.mark.integration
 
 
 def assert_versions_are_weighted_means(settings: Settings) -> int:
-    """From the stored rows alone: versions 1..n, each the (staleness-)weighted mean of the
-    local updates it was built from. Returns n."""
+    """From the stored rows alone: versions 1..n, each the weighted FedAvg step from the
+    previous version (the network's initial parameters before version 1) over the local rounds
+    it was built from. Returns n.
+
+    Needs ``fedavg_strategy=fedavg`` and ``fedavg_server_momentum=0``: then version v is
+    ``reference + Σ W·clip(p − reference) / Σ W`` over the devices of the round, where a device's
+    rounds merged within one version count as their weighted mean ``p`` with the summed
+    weight ``W = min(samples, train_every + positive_memory) · (1 + staleness)^-alpha``.
+    """
+    assert settings.fedavg_strategy == "fedavg" and settings.fedavg_server_momentum == 0
     versions = [
         v
         for (v,) in query(
@@ -46,45 +61,72 @@ def assert_versions_are_weighted_means(settings: Settings) -> int:
         )
     ]
     assert versions == list(range(1, len(versions) + 1)), "versions have a gap or repeat"
+    stored = dict(query(settings, "SELECT global_version, weights FROM federated_models"))
+    rule = aggregation.make_rule("fedavg")
+    cap = settings.train_every + settings.positive_memory
     alpha = settings.fedavg_staleness_alpha
-    for version, weights, bias in query(
-        settings, "SELECT global_version, weights, bias FROM federated_models"
-    ):
+    reference = Network(N_FEATURES, settings.hidden_units).initial()
+    for version in versions:
         rows = query(
             settings,
-            "SELECT weights, bias, samples_processed, global_version,"
-            " aggregation_weight FROM local_models WHERE aggregated_into = %s",
+            "SELECT device_id, weights, aggregation_weight, samples_processed, global_version"
+            " FROM local_models WHERE aggregated_into = %s",
             (version,),
         )
-        assert rows, f"version {version} has no local updates"
-        expected_weights = [
-            samples * model.staleness_factor(version - 1, base, alpha)
-            for _, _, samples, base, _ in rows
-        ]
-        np.testing.assert_allclose([r[4] for r in rows], expected_weights, rtol=1e-9)
-        params = np.array([[*w, b] for w, b, *_ in rows])
-        mean = np.average(params, axis=0, weights=expected_weights)
-        np.testing.assert_allclose([*weights, bias], mean, rtol=1e-9, atol=1e-12)
+        assert rows, f"version {version} has no local rounds"
+        by_device = defaultdict(list)
+        for device, weights, weight, samples, base in rows:
+            by_device[device].append((np.asarray(weights), weight, samples, base))
+        deltas, totals = [], []
+        for device, rounds in by_device.items():
+            total = sum(w for _, w, _, _ in rounds)
+            staleness = version - 1 - max(base for *_, base in rounds)
+            expected = min(sum(s for _, _, s, _ in rounds), cap) * (1 + staleness) ** -alpha
+            assert total == pytest.approx(expected, rel=1e-9), (version, device)
+            params = sum(w * p for p, w, _, _ in rounds) / total
+            delta = params - reference
+            norm = float(np.linalg.norm(delta))
+            if rule.max_update_norm > 0 and norm > rule.max_update_norm:
+                delta = delta * (rule.max_update_norm / norm)
+            deltas.append(delta)
+            totals.append(total)
+        mean = reference + np.average(np.vstack(deltas), axis=0, weights=totals)
+        np.testing.assert_allclose(stored[version], mean, rtol=1e-9, atol=1e-9)
+        reference = np.asarray(stored[version])
     return len(versions)
+
+
+def assert_anomaly_rows_are_complete(settings: Settings) -> None:
+    """Every stored anomaly says what flagged it and why."""
+    assert (
+        scalar(
+            settings,
+            "SELECT count(*) FROM anomalies WHERE score IS NULL OR threshold IS NULL"
+            " OR model_version IS NULL OR detector IS NULL OR channels IS NULL"
+            " OR cardinality(channels) = 0 OR reason IS NULL OR reason = ''",
+        )
+        == 0
+    )
 
 
 def test_pipeline_scores_trains_and_federates(pipeline: Settings) -> None:
     anomalies = scalar(pipeline, "SELECT count(*) FROM anomalies")
     assert anomalies > 0
     assert scalar(pipeline, "SELECT count(*) FROM local_models") > 0
-    assert scalar(pipeline, "SELECT min(cardinality(weights)) FROM local_models") == (
-        model.feature_count("scale_free")
-    )
+    size = Network(N_FEATURES, pipeline.hidden_units).size
+    assert scalar(pipeline, "SELECT min(cardinality(weights)) FROM local_models") == size
+    assert scalar(pipeline, "SELECT max(cardinality(weights)) FROM local_models") == size
     assert scalar(pipeline, "SELECT count(*) FROM federated_models") >= 3
+    assert_anomaly_rows_are_complete(pipeline)
 
 
 def test_devices_adopt_global_models(pipeline: Settings) -> None:
     updates = [
-        decode_local_update(v)
+        decode_local_round(v)
         for v in read_topic(pipeline, pipeline.topics.local_updates)
         if b'"weights":[' in v
     ]
-    assert max(u.base_global_version for u in updates) >= 1
+    assert max(u.base_version for u in updates) >= 1
     assert scalar(pipeline, "SELECT count(*) FROM local_models WHERE global_version >= 1") > 0
 
 
@@ -95,7 +137,9 @@ def test_every_global_version_is_the_weighted_mean_of_its_updates(pipeline: Sett
 def test_held_out_devices_are_scored_but_never_train(pipeline: Settings) -> None:
     trained = {d for (d,) in query(pipeline, "SELECT DISTINCT device_id FROM local_models")}
     scored = {d for (d,) in query(pipeline, "SELECT DISTINCT device_id FROM anomalies")}
-    held_out = {d for d in scored if edge.is_held_out(d, pipeline.holdout_fraction, pipeline.seed)}
+    held_out = {
+        d for d in scored if learner.is_held_out(d, pipeline.holdout_fraction, pipeline.seed)
+    }
     assert held_out, "some held-out devices should have anomalies"
     assert not held_out & trained
 
@@ -116,31 +160,147 @@ def test_malformed_input_on_every_topic_is_dead_lettered(pipeline: Settings) -> 
         by_topic[record["source_topic"]].append(record["reason"])
     for topic, values in MALFORMED.items():
         name = getattr(pipeline.topics, topic)
-        assert len(by_topic[name]) == len(values), f"dead letters from {name}: {by_topic[name]}"
+        expected = len(values) + (name == pipeline.topics.readings)  # + the channel change
+        assert len(by_topic[name]) == expected, f"dead letters from {name}: {by_topic[name]}"
         assert all(by_topic[name])
-    assert any("single channel" in r for r in by_topic[pipeline.topics.readings])
+    # The channel change of device_0002 mid-stream (conftest.CHANNEL_CHANGE), with the reason.
+    changed = [r for r in by_topic[pipeline.topics.readings] if "differ from the device's" in r]
+    assert len(changed) == 1, by_topic[pipeline.topics.readings]
+    assert "['humidity', 'temperature']" in changed[0] and "['value']" in changed[0]
     # ... and the pipeline went on: everything after the bad messages was processed.
     assert scalar(pipeline, "SELECT count(*) FROM federated_models") >= 3
+
+
+# --- a multichannel fleet: the learner's detectors in the live tier ------------------------
+
+CHANNELS = ("flow", "pressure", "temperature")
+
+
+def multichannel_fleet(devices: int = 5, readings: int = 600, seed: int = 7) -> list[Reading]:
+    """Three channels driven by one slow process per device (strongly correlated), labelled
+    anomalies that break the correlation: one channel moves by ~1.5 of its own standard
+    deviations (the z-score rule mostly misses it) but by many times the residual noise (the
+    multichannel features see it)."""
+    rng = np.random.default_rng(seed)
+    start_ms = int(datetime(2025, 11, 7, tzinfo=UTC).timestamp() * 1000)
+    out = []
+    for d in range(devices):
+        level = np.zeros(readings)
+        for k in range(1, readings):
+            level[k] = 0.98 * level[k - 1] + rng.normal(0, 0.2)  # stationary sd ~1
+        values = np.column_stack(
+            (
+                20 + 2 * level + rng.normal(0, 0.2, readings),
+                50 - 3 * level + rng.normal(0, 0.3, readings),
+                5 + 0.5 * level + rng.normal(0, 0.05, readings),
+            )
+        )
+        labels = np.zeros(readings, dtype=int)
+        for at in rng.choice(np.arange(60, readings - 3), size=readings // 50, replace=False):
+            channel = int(rng.integers(0, 3))
+            scale = (2.0, 3.0, 0.5)[channel] * 1.5 * rng.choice((-1, 1))
+            values[at : at + 2, channel] += scale
+            labels[at : at + 2] = 1
+        offset = d * 1000
+        out += [
+            Reading(
+                f"line{d}-press",
+                start_ms + offset + k * 10_000,
+                tuple(values[k].tolist()),
+                int(labels[k]),
+                CHANNELS,
+            )
+            for k in range(readings)
+        ]
+    return sorted(out, key=lambda r: r.timestamp_ms)
+
+
+def version_count(settings: Settings) -> int:
+    return scalar(settings, "SELECT count(*) FROM federated_models")
+
+
+def test_multichannel_fleet_gets_versions_and_model_detections(
+    kafka_broker: Settings, database: str, tmp_path
+) -> None:
+    """Five 3-channel devices, FedAvg with its defaults (a round closes at min(20, active
+    devices)): global versions appear, and once devices hold a calibrated version the anomaly
+    records come from its detector, each saying which version, detector, score and why."""
+    # detector=supervised: the devices score with the version's network once it is calibrated.
+    # (With ``auto`` the server picks the detector with the best MCC on the devices' fresh
+    # labelled readings; on this small fleet that was the z-score rule in a trial run.)
+    settings = isolated(
+        kafka_broker,
+        database,
+        state_dir=tmp_path,
+        train_interval_s=3.0,
+        holdout_fraction=0.0,
+        detector="supervised",
+    )
+    readings = multichannel_fleet()
+    per_chunk = 5 * 50  # one round's readings per device
+    producer = kafka.producer_config(settings)
+    for name in services.STREAMING_SERVICES:
+        start(settings, name)
+    try:
+        for first in range(0, len(readings), per_chunk):
+            replay(
+                readings[first : first + per_chunk],
+                producer,
+                settings.topics.readings,
+                progress=False,
+                batch=settings.replay_batch,
+            )
+            wait_until_consumed(settings)
+            before = version_count(settings)
+            # Let the round close, so that the next chunk is scored by the newest version.
+            with contextlib.suppress(AssertionError):
+                wait_for(lambda b=before: version_count(settings) > b, 10, "a version", every=0.3)
+        settled(lambda: table_counts(settings), quiet_s=8, timeout=120, what="the outputs")
+    finally:
+        for name in services.STREAMING_SERVICES:
+            stop(settings, name)
+
+    assert scalar(settings, "SELECT count(*) FROM federated_models") >= 3
+    size = Network(N_FEATURES, settings.hidden_units).size
+    assert scalar(settings, "SELECT min(cardinality(weights)) FROM local_models") == size
+    assert scalar(settings, "SELECT count(DISTINCT device_id) FROM local_models") == 5
+    assert_anomaly_rows_are_complete(settings)
+    by_model = query(
+        settings,
+        "SELECT detector, min(model_version), count(*) FROM anomalies"
+        " WHERE model_version > 0 GROUP BY detector",
+    )
+    assert by_model, "no anomaly was flagged by a global version's detector"
+    assert all(detector != "zscore" for detector, _, _ in by_model), by_model
+    channels = {c for (cs,) in query(settings, "SELECT channels FROM anomalies") for c in cs}
+    assert channels <= set(CHANNELS)
 
 
 # --- fault tests ------------------------------------------------------------------------------
 
 
-def local_updates(devices: int, rounds: int, seed: int = 5) -> list[LocalUpdate]:
+def local_rounds(devices: int, rounds: int, hidden: int, seed: int = 5) -> list[LocalRound]:
     rng = np.random.default_rng(seed)
-    from datetime import UTC, datetime
-
+    network = Network(N_FEATURES, hidden)
+    now_ms = int(time.time() * 1000)
+    empty = np.zeros(LOGIT_EDGES.size + 1, np.int64)
     return [
-        LocalUpdate(
-            f"device_{d:04d}",
-            r,
-            0,
-            tuple(rng.normal(0, 1, 4).tolist()),
-            float(rng.normal()),
-            0.9,
-            0.4,
-            int(rng.integers(20, 60)),
-            datetime.now(UTC),
+        LocalRound(
+            device_id=f"device_{d:04d}",
+            round=r,
+            base_version=0,
+            params=network.initial() + rng.normal(0, 0.05, network.size),
+            samples=int(rng.integers(20, 50)),
+            label_source="pseudo",
+            loss=0.4,
+            accuracy=0.9,
+            normal=NormalStats.of(rng.uniform(0, 3, size=(10, N_FEATURES))),
+            hist_pos=empty,
+            hist_neg=empty,
+            hist_normal=np.zeros(NORMAL_EDGES.size + 1, np.int64),
+            scored_version=0,
+            prequential=Confusion(0, 0, 0, 0),
+            timestamp_ms=now_ms,
         )
         for r in range(1, rounds + 1)
         for d in range(devices)
@@ -150,15 +310,21 @@ def local_updates(devices: int, rounds: int, seed: int = 5) -> list[LocalUpdate]
 def test_fedavg_survives_kill_9_with_no_gap_and_no_duplicate(
     kafka_broker: Settings, database: str, tmp_path
 ) -> None:
-    settings = isolated(kafka_broker, database, state_dir=tmp_path)
-    updates = local_updates(devices=100, rounds=3)  # 300 updates: about 15 versions
+    settings = isolated(
+        kafka_broker,
+        database,
+        state_dir=tmp_path,
+        fedavg_strategy="fedavg",
+        fedavg_server_momentum=0.0,
+    )
+    updates = local_rounds(devices=100, rounds=3, hidden=settings.hidden_units)
 
     def produce_slowly() -> None:
         from confluent_kafka import Producer
 
         producer = Producer(kafka.producer_config(settings, **{"linger.ms": 0}))
         for update in updates:
-            producer.produce(settings.topics.local_updates, encode_local_update(update))
+            producer.produce(settings.topics.local_updates, encode_local_round(update))
             producer.poll(0)
             time.sleep(0.02)
         producer.flush(30)
@@ -174,7 +340,7 @@ def test_fedavg_survives_kill_9_with_no_gap_and_no_duplicate(
     )
     os.kill(pid, signal.SIGKILL)
     producer.join()
-    sent = {(u.device_id, u.model_version) for u in updates}
+    sent = {(u.device_id, u.round) for u in updates}
 
     def devices_waiting() -> int:
         stored = set(query(settings, "SELECT device_id, model_version FROM local_models"))
@@ -194,6 +360,20 @@ def test_fedavg_survives_kill_9_with_no_gap_and_no_duplicate(
     assert versions >= 14
 
 
+def expected_rounds(readings: list[Reading], config: LearnerConfig) -> dict[str, int]:
+    """How many local rounds each device's readings make (the learner, in-process)."""
+    states: dict[str, learner.DeviceState] = defaultdict(learner.DeviceState)
+    detector = learner.Detector(None, config)
+    rounds: dict[str, int] = defaultdict(int)
+    for reading in readings:
+        state = states[reading.device_id]
+        learner.observe(state, reading.device_id, [reading], detector, config, True)
+        while learner.round_due(state, config):
+            if learner.train_round(state, reading.device_id, None, config, 0) is not None:
+                rounds[reading.device_id] += 1
+    return dict(rounds)
+
+
 def test_flink_job_resumes_from_checkpoint_without_counting_a_model_twice(
     kafka_broker: Settings, database: str, tmp_path
 ) -> None:
@@ -205,8 +385,12 @@ def test_flink_job_resumes_from_checkpoint_without_counting_a_model_twice(
         train_interval_s=600.0,
         checkpoint_interval_ms=2000,
         fedavg_min_devices=1,
+        fedavg_strategy="fedavg",
+        fedavg_server_momentum=0.0,
     )
     readings = list(synthetic_fleet(num_devices=40, readings_per_device=160, seed=3))
+    expected = expected_rounds(readings, LearnerConfig.from_settings(settings))
+    assert len(expected) == 40 and min(expected.values()) >= 2
     half = len(readings) * 6 // 10
     producer = kafka.producer_config(settings)
     replay(readings[:half], producer, settings.topics.readings, progress=False)
@@ -226,14 +410,14 @@ def test_flink_job_resumes_from_checkpoint_without_counting_a_model_twice(
         stop(settings, "flink-job")
         stop(settings, "fedavg")
 
-    sent = [decode_local_update(v) for v in read_topic(settings, settings.topics.local_updates)]
+    sent = [decode_local_round(v) for v in read_topic(settings, settings.topics.local_updates)]
     rounds = defaultdict(set)
     for update in sent:
-        rounds[update.device_id].add(update.model_version)
-    # (160 - warm-up 10) // 50 = 3 rounds per device, numbered 1..3: state survived the restart.
+        rounds[update.device_id].add(update.round)
+    # Rounds numbered 1..n per device, as the learner makes them in one pass: the state
+    # survived the restart (a lost state would start again at 1, a replayed one repeat).
     assert {device: sorted(v) for device, v in rounds.items()} == {
-        device: [1, 2, 3] for device in rounds
+        device: list(range(1, n + 1)) for device, n in expected.items()
     }
-    assert len(rounds) == 40
-    assert scalar(settings, "SELECT count(*) FROM local_models") == 40 * 3
+    assert scalar(settings, "SELECT count(*) FROM local_models") == sum(expected.values())
     assert_versions_are_weighted_means(settings)

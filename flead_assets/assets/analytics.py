@@ -24,7 +24,7 @@ from flead_assets.resources.spark import session
 
 GROUP = "analytics"
 
-_COLUMNS = ("device_id", "hour", "readings", "mean", "std", "min", "max", "anomaly_rate")
+_COLUMNS = ("device_id", "channel", "hour", "readings", "mean", "std", "min", "max", "anomaly_rate")
 
 
 def hourly_partitions(settings: Settings) -> HourlyPartitionsDefinition:
@@ -48,7 +48,8 @@ def compute(spark, settings: Settings, start: datetime, end: datetime) -> tuple[
 
 def store(conn, rows: pd.DataFrame, start: datetime, end: datetime) -> None:
     """Replace the window's rows in one transaction: a re-run (late data, a backfill) leaves
-    one row per (device_id, hour), and no row of a device that no longer has data there."""
+    one row per (device_id, channel, hour), and no row of a device that no longer has data
+    there."""
     hours = pd.to_datetime(rows["hour"])
     if len(rows) and hours.dt.tz is None:
         hours = hours.dt.tz_localize("UTC")
@@ -68,8 +69,9 @@ def store(conn, rows: pd.DataFrame, start: datetime, end: datetime) -> None:
 def build_hourly_device_analytics(settings: Settings):
     @asset(
         name="hourly_device_analytics",
-        description="Per device and event-time hour of the raw stream: readings, mean, std,"
-        " min, max and anomaly rate (share of labelled anomalies). Spark reads the hour from"
+        description="Per device, channel and event-time hour of the raw stream: readings,"
+        " mean, std, min, max and anomaly rate (share of the device's labelled anomalies);"
+        " a univariate reading is the channel 'value'. Spark reads the hour from"
         " Kafka by timestamp; a run over a range of hours reads the range once.",
         partitions_def=hourly_partitions(settings),
         backfill_policy=BackfillPolicy.single_run(),

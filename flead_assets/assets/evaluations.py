@@ -30,6 +30,7 @@ from flead_assets.assets.external import EDGE_IIOT_STREAM, FEDERATED_MODELS
 from flead_assets.lib import evaluation, spark_jobs
 from flead_assets.resources.settings import FleadResource
 from flead_assets.resources.spark import session
+from streaming.learner import LearnerConfig
 
 GROUP = "evaluation"
 MODEL_EVALUATIONS = AssetKey("model_evaluations")
@@ -47,7 +48,8 @@ CHECKS = [
     AssetCheckSpec(
         "metrics_in_unit_interval",
         asset=MODEL_EVALUATION_SUMMARIES,
-        description="accuracy, precision, recall, F1 and the baseline are all within [0, 1].",
+        description="accuracy, precision, recall, F1 and the baseline are all within [0, 1],"
+        " MCC within [-1, 1].",
     ),
     AssetCheckSpec(
         "one_summary_per_version",
@@ -68,20 +70,22 @@ def run_evaluation(
     """Evaluate ``versions``; their summaries and the held-out samples each was scored on."""
     settings = flead.settings
     with flead.connect() as conn:
-        models = evaluation.load_global_models(conn, versions)
-    missing = sorted(set(versions) - {m.version for m in models})
+        try:
+            found = {p.version for p in evaluation.load_global_params(conn, versions)}
+        except evaluation.NotEvaluable as exc:
+            raise Failure(str(exc)) from exc
+    missing = sorted(set(versions) - found)
     if missing:
         raise Failure(f"global versions not in federated_models: {missing[:20]}")
-    features = spark_jobs.held_out_features_of_topic(spark, settings)
+    rows = spark_jobs.held_out_rows_of_topic(spark, settings)
     summaries = spark_jobs.evaluate_versions(
         spark,
-        features,
-        models,
+        rows,
+        sorted(found),
         settings.database_url,
-        settings.feature_set,
-        settings.evaluation_threshold,
+        LearnerConfig.from_settings(settings),
     )
-    return summaries, len(features)
+    return summaries, len(rows)
 
 
 def check_results(flead: FleadResource, versions: Sequence[int]) -> Iterator[AssetCheckResult]:
@@ -91,6 +95,7 @@ def check_results(flead: FleadResource, versions: Sequence[int]) -> Iterator[Ass
             "SELECT v, count(s.model_version), min(s.samples),"
             " bool_and(s.accuracy BETWEEN 0 AND 1 AND s.precision BETWEEN 0 AND 1"
             "          AND s.recall BETWEEN 0 AND 1 AND s.f1 BETWEEN 0 AND 1"
+            "          AND coalesce(s.mcc BETWEEN -1 AND 1, true)"
             "          AND s.baseline_accuracy BETWEEN 0 AND 1),"
             " (SELECT count(*) FROM model_evaluations e WHERE e.model_version = v)"
             " FROM unnest(%s::int[]) AS v"
@@ -116,13 +121,17 @@ def check_results(flead: FleadResource, versions: Sequence[int]) -> Iterator[Ass
 
 def _summary_metadata(summaries: pd.DataFrame, samples: int) -> dict[str, object]:
     latest = summaries.iloc[-1]
-    table = summaries[["model_version", "samples", "accuracy", "precision", "recall", "f1"]]
+    table = summaries[
+        ["model_version", "detector", "samples", "accuracy", "precision", "recall", "f1", "mcc"]
+    ]
     return {
         "versions": len(summaries),
         "first_version": int(summaries["model_version"].min()),
         "last_version": int(summaries["model_version"].max()),
         "held_out_samples": samples,
         "latest_f1": float(latest["f1"]),
+        "latest_mcc": float(latest["mcc"]),
+        "latest_detector": str(latest["detector"]),
         "latest_accuracy": float(latest["accuracy"]),
         "baseline_accuracy": float(latest["baseline_accuracy"]),
         "summaries": MetadataValue.md(table.tail(20).to_markdown(index=False, floatfmt=".4f")),
@@ -133,8 +142,9 @@ def _summary_metadata(summaries: pd.DataFrame, samples: int) -> dict[str, object
     specs=[
         AssetSpec(
             MODEL_EVALUATIONS,
-            description="Per-sample scores of each global version on the held-out devices'"
-            " labelled readings (prediction, actual, is_correct, confidence).",
+            description="Per-sample decisions of each global version on the held-out devices'"
+            " labelled readings, scored as a device holding the version would (prediction,"
+            " actual, is_correct, confidence, the detector's score and threshold).",
             deps=[FEDERATED_MODELS, EDGE_IIOT_STREAM],
             kinds={"spark", "postgres"},
             metadata={"dagster/table_name": "public.model_evaluations"},
@@ -142,7 +152,8 @@ def _summary_metadata(summaries: pd.DataFrame, samples: int) -> dict[str, object
         AssetSpec(
             MODEL_EVALUATION_SUMMARIES,
             description="One row per global version: TP, FP, TN, FN, accuracy, precision,"
-            " recall, F1, samples and the majority-class baseline.",
+            " recall, F1, MCC, samples, the detector it decided with and the majority-class"
+            " baseline.",
             deps=[FEDERATED_MODELS, EDGE_IIOT_STREAM],
             kinds={"spark", "postgres"},
             metadata={"dagster/table_name": "public.model_evaluation_summaries"},

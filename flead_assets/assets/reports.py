@@ -17,7 +17,9 @@ _REPORT_COLUMNS = (
     "precision",
     "recall",
     "f1",
+    "mcc",
     "baseline_accuracy",
+    "detector",
 )
 
 
@@ -26,7 +28,10 @@ def load_summaries(conn) -> pd.DataFrame:
         f"SELECT {', '.join(_REPORT_COLUMNS)} FROM model_evaluation_summaries"
         " ORDER BY model_version"
     ).fetchall()
-    return pd.DataFrame(rows, columns=list(_REPORT_COLUMNS))
+    report = pd.DataFrame(rows, columns=list(_REPORT_COLUMNS))
+    numeric = [c for c in _REPORT_COLUMNS if c != "detector"]
+    report[numeric] = report[numeric].apply(pd.to_numeric)
+    return report
 
 
 def store(conn, report: pd.DataFrame) -> None:
@@ -62,11 +67,12 @@ def plot_markdown(report: pd.DataFrame) -> str:
         ("precision", "-"),
         ("recall", "-"),
         ("f1", "-"),
+        ("mcc", "-"),
         ("baseline_accuracy", "--"),
     ):
         ax.plot(report["model_version"], report[column], style, label=column, linewidth=1.4)
     ax.set_xlabel("global version")
-    ax.set_ylim(0, 1.02)
+    ax.set_ylim(min(0.0, float(report["mcc"].min()) - 0.02), 1.02)
     ax.set_title("Held-out quality per global version (baseline: always the majority class)")
     ax.grid(alpha=0.3)
     ax.legend(loc="center right", fontsize=8)  # the middle band is empty: metrics hug 0 or 1
@@ -83,8 +89,8 @@ def table_markdown(report: pd.DataFrame, rows: int = 30) -> str:
 
 
 @asset(
-    description="Per global version: held-out accuracy, precision, recall, F1 and the"
-    " majority-class baseline (table accuracy_reports), with the trend plotted.",
+    description="Per global version: held-out accuracy, precision, recall, F1, MCC, the"
+    " detector and the majority-class baseline (table accuracy_reports), with the trend plotted.",
     deps=[MODEL_EVALUATION_SUMMARIES],
     kinds={"python", "postgres"},
     group_name=GROUP,
@@ -105,6 +111,7 @@ def accuracy_report(context: AssetExecutionContext, flead: FleadResource) -> Mat
             "versions": len(report),
             "latest_version": int(latest["model_version"]),
             "latest_f1": float(latest["f1"]),
+            "latest_mcc": float(latest["mcc"]) if pd.notna(latest["mcc"]) else None,
             "latest_accuracy": float(latest["accuracy"]),
             "latest_baseline_accuracy": float(latest["baseline_accuracy"]),
             "best_f1_version": int(best["model_version"]),

@@ -1,8 +1,10 @@
 """``edge-iiot-stream`` as a Spark DataFrame, through Spark's Kafka source.
 
 Both message forms of DESIGN §2 are read: a single reading and the batched
-``{"readings": [...]}``. Messages that break the contract (not JSON, no device, a non-finite
-value, an unparsable timestamp, a label other than 0/1) are dropped and counted: the streaming
+``{"readings": [...]}``, with ``data`` a number or an object of named channels. Each message
+goes through :func:`streaming.messages.decode_readings`, the streaming consumers' own decoder.
+Messages that break the contract (not JSON, no device, a non-finite value, an unparsable
+timestamp, a label other than 0/1, ...) are dropped and counted: the streaming
 consumers already send each of them to the dead-letter topic once, so a batch job that reads the
 topic again and again must not. A reading replayed twice is the same reading: duplicates of
 ``(device_id, timestamp)`` are dropped, so every count is idempotent under replays.
@@ -10,23 +12,22 @@ topic again and again must not. A reading replayed twice is the same reading: du
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
-from pyspark.sql import Column, DataFrame, SparkSession
+import pandas as pd
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
-from pyspark.sql import types as T
 
-READING = T.StructType(
-    [
-        T.StructField("device_id", T.StringType()),
-        T.StructField("timestamp", T.StringType()),
-        T.StructField("data", T.DoubleType()),
-        T.StructField("label", T.IntegerType()),
-    ]
+from streaming.messages import InvalidMessage, decode_readings
+
+PARSED_SCHEMA = (
+    "device_id string, ts timestamp, channels array<string>, values array<double>, label int,"
+    " reason string"
 )
-MESSAGE = T.StructType([*READING.fields, T.StructField("readings", T.ArrayType(READING))])
-"""Both forms in one schema: a batched message fills ``readings``, a single one the rest."""
+"""What :func:`decode_messages` makes of a message: one row per reading (``reason`` null), or
+one row with the reason the message breaks the contract."""
 
 
 @dataclass(frozen=True)
@@ -68,44 +69,66 @@ def kafka_messages(spark: SparkSession, source: KafkaSlice) -> DataFrame:
     return spark.read.format("kafka").options(**source.options()).load()
 
 
-def _valid(reading: Column) -> Column:
-    value = reading["data"]
-    return (
-        reading["device_id"].isNotNull()
-        & (F.length(reading["device_id"]) > 0)
-        & value.isNotNull()
-        & ~F.isnan(value)
-        & (F.abs(value) < F.lit(float("inf")))
-        & F.col("ts").isNotNull()
-        & (reading["label"].isNull() | reading["label"].isin(0, 1))
-    )
+def decode_messages(batches: Iterable[pd.DataFrame]) -> Iterator[pd.DataFrame]:
+    """``mapInPandas`` body: every Kafka ``value`` through :func:`streaming.messages.
+    decode_readings`, the decoder the streaming consumers run, so the batch side accepts and
+    refuses exactly what they do (single numbers and objects of named channels, single and
+    batched messages; a message with one bad reading is refused whole, as they dead-letter it).
+    """
+    for batch in batches:
+        device, ts_ms, channels, values, label, reason = [], [], [], [], [], []
+        for payload in batch["value"]:
+            try:
+                readings = decode_readings(payload)
+            except InvalidMessage as exc:
+                device.append(None)
+                ts_ms.append(None)
+                channels.append(None)
+                values.append(None)
+                label.append(None)
+                reason.append(str(exc))
+                continue
+            for r in readings:
+                device.append(r.device_id)
+                ts_ms.append(r.timestamp_ms)
+                channels.append(list(r.channels))
+                values.append(list(r.values))
+                label.append(r.label)
+                reason.append(None)
+        yield pd.DataFrame(
+            {
+                "device_id": pd.Series(device, dtype=object),
+                "ts": pd.to_datetime(pd.Series(ts_ms, dtype="Int64"), unit="ms", utc=True),
+                "channels": pd.Series(channels, dtype=object),
+                "values": pd.Series(values, dtype=object),
+                "label": pd.Series(label, dtype="Int32"),
+                "reason": pd.Series(reason, dtype=object),
+            }
+        )
 
 
 def parse_readings(messages: DataFrame) -> tuple[DataFrame, DataFrame]:
     """``(readings, rejected)`` from raw Kafka rows.
 
-    ``readings`` has ``device_id``, ``ts`` (timestamp, UTC), ``value``, ``label`` (null when
-    unlabelled), de-duplicated on ``(device_id, ts)``; ``rejected`` the readings (or unparsable
-    messages) that break the contract, for counting.
+    ``readings`` has ``device_id``, ``ts`` (timestamp, UTC, millisecond precision),
+    ``channels`` (sorted names; ``["value"]`` for a plain number), ``values`` (in the order of
+    ``channels``) and ``label`` (null when unlabelled), de-duplicated on ``(device_id, ts)``;
+    ``rejected`` one row (with ``reason``) per message that breaks the contract, for counting.
     """
-    parsed = messages.select(F.from_json(F.col("value").cast("string"), MESSAGE).alias("m"))
-    single = F.array(F.struct(*[F.col(f"m.{f.name}").alias(f.name) for f in READING.fields]))
-    exploded = parsed.select(
-        F.explode_outer(
-            F.when(F.col("m").isNull(), F.lit(None))
-            .when(F.col("m.readings").isNotNull(), F.col("m.readings"))
-            .otherwise(single)
-        ).alias("r")
-    ).withColumn("ts", F.try_to_timestamp(F.col("r.timestamp")))
-    valid = F.coalesce(_valid(F.col("r")), F.lit(False))
+    parsed = messages.select("value").mapInPandas(decode_messages, schema=PARSED_SCHEMA)
     readings = (
-        exploded.where(valid)
-        .select(
-            F.col("r.device_id").alias("device_id"),
-            "ts",
-            F.col("r.data").alias("value"),
-            F.col("r.label").alias("label"),
-        )
-        .dropDuplicates(["device_id", "ts"])
+        parsed.where(F.col("reason").isNull()).drop("reason").dropDuplicates(["device_id", "ts"])
     )
-    return readings, exploded.where(~valid)
+    return readings, parsed.where(F.col("reason").isNotNull())
+
+
+def channel_values(readings: DataFrame) -> DataFrame:
+    """One row per reading and channel: ``device_id, ts, channel, value, label``."""
+    pairs = F.explode(F.arrays_zip(F.col("channels").alias("c"), F.col("values").alias("v")))
+    return readings.select("device_id", "ts", "label", pairs.alias("p")).select(
+        "device_id",
+        "ts",
+        F.col("p.c").alias("channel"),
+        F.col("p.v").alias("value"),
+        "label",
+    )

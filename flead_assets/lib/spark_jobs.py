@@ -12,8 +12,8 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from flead_assets.lib import evaluation
-from flead_assets.lib.evaluation import GlobalModel
-from flead_assets.lib.readings import KafkaSlice, kafka_messages, parse_readings
+from flead_assets.lib.readings import KafkaSlice, channel_values, kafka_messages, parse_readings
+from streaming.learner import LearnerConfig
 
 
 @dataclass(frozen=True)
@@ -31,11 +31,14 @@ def read(spark: SparkSession, source: KafkaSlice) -> Read:
 
 
 def hourly_device_stats(readings: DataFrame) -> DataFrame:
-    """Per device and event-time hour: count, mean, std (sample), min, max, anomaly rate
-    (labelled anomalies over labelled readings; null when none of the hour is labelled)."""
+    """Per device, channel and event-time hour: count, mean, std (sample), min, max, anomaly
+    rate (labelled anomalies over labelled readings of the device in the hour, the same for
+    each of its channels; null when none of the hour is labelled). A univariate reading is the
+    channel ``value``."""
     return (
-        readings.withColumn("hour", F.date_trunc("hour", "ts"))
-        .groupBy("device_id", "hour")
+        channel_values(readings)
+        .withColumn("hour", F.date_trunc("hour", "ts"))
+        .groupBy("device_id", "channel", "hour")
         .agg(
             F.count(F.lit(1)).alias("readings"),
             F.mean("value").alias("mean"),
@@ -58,71 +61,66 @@ def held_out_udf(fraction: float, seed: int):
     return held_out
 
 
-def held_out_features(
-    readings: DataFrame, fraction: float, seed: int, feature_set: str
+def held_out_rows(
+    readings: DataFrame, fraction: float, seed: int, config: LearnerConfig, batch: int
 ) -> pd.DataFrame:
-    """The held-out devices' labelled readings with their features, on the driver.
+    """The held-out devices' labelled readings with the features a device computes, on the
+    driver (:func:`evaluation.device_rows` per device on the executors).
 
     Version-independent, so one run computes it once for however many versions it evaluates
     (with the default fleet: ~45k rows, a few MB).
     """
     held = readings.where(held_out_udf(fraction, seed)(F.col("device_id")))
-    features = held.groupBy("device_id").applyInPandas(
-        functools.partial(evaluation.device_features, feature_set=feature_set),
-        schema=evaluation.features_spark_schema(feature_set),
+    rows = held.groupBy("device_id").applyInPandas(
+        functools.partial(evaluation.device_rows, config=config, batch=batch),
+        schema=evaluation.FEATURES_SPARK_SCHEMA,
     )
-    return features.toPandas()
+    return rows.toPandas()
 
 
-def held_out_features_of_topic(spark: SparkSession, settings) -> pd.DataFrame:
-    """:func:`held_out_features` of the whole readings topic, with the split and features of
-    ``settings`` (a :class:`flead.config.Settings`): what every evaluation scores."""
+def held_out_rows_of_topic(spark: SparkSession, settings) -> pd.DataFrame:
+    """:func:`held_out_rows` of the whole readings topic, with the split, the learner's
+    configuration and the message size of ``settings`` (a :class:`flead.config.Settings`):
+    what every evaluation scores."""
     source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
-    return held_out_features(
+    return held_out_rows(
         read(spark, source).readings,
         settings.holdout_fraction,
         settings.seed,
-        settings.feature_set,
+        LearnerConfig.from_settings(settings),
+        settings.replay_batch,
     )
 
 
 def evaluate_versions(
     spark: SparkSession,
-    features: pd.DataFrame,
-    models: Sequence[GlobalModel],
+    rows: pd.DataFrame,
+    versions: Sequence[int],
     database_url: str,
-    feature_set: str,
-    threshold: float,
+    config: LearnerConfig,
 ) -> pd.DataFrame:
     """Score and store every version on the executors; return their summaries.
 
-    The features are broadcast and the versions distributed, so each executor scores whole
-    versions and writes each one in its own transaction (the idempotent unit); nothing of
-    size versions × samples is ever shuffled.
+    The held-out rows are broadcast and the version numbers distributed; each executor reads
+    its versions from ``federated_models``, scores whole versions and writes each one in its
+    own transaction (the idempotent unit); nothing of size versions × samples is shuffled.
     """
-    if not models:
+    if not versions:
         return pd.DataFrame(columns=list(evaluation.SUMMARY_COLUMNS))
-    shared = spark.sparkContext.broadcast(features)
-    versions = spark.createDataFrame(
-        pd.DataFrame(
-            {
-                "model_version": [m.version for m in models],
-                "weights": [list(m.weights) for m in models],
-                "bias": [m.bias for m in models],
-            }
-        ),
-        schema="model_version int, weights array<double>, bias double",
+    shared = spark.sparkContext.broadcast(rows)
+    frame = spark.createDataFrame(
+        pd.DataFrame({"model_version": [int(v) for v in versions]}), schema="model_version int"
     )
-    slots = max(1, min(len(models), spark.sparkContext.defaultParallelism))
+    slots = max(1, min(len(versions), spark.sparkContext.defaultParallelism))
 
-    def score_and_store(batches):
-        yield from evaluation.score_and_store_batches(
-            batches, shared.value, database_url, feature_set, threshold
+    def evaluate_and_store(batches):
+        yield from evaluation.evaluate_and_store_batches(
+            batches, shared.value, database_url, config
         )
 
     summaries = (
-        versions.repartition(slots)
-        .mapInPandas(score_and_store, schema=evaluation.SUMMARY_SPARK_SCHEMA)
+        frame.repartition(slots)
+        .mapInPandas(evaluate_and_store, schema=evaluation.SUMMARY_SPARK_SCHEMA)
         .toPandas()
     )
     shared.unpersist()
