@@ -654,13 +654,19 @@ def encode_local_round(update: LocalRound) -> bytes:
     )
 
 
-@_guarded
-def decode_local_round(obj: dict[str, Any]) -> LocalRound:
-    """One message of ``local-model-updates`` (see :func:`encode_local_round`)."""
+def _device_id(obj: dict[str, Any]) -> str:
+    """The message's ``device_id``, valid as a PostgreSQL text key and a Kafka key."""
     device_id = obj.get("device_id")
     problem = name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS)
     if problem:
         raise InvalidMessage(problem)
+    return device_id
+
+
+@_guarded
+def decode_local_round(obj: dict[str, Any]) -> LocalRound:
+    """One message of ``local-model-updates`` (see :func:`encode_local_round`)."""
+    device_id = _device_id(obj)
     scores = obj.get("scores")
     if type(scores) is not dict:
         raise InvalidMessage("scores must be an object")
@@ -804,10 +810,7 @@ def _anomaly_channels(obj: dict[str, Any]) -> tuple[str, ...]:
 @_guarded
 def decode_anomaly(obj: dict[str, Any]) -> Anomaly:
     """One record of ``anomalies`` (see :func:`encode_anomaly`)."""
-    device_id = obj.get("device_id")
-    problem = name_problem(device_id, "device_id", MAX_DEVICE_ID_CHARS)
-    if problem:
-        raise InvalidMessage(problem)
+    device_id = _device_id(obj)
     reason = obj.get("reason")
     if type(reason) is not str or len(reason) > MAX_REASON_CHARS:
         raise InvalidMessage(
