@@ -79,6 +79,7 @@ class Settings:
     fedavg_min_devices: int = 20  # distinct devices buffered before a new global version
     fedavg_round_window_s: float = 60.0  # a round closes this long after its first update ...
     fedavg_active_window_s: float = 300.0  # ... or once every device active this recently sent one
+    fedavg_fleet_memory_s: float = 86_400.0  # a version from fewer devices than usual moves less
     fedavg_server_momentum: float = 0.7  # FedAvgM: damps the version-to-version swing
     fedavg_calibration_decay: float = 0.99  # how fast old score histograms fade per version
     fedavg_selection_decay: float = 0.8  # fading of the detectors' comparison counts

@@ -7,9 +7,14 @@ numbers they report are the service's.
 A round closes when the buffer holds updates from ``min(min_devices, active devices)``
 distinct devices (active: sent an update within ``active_window_ms`` by the updates' own
 clocks), or when ``round_window_ms`` has passed since its first update: a fleet of any size
-gets versions, and a silent device cannot hold one up. A device sends at most one update per
-version: a second one is merged into its first (sample-weighted), so nothing is lost and no
-device counts twice.
+gets versions, and a silent device cannot hold one up. A version made by fewer devices than a
+full round of the fleet (``min(min_devices, devices heard of within fleet_memory_ms)``) takes
+that share of the combined step only: when the rest of a small fleet falls silent, the one
+device still sending would otherwise swing the fleet's model to its own data in a few versions
+(measured on WSN's tail, where one mote reports alone for the last dozen versions).
+
+A device sends at most one update per version: a second one is merged into its first
+(sample-weighted), so nothing is lost and no device counts twice.
 
 What a version carries beyond the averaged network parameters, all computed from what the
 devices sent and never from their raw readings:
@@ -50,6 +55,7 @@ class FederationConfig:
     normal_decay: float = 1.0
     contamination: float = 0.02
     hidden: int = 16
+    fleet_memory_ms: int = 86_400_000  # devices seen within this count as the fleet
 
     def __post_init__(self) -> None:
         if self.min_devices < 1:
@@ -82,6 +88,7 @@ class FederationConfig:
             min_devices=settings.fedavg_min_devices,
             round_window_ms=int(settings.fedavg_round_window_s * 1000),
             active_window_ms=int(settings.fedavg_active_window_s * 1000),
+            fleet_memory_ms=int(settings.fedavg_fleet_memory_s * 1000),
             rule=settings.fedavg_strategy,
             rule_options=tuple(sorted(options.items())),
             max_samples=settings.train_every + settings.positive_memory,
@@ -211,8 +218,10 @@ class Federation:
             samples=np.array([u.samples for u in updates], dtype=np.float64),
             staleness=np.array([self.version - u.base_version for u in updates]),
         )
+        proposal = self.rule.combine(batch, reference)
+        share = self._participation(len(updates), now_ms)
         combined, state.velocity = self.momentum.step(
-            reference, self.rule.combine(batch, reference), state.velocity
+            reference, reference + share * (proposal - reference), state.velocity
         )
         weights = tuple(float(w) for w in self.rule.weights(batch))
         self._calibrate(updates)
@@ -251,6 +260,15 @@ class Federation:
         state.current = new
         self.buffer, self.merged, self.opened_ms = {}, {}, None
         return version
+
+    def _participation(self, devices: int, now_ms: int) -> float:
+        """The share of an expected round that this one is: a version made by fewer devices
+        than usually take part (the fleet's others silent for now) moves the model that much
+        less, so that one device's data cannot swing a fleet's model on its own."""
+        horizon = now_ms - self.config.fleet_memory_ms
+        known = sum(1 for seen in self.last_seen.values() if seen >= horizon)
+        expected = min(self.config.min_devices, max(known, 1))
+        return min(1.0, devices / expected)
 
     def _calibrate(self, updates: tuple[LocalRound, ...]) -> None:
         s, c = self.state, self.config

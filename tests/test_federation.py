@@ -210,7 +210,7 @@ def test_sample_counts_are_capped_at_max_samples():
 
 def test_two_updates_of_one_device_are_merged_and_count_once():
     fed = Federation(fed_config(min_devices=20))
-    first_round(fed, devices(3))
+    start = first_round(fed, devices(3)).model.params
     rng = np.random.default_rng(3)
     pa1, pa2, pb = rng.normal(size=(3, SIZE))
     rows_a1 = rng.uniform(0, 2, size=(12, N_FEATURES))
@@ -260,7 +260,8 @@ def test_two_updates_of_one_device_are_merged_and_count_once():
     np.testing.assert_array_equal(merged.hist_pos, 2 * hist)
     assert merged.prequential == Confusion(11, 2, 8, 5)
     assert version.prequential == {1: Confusion(11, 2, 8, 5)}
-    expected = ((20 * pa1 + 30 * pa2) / 50 * 50 + pb * 50) / 100
+    proposed = ((20 * pa1 + 30 * pa2) / 50 * 50 + pb * 50) / 100
+    expected = start + 2 / 3 * (proposed - start)  # two of the fleet's three devices
     np.testing.assert_allclose(version.model.params, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -355,3 +356,21 @@ def test_config_validation():
             fed_config(**bad)
     with pytest.raises(ValueError):
         fed_config(rule="nonsense").make_rule()
+
+
+def test_a_version_from_part_of_the_fleet_takes_that_share_of_the_step():
+    # Four devices known; later one sends alone: FedAvg proposes its parameters, and the
+    # version moves a quarter of the way there from the previous one (min_devices 20 > 4).
+    fed = Federation(fed_config(min_devices=20, round_window_ms=MINUTE))
+    ids = devices(4)
+    first = first_round(fed, ids, ts=0).model.params
+    alone = np.full(SIZE, 3.0)
+    fed.add(update(ids[0], 2 * MINUTE, base=1, params=alone))
+    assert fed.due(2 * MINUTE + MINUTE)
+    version = fed.close(3 * MINUTE)
+    np.testing.assert_allclose(version.model.params, first + 0.25 * (alone - first), rtol=1e-12)
+    # Once the others are forgotten (beyond fleet_memory_ms) the lone device is the fleet.
+    fed = Federation(fed_config(min_devices=20, fleet_memory_ms=MINUTE))
+    first = first_round(fed, ids, ts=0).model.params
+    fed.add(update(ids[0], 2 * MINUTE, base=1, params=alone))
+    np.testing.assert_allclose(fed.close(2 * MINUTE).model.params, alone, rtol=1e-12)

@@ -162,7 +162,8 @@ def train(
     sample_w /= sample_w.mean()
     p = np.array(params, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    _sgd(network, p, X, y, sample_w, rng, learning_rate, epochs, batch_size, l2)
+    with np.errstate(over="ignore"):
+        _sgd(network, p, X, y, sample_w, rng, learning_rate, epochs, batch_size, l2)
     s = network.logits(p, X)
     loss = float(np.mean(sample_w * (np.logaddexp(0.0, s) - y * s)))
     return TrainResult(p, loss, float(np.mean((s > 0.0) == (y == 1.0))))
@@ -194,30 +195,32 @@ def _sgd(
         b1 = p[f * h : f * h + h]
         w2 = p[f * h + h : f * h + 2 * h]
         b2 = p[-1:]
+    step = learning_rate
     for _ in range(epochs):
+        # One gather per epoch: the batches are then contiguous slices, not fancy indexing.
         order = rng.permutation(n)
+        Xe, ye, we = Xs[order], y[order], sample_w[order]
         for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            xb = Xs[rows]
+            xb = Xe[start : start + batch_size]
             m = xb.shape[0]
             if h == 0:
                 s = xb @ w + b[0]
-                g = sample_w[rows] * (1.0 / (1.0 + np.exp(-np.clip(s, -500, 500))) - y[rows])
-                g *= learning_rate / m
-                p *= decay
+            else:
+                a = np.tanh(xb @ w1 + b1)
+                s = a @ w2 + b2[0]
+            # exp overflows to inf for very negative logits: 1/(1+inf) = 0, the right limit.
+            g = we[start : start + m] * (1.0 / (1.0 + np.exp(-s)) - ye[start : start + m])
+            g *= step / m
+            p *= decay
+            if h == 0:
                 w -= xb.T @ g
                 b -= g.sum()
                 continue
-            a = np.tanh(xb @ w1 + b1)
-            s = a @ w2 + b2[0]
-            g = sample_w[rows] * (1.0 / (1.0 + np.exp(-np.clip(s, -500, 500))) - y[rows])
-            g *= learning_rate / m
-            da = g[:, None] * w2 * (1.0 - a * a)
-            grad_w2 = a.T @ g
-            p *= decay
+            da = np.outer(g, w2)
+            da *= 1.0 - a * a
+            w2 -= a.T @ g
             w1 -= xb.T @ da
             b1 -= da.sum(axis=0)
-            w2 -= grad_w2
             b2 -= g.sum()
 
 
