@@ -251,7 +251,7 @@ def _features(series: DeviceSeries) -> tuple[np.ndarray, np.ndarray]:
 def _fit(
     config: LearnerConfig, X: np.ndarray, y: np.ndarray, epochs: int, seed: int
 ) -> GlobalParams | None:
-    """A network trained on rows in one place, with its F1-best threshold on those rows."""
+    """A network trained on rows in one place, with its MCC-best threshold on those rows."""
     if X.shape[0] == 0 or not (y == 1).any():
         return None
     network = config.network
@@ -266,7 +266,7 @@ def _fit(
         seed=seed,
     )
     logits = network.logits(result.params, X)
-    threshold = detectors.best_f1_threshold(
+    threshold = detectors.best_mcc_threshold(
         detectors.histogram(logits[y == 1], LOGIT_EDGES),
         detectors.histogram(logits[y == 0], LOGIT_EDGES),
         LOGIT_EDGES,

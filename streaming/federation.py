@@ -19,9 +19,9 @@ A device sends at most one update per version: a second one is merged into its f
 What a version carries beyond the averaged network parameters, all computed from what the
 devices sent and never from their raw readings:
 
-- the supervised decision threshold: the F1-best edge of the devices' score histograms
-  (positives and negatives of fresh readings scored by their current version), summed with
-  those of earlier versions faded by ``calibration_decay``;
+- the supervised decision threshold: the edge of the devices' score histograms with the best
+  Matthews correlation (positives and negatives of fresh readings scored by their current
+  version), summed with those of earlier versions faded by ``calibration_decay``;
 - the label-free model: the sum of the devices' normal-row statistics (faded the same way)
   and its threshold, the score that flags ``contamination`` of the fleet's readings;
 - the prequential confusion counts each device reported for the version it was using.
@@ -301,7 +301,7 @@ class Federation:
         return "label_free" if label_free else "zscore"
 
     def _supervised_threshold(self) -> float | None:
-        found = detectors.best_f1_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)
+        found = detectors.best_mcc_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)
         if found is not None:
             return found
         return self.state.current.threshold if self.state.current else None

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import f1_score
+from sklearn.metrics import matthews_corrcoef
 
 from streaming.model import detectors as D
 from streaming.model.detectors import (
@@ -15,7 +15,7 @@ from streaming.model.detectors import (
     NORMAL_EDGES,
     Network,
     NormalStats,
-    best_f1_threshold,
+    best_mcc_threshold,
     histogram,
     normal_precision,
     normal_scores,
@@ -298,36 +298,38 @@ def bin_representatives(edges: np.ndarray) -> np.ndarray:
     return np.concatenate(([edges[0] - 1.0], mids, [edges[-1] + 1.0]))
 
 
-def brute_force_f1_threshold(pos: np.ndarray, neg: np.ndarray, edges: np.ndarray) -> float:
+def brute_force_mcc_threshold(pos: np.ndarray, neg: np.ndarray, edges: np.ndarray) -> float:
     reps = bin_representatives(edges)
     scores = np.concatenate((np.repeat(reps, pos), np.repeat(reps, neg)))
     truth = np.concatenate((np.ones(pos.sum()), np.zeros(neg.sum())))
-    best_t, best_f1 = None, -1.0
+    best_t, best = None, -2.0
     for t in edges:  # ascending: ">=" keeps the higher edge on ties
-        f1 = f1_score(truth, scores >= t, zero_division=0.0)
-        if f1 >= best_f1 - 1e-12:
-            best_t, best_f1 = t, f1
+        mcc = matthews_corrcoef(truth, scores >= t)
+        if mcc >= best - 1e-12:
+            best_t, best = t, mcc
     return float(best_t)
 
 
-def test_best_f1_threshold_hand_made():
+def test_best_mcc_threshold_hand_made():
     edges = np.array([0.0, 1.0, 2.0, 3.0])
     # bins: <0, [0,1), [1,2), [2,3), >=3
     pos = np.array([0, 0, 1, 3, 4])
     neg = np.array([50, 30, 10, 2, 0])
-    # t=2: tp 7, fp 2, fn 1 → F1 14/17; t=3: tp 4, fp 0, fn 4 → 8/12; t=1: tp 8, fp 12 → 16/36
-    assert best_f1_threshold(pos, neg, edges) == 2.0
-    assert best_f1_threshold(pos, neg, edges) == brute_force_f1_threshold(pos, neg, edges)
-    # A tie between t=1 and t=2 goes to the higher edge (fewer alarms).
-    pos = np.array([0, 0, 2, 2, 0])
-    neg = np.array([5, 0, 0, 2, 0])
-    # t=1: tp 4, fp 2 → 8/10; t=2: tp 2, fp 2, fn 2 → 4/8; t=0: same as t=1 → tie 0 vs 1
-    assert best_f1_threshold(pos, neg, edges) == 1.0
-    assert best_f1_threshold(np.zeros(5), neg, edges) is None
+    # t=2: tp 7, fp 2, fn 1, tn 90 → MCC (630-2)/sqrt(9·8·92·91) = 0.840;
+    # t=3: tp 4, fp 0, fn 4, tn 92 → 368/sqrt(4·8·92·96) = 0.693; t=1: tp 8, fp 12 → 0.614
+    assert best_mcc_threshold(pos, neg, edges) == 2.0
+    assert best_mcc_threshold(pos, neg, edges) == brute_force_mcc_threshold(pos, neg, edges)
+    # Anomaly-heavy and weakly ranked: the lowest edge would be F1-best (F1 0.65 against 0.33
+    # at t=3) with MCC 0.02; the MCC-best edge (0.14) flags only the top bin.
+    pos = np.array([10, 10, 10, 10, 11])
+    neg = np.array([10, 10, 10, 10, 5])
+    assert best_mcc_threshold(pos, neg, edges) == 3.0
+    assert best_mcc_threshold(np.zeros(5), neg, edges) is None
+    assert best_mcc_threshold(pos, np.zeros(5), edges) is None
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_best_f1_threshold_matches_brute_force(seed):
+def test_best_mcc_threshold_matches_brute_force(seed):
     rng = np.random.default_rng(seed)
     edges = LOGIT_EDGES
     bins = edges.size + 1
@@ -337,10 +339,10 @@ def test_best_f1_threshold_matches_brute_force(seed):
         minlength=bins,
     )
     neg = np.bincount(
-        np.clip(rng.normal(centre, 10, rng.integers(0, 800)).astype(int), 0, bins - 1),
+        np.clip(rng.normal(centre, 10, rng.integers(1, 800)).astype(int), 0, bins - 1),
         minlength=bins,
     )
-    assert best_f1_threshold(pos, neg, edges) == brute_force_f1_threshold(pos, neg, edges)
+    assert best_mcc_threshold(pos, neg, edges) == brute_force_mcc_threshold(pos, neg, edges)
 
 
 def test_quantile_threshold_hand_computed():

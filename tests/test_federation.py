@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score
+from sklearn.metrics import matthews_corrcoef
 
 from streaming.federation import Federation, FederationConfig
 from streaming.learner import LocalRound
@@ -278,21 +278,21 @@ def test_an_update_from_a_future_version_is_refused():
         fed.add(update("b", 1000, params=np.zeros(SIZE + 1)))  # another network's shape
 
 
-def brute_force_f1_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
+def brute_force_mcc_threshold(pos: np.ndarray, neg: np.ndarray) -> float:
     edges = LOGIT_EDGES
     reps = np.concatenate(([edges[0] - 1], (edges[:-1] + edges[1:]) / 2, [edges[-1] + 1]))
     pos, neg = pos.astype(int), neg.astype(int)
     scores = np.concatenate((np.repeat(reps, pos), np.repeat(reps, neg)))
     truth = np.concatenate((np.ones(pos.sum()), np.zeros(neg.sum())))
-    best, best_f1 = None, -1.0
+    best, best_mcc = None, -2.0
     for t in edges:
-        f1 = f1_score(truth, scores >= t, zero_division=0.0)
-        if f1 >= best_f1 - 1e-12:
-            best, best_f1 = float(t), f1
+        mcc = matthews_corrcoef(truth, scores >= t)
+        if mcc >= best_mcc - 1e-12:
+            best, best_mcc = float(t), mcc
     return best
 
 
-def test_the_first_version_threshold_is_the_best_f1_of_the_summed_histograms():
+def test_the_first_version_threshold_is_the_best_mcc_of_the_summed_histograms():
     fed = Federation(fed_config(min_devices=4))
     rng = np.random.default_rng(4)
     bins = LOGIT_EDGES.size + 1
@@ -305,7 +305,7 @@ def test_the_first_version_threshold_is_the_best_f1_of_the_summed_histograms():
         neg_sum += neg
         fed.add(update(d, 0, seed=i, hist_pos=pos.astype(float), hist_neg=neg.astype(float)))
     version = fed.close(0)
-    assert version.model.threshold == brute_force_f1_threshold(pos_sum, neg_sum)
+    assert version.model.threshold == brute_force_mcc_threshold(pos_sum, neg_sum)
     # No positives anywhere: no supervised threshold.
     fed = Federation(fed_config(min_devices=1))
     fed.add(update("a", 0, hist_neg=neg_sum))
