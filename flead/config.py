@@ -69,8 +69,8 @@ class Settings:
     # Chosen by measurement with `flead evaluate` on the synthetic fleet, SKAB and WSN (README).
     detector: str = "auto"  # auto | supervised | label_free | zscore
     hidden_units: int = 16  # the supervised network's tanh units; 0 = logistic regression
-    learning_rate: float = 0.1  # local SGD step
-    local_epochs: int = 10  # local passes over a round's rows
+    learning_rate: float = 0.2  # local SGD step
+    local_epochs: int = 5  # local passes over a round's rows (README: why 5 at 0.2)
     local_batch_size: int = 16
     positive_memory: int = 32  # anomalous rows a device remembers and replays in its rounds
     baseline_gate: float = 4.0  # readings with max |z| above this stay out of the baseline

@@ -43,8 +43,8 @@ class LearnerConfig:
     train_every: int = 50
     min_round_samples: int = 10
     hidden: int = 16
-    learning_rate: float = 0.1
-    epochs: int = 10
+    learning_rate: float = 0.2
+    epochs: int = 5
     batch_size: int = 16
     positive_memory: int = 32
     detector: str = "auto"

@@ -185,42 +185,42 @@ def _sgd(
     gradient of :meth:`Network.gradient` written out on views of ``p`` (the hot loop of every
     local round: no per-step splitting or allocation of the parameter vector)."""
     f, h = network.n_features, network.hidden
-    Xs = X / INPUT_SCALE[:f]
-    n = Xs.shape[0]
+    n = X.shape[0]
+    # Inputs get a column of ones so that each bias is the last row of its weight matrix (the
+    # layout of ``p`` already has b1 right after w1): one product instead of product + add.
+    Xs = np.hstack((X / INPUT_SCALE[:f], np.ones((n, 1))))
+    # Each row's weight times lr / (its batch's size), so a step needs no extra scaling.
+    sizes = np.minimum(batch_size, n - np.arange(n) // batch_size * batch_size)
+    scaled_w = sample_w * learning_rate
     decay = 1.0 - learning_rate * l2
     if h == 0:
-        w, b = p[:f], p[f:]
+        w = p[: f + 1]
     else:
-        w1 = p[: f * h].reshape(f, h)
-        b1 = p[f * h : f * h + h]
+        w1 = p[: f * h + h].reshape(f + 1, h)
         w2 = p[f * h + h : f * h + 2 * h]
         b2 = p[-1:]
-    step = learning_rate
     for _ in range(epochs):
         # One gather per epoch: the batches are then contiguous slices, not fancy indexing.
         order = rng.permutation(n)
-        Xe, ye, we = Xs[order], y[order], sample_w[order]
+        Xe, ye, we = Xs[order], y[order], scaled_w[order] / sizes
         for start in range(0, n, batch_size):
             xb = Xe[start : start + batch_size]
-            m = xb.shape[0]
+            end = start + xb.shape[0]
             if h == 0:
-                s = xb @ w + b[0]
+                s = xb @ w
             else:
-                a = np.tanh(xb @ w1 + b1)
+                a = np.tanh(xb @ w1)
                 s = a @ w2 + b2[0]
             # exp overflows to inf for very negative logits: 1/(1+inf) = 0, the right limit.
-            g = we[start : start + m] * (1.0 / (1.0 + np.exp(-s)) - ye[start : start + m])
-            g *= step / m
+            g = we[start:end] * (1.0 / (1.0 + np.exp(-s)) - ye[start:end])
             p *= decay
             if h == 0:
                 w -= xb.T @ g
-                b -= g.sum()
                 continue
-            da = np.outer(g, w2)
+            da = g[:, None] * w2
             da *= 1.0 - a * a
             w2 -= a.T @ g
             w1 -= xb.T @ da
-            b1 -= da.sum(axis=0)
             b2 -= g.sum()
 
 
