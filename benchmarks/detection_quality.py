@@ -6,7 +6,9 @@ measured side by side in one run with the same settings: the embedded synthetic 
 (``--devices`` of it, default 600), SKAB (one 8-channel device per experiment) and the WSN
 motes (4 devices, 2 channels). Then model poisoning: every aggregation rule, with and without
 20 % of the synthetic fleet's training devices attacking (``streaming.evaluate.ATTACKS``).
-Results: ``benchmarks/results/detection_quality.json``.
+Last, the learner alone: decode, score and train in this process, no Flink and no broker, on
+``--speed-devices`` synthetic devices' messages of ``replay_batch`` readings (the issue's
+80,000 readings/s floor is for this figure). Results: ``benchmarks/results/detection_quality.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--attack-devices", type=int, default=300, help="synthetic fleet size of the attack runs"
     )
+    parser.add_argument(
+        "--speed-devices", type=int, default=400, help="synthetic fleet size of the speed run"
+    )
     args = parser.parse_args(argv)
     settings = load_settings()
     config = LearnerConfig.from_settings(settings)
@@ -57,10 +62,40 @@ def main(argv: list[str] | None = None) -> dict:
         "federation": vars(fed_config),
         "data_sets": results,
         "poisoning": poisoning(config, fed_config, args.attack_devices),
+        "learner_alone": learner_alone(settings, args.speed_devices),
     }
     path = write_result("detection_quality", payload)
     print(f"wrote {path}")
     return payload
+
+
+def learner_alone(settings, devices: int, repeats: int = 3) -> dict:
+    """Readings per second of the learner's own loop (the streaming benchmark's
+    ``python_learner``) on messages made here: the best of ``repeats`` passes, each from fresh
+    device states, so a noisy neighbour on a shared machine does not set the figure."""
+    from benchmarks.streaming_throughput import python_learner
+    from streaming.messages import encode_reading_batch
+
+    readings = sorted(
+        sources.synthetic_fleet(num_devices=devices, seed=settings.seed),
+        key=lambda r: (r.timestamp_ms, r.device_id),
+    )
+    pending: dict[str, list] = {}
+    messages = []
+    for reading in readings:
+        batch = pending.setdefault(reading.device_id, [])
+        batch.append(reading)
+        if len(batch) == settings.replay_batch:
+            messages.append((None, encode_reading_batch(pending.pop(reading.device_id)), None))
+    passes = [python_learner(settings, messages)["readings_per_s"] for _ in range(repeats)]
+    print(f"learner alone: {max(passes):,.0f} readings/s (best of {repeats})", flush=True)
+    return {
+        "readings_per_s": max(passes),
+        "passes": passes,
+        "devices": devices,
+        "messages": len(messages),
+        "readings_per_message": settings.replay_batch,
+    }
 
 
 def poisoning(config: LearnerConfig, fed_config: FederationConfig, devices: int) -> dict:

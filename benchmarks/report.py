@@ -110,6 +110,14 @@ def _detection(r: dict) -> list[str]:
         for rule, by_attack in poisoning.items():
             cells = " | ".join(f"{by_attack[a]['supervised']['f1']:.3f}" for a in attacks)
             lines.append(f"| {rule} | {cells} |")
+    alone = r.get("learner_alone")
+    if alone:
+        lines += [
+            "",
+            f"The learner alone (decode, score, train; no Flink, no broker), "
+            f"{alone['readings_per_message']} readings per message of {alone['devices']} devices:"
+            f" {alone['readings_per_s']:,.0f} readings/s (best of {len(alone['passes'])} passes).",
+        ]
     return lines
 
 

@@ -29,7 +29,9 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     monkeypatch.setattr(
         detection_quality, "data_sets", lambda devices: {"synthetic": {"num_devices": devices}}
     )
-    result = detection_quality.main(["--devices", "40", "--attack-devices", "20"])
+    result = detection_quality.main(
+        ["--devices", "40", "--attack-devices", "20", "--speed-devices", "20"]
+    )
     synthetic = result["data_sets"]["synthetic"]
     assert set(result["poisoning"]["fedavg"]) == {
         "none",
@@ -40,6 +42,8 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     }
     assert {"majority", "zscore", "federated", "local_only", "central"} <= set(synthetic["methods"])
     assert synthetic["devices"] == 40
+    alone = result["learner_alone"]
+    assert alone["messages"] == 20 * 200 // 50 and alone["readings_per_s"] == max(alone["passes"])
 
 
 def test_streaming_benchmark_runs(kafka_broker, postgres) -> None:
