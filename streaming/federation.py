@@ -114,6 +114,8 @@ class ServerState:
     hist_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_normal: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
+    hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
+    hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     normal: NormalStats = field(default_factory=NormalStats.empty)
     candidates: dict[str, np.ndarray] = field(default_factory=dict)  # kind → faded tp,fp,tn,fn
 
@@ -146,6 +148,8 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
         hist_pos=a.hist_pos + b.hist_pos if same_scores else b.hist_pos,
         hist_neg=a.hist_neg + b.hist_neg if same_scores else b.hist_neg,
         hist_normal=a.hist_normal + b.hist_normal if same_scores else b.hist_normal,
+        hist_normal_pos=a.hist_normal_pos + b.hist_normal_pos if same_scores else b.hist_normal_pos,
+        hist_normal_neg=a.hist_normal_neg + b.hist_normal_neg if same_scores else b.hist_normal_neg,
         prequential=a.prequential + b.prequential if same_scores else b.prequential,
         candidates={
             k: a.candidates.get(k, Confusion(0, 0, 0, 0))
@@ -234,11 +238,7 @@ class Federation:
         samples = np.array([u.samples for u in updates], dtype=np.float64)
         ground_truth = samples[[u.label_source == "ground_truth" for u in updates]].sum()
         threshold = self._supervised_threshold()
-        normal_threshold = (
-            detectors.quantile_threshold(state.hist_normal, NORMAL_EDGES, self.config.contamination)
-            if state.hist_normal.sum()
-            else None
-        )
+        normal_threshold = self._label_free_threshold()
         new = GlobalParams(
             version=self.version + 1,
             hidden=self.config.hidden,
@@ -275,6 +275,12 @@ class Federation:
         s.hist_pos = s.hist_pos * c.calibration_decay + sum(u.hist_pos for u in updates)
         s.hist_neg = s.hist_neg * c.calibration_decay + sum(u.hist_neg for u in updates)
         s.hist_normal = s.hist_normal * c.calibration_decay + sum(u.hist_normal for u in updates)
+        s.hist_normal_pos = s.hist_normal_pos * c.calibration_decay + sum(
+            u.hist_normal_pos for u in updates
+        )
+        s.hist_normal_neg = s.hist_normal_neg * c.calibration_decay + sum(
+            u.hist_normal_neg for u in updates
+        )
         fresh = NormalStats.empty(N_FEATURES)
         for u in updates:
             fresh = fresh + u.normal
@@ -299,6 +305,18 @@ class Federation:
         if scored:
             return max(sorted(scored), key=lambda kind: scored[kind])
         return "label_free" if label_free else "zscore"
+
+    def _label_free_threshold(self) -> float | None:
+        """Where the devices' readings carry labels, the edge with the best Matthews correlation
+        on them; else the score that flags ``contamination`` of all readings (an unlabelled
+        fleet has nothing better than an assumed anomaly share)."""
+        s = self.state
+        labelled = detectors.best_mcc_threshold(s.hist_normal_pos, s.hist_normal_neg, NORMAL_EDGES)
+        if labelled is not None:
+            return labelled
+        if not s.hist_normal.sum():
+            return None
+        return detectors.quantile_threshold(s.hist_normal, NORMAL_EDGES, self.config.contamination)
 
     def _supervised_threshold(self) -> float | None:
         found = detectors.best_mcc_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)

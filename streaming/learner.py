@@ -212,6 +212,13 @@ class DeviceState:
     hist_normal: np.ndarray = field(
         default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1, np.int64)
     )
+    # The label-free scores of labelled readings, by label (a labelled fleet's calibration)
+    hist_normal_pos: np.ndarray = field(
+        default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1, np.int64)
+    )
+    hist_normal_neg: np.ndarray = field(
+        default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1, np.int64)
+    )
     prequential: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
     candidates: dict[str, Confusion] = field(default_factory=dict)  # per detector, see record
     scored_version: int = 0  # the global version the histograms and counts belong to
@@ -265,6 +272,8 @@ def record(
         normal = detector.normal_scores(X)
         if normal is not None:
             state.hist_normal += detectors.histogram(normal, NORMAL_EDGES)
+            state.hist_normal_pos += detectors.histogram(normal[truth == 1], NORMAL_EDGES)
+            state.hist_normal_neg += detectors.histogram(normal[truth == 0], NORMAL_EDGES)
     labelled = truth >= 0
     if labelled.any():
         actual = truth[labelled] == 1
@@ -300,6 +309,8 @@ def _reset_scores(state: DeviceState, version: int) -> None:
     state.hist_pos = np.zeros_like(state.hist_pos)
     state.hist_neg = np.zeros_like(state.hist_neg)
     state.hist_normal = np.zeros_like(state.hist_normal)
+    state.hist_normal_pos = np.zeros_like(state.hist_normal_pos)
+    state.hist_normal_neg = np.zeros_like(state.hist_normal_neg)
     state.prequential = Confusion(0, 0, 0, 0)
     state.candidates = {}
     state.scored_version = version
@@ -329,6 +340,8 @@ class LocalRound:
     prequential: Confusion
     timestamp_ms: int
     candidates: dict[str, Confusion] = field(default_factory=dict)
+    hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
+    hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
 
 
 def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -395,6 +408,8 @@ def train_round(
         hist_pos=state.hist_pos,
         hist_neg=state.hist_neg,
         hist_normal=state.hist_normal,
+        hist_normal_pos=state.hist_normal_pos,
+        hist_normal_neg=state.hist_normal_neg,
         scored_version=state.scored_version,
         prequential=state.prequential,
         timestamp_ms=now_ms,

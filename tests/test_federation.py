@@ -3,6 +3,8 @@ and calibration, against sums and brute-force F1 computed here."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from sklearn.metrics import matthews_corrcoef
@@ -310,6 +312,37 @@ def test_the_first_version_threshold_is_the_best_mcc_of_the_summed_histograms():
     fed = Federation(fed_config(min_devices=1))
     fed.add(update("a", 0, hist_neg=neg_sum))
     assert fed.close(0).model.threshold is None
+
+
+def test_the_label_free_threshold_is_mcc_best_on_labelled_scores_else_the_contamination_quantile():
+    bins = NORMAL_EDGES.size + 1
+    rng = np.random.default_rng(8)
+    pos = np.bincount(np.clip(rng.normal(45, 5, 40).astype(int), 0, bins - 1), minlength=bins)
+    neg = np.bincount(np.clip(rng.normal(30, 6, 500).astype(int), 0, bins - 1), minlength=bins)
+    everything = pos + neg
+    labelled = replace(
+        update("a", 0),
+        hist_normal=everything.astype(float),
+        hist_normal_pos=pos.astype(float),
+        hist_normal_neg=neg.astype(float),
+    )
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(labelled)
+    reps = np.concatenate(
+        ([NORMAL_EDGES[0] - 1], (NORMAL_EDGES[:-1] + NORMAL_EDGES[1:]) / 2, [NORMAL_EDGES[-1] + 1])
+    )
+    scores = np.concatenate((np.repeat(reps, pos), np.repeat(reps, neg)))
+    truth = np.concatenate((np.ones(pos.sum()), np.zeros(neg.sum())))
+    mccs = [matthews_corrcoef(truth, scores >= t) for t in NORMAL_EDGES]
+    best = max(range(len(mccs)), key=lambda k: (round(mccs[k], 12), k))
+    assert fed.close(0).model.normal_threshold == NORMAL_EDGES[best]
+    # No label anywhere: the score that flags at most `contamination` (5 %) of all readings.
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(replace(update("a", 0), hist_normal=everything.astype(float)))
+    threshold = fed.close(0).model.normal_threshold
+    flagged = np.mean(scores >= threshold)
+    below = NORMAL_EDGES[np.searchsorted(NORMAL_EDGES, threshold) - 1]
+    assert flagged <= 0.05 < np.mean(scores >= below)
 
 
 def test_the_normal_model_is_the_sum_of_the_devices_statistics():

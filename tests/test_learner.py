@@ -424,15 +424,22 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
     assert state.hist_normal.sum() == warm.sum()
     top = np.searchsorted(LOGIT_EDGES, logits[y == 1], side="right")
     np.testing.assert_array_equal(state.hist_pos, np.bincount(top, minlength=LOGIT_EDGES.size + 1))
+    # The label-free scores of the labelled rows only, by their stream label (not the rule's).
+    normal = own_normal_scores(model.normal, scored.features[warm])
+    for hist, label in ((state.hist_normal_pos, 1), (state.hist_normal_neg, 0)):
+        bins = np.searchsorted(NORMAL_EDGES, normal[truth == label], side="right")
+        np.testing.assert_array_equal(hist, np.bincount(bins, minlength=NORMAL_EDGES.size + 1))
+    assert state.hist_normal_pos.sum() == np.count_nonzero(truth == 1) > 0
 
     update = train_round(state, "dev", model, cfg, 0)
     assert update.scored_version == 1
     assert update.prequential == expected_preq
     assert update.candidates == expected_candidates
     assert update.hist_pos.sum() == np.count_nonzero(y == 1)
+    assert update.hist_normal_neg.sum() == np.count_nonzero(truth == 0)
     # The counts went with the update: the next round starts from zero.
     assert state.prequential == Confusion(0, 0, 0, 0) and state.candidates == {}
-    assert state.hist_pos.sum() == 0
+    assert state.hist_pos.sum() == 0 == state.hist_normal_pos.sum() == state.hist_normal_neg.sum()
 
 
 def test_a_new_version_resets_the_counts():

@@ -325,6 +325,7 @@ def best_mcc_threshold(
     tp = np.cumsum(positives[::-1])[::-1][1:]
     fp = np.cumsum(negatives[::-1])[::-1][1:]
     fn, tn = p - tp, n - fp
+    fn, tn = np.maximum(fn, 0.0), np.maximum(tn, 0.0)  # faded sums: rounding may dip below 0
     denominator = np.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
     mcc = np.where(denominator > 0, (tp * tn - fp * fn) / np.maximum(denominator, 1e-300), 0.0)
     best = np.flatnonzero(mcc >= mcc.max() - 1e-12)[-1]
