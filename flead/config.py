@@ -88,6 +88,7 @@ class Settings:
     fedavg_trim_fraction: float = 0.2  # trimmed_mean: share of updates cut at each end
     fedavg_max_norm: float = 10.0  # every rule: a longer update delta is scaled down; 0 = off
     fedavg_staleness_alpha: float = 0.5  # weight (1 + staleness)^-alpha; 0 = no staleness weighting
+    fedavg_bucket_size: int = 3  # every rule sees means of this many shuffled updates (README)
     # Orchestration: Dagster (instance storage in dagster_database_url, home under state_dir)
     dagster_host: str = "127.0.0.1"
     dagster_port: int = 3070  # the webserver (UI); 3000 is left to Grafana

@@ -81,6 +81,7 @@ class FederationConfig:
         options = {
             "staleness_alpha": settings.fedavg_staleness_alpha,
             "max_update_norm": settings.fedavg_max_norm,
+            "bucket_size": settings.fedavg_bucket_size,
         }
         if settings.fedavg_strategy == "trimmed_mean":
             options["trim_fraction"] = settings.fedavg_trim_fraction

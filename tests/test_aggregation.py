@@ -13,7 +13,6 @@ import pytest
 
 from streaming.model import aggregation as agg
 from streaming.model.aggregation import (
-    DEFAULT_RULE,
     RULES,
     AggregationRule,
     ClippedFedAvg,
@@ -146,6 +145,8 @@ def test_updates_too_far_to_subtract_are_refused() -> None:
         (ClippedFedAvg, {"clip_multiple": 0.0}),
         (GeometricMedian, {"iterations": 0}),
         (GeometricMedian, {"smoothing": 0.0}),
+        (FedAvg, {"bucket_size": 0}),
+        (CoordinateMedian, {"bucket_size": 2.5}),
     ],
 )
 def test_rules_refuse_bad_options(rule: type[AggregationRule], options: dict) -> None:
@@ -155,7 +156,6 @@ def test_rules_refuse_bad_options(rule: type[AggregationRule], options: dict) ->
 
 def test_registry_has_the_config_names() -> None:
     assert {"fedavg", "trimmed_mean", "median", "clipped_fedavg"} <= set(RULES)
-    assert isinstance(DEFAULT_RULE, RULES[DEFAULT_RULE.name])
     for name, rule in RULES.items():
         assert rule.name == name
         assert isinstance(make_rule(name), rule)
@@ -323,12 +323,65 @@ def test_geometric_median_lowers_the_sum_of_distances(seed: int) -> None:
 
 @pytest.mark.parametrize("name", sorted(RULES))
 @pytest.mark.parametrize("seed", range(3))
-def test_rules_do_not_depend_on_the_order_of_updates(name: str, seed: int) -> None:
+@pytest.mark.parametrize("bucket_size", [1, 3])
+def test_rules_do_not_depend_on_the_order_of_updates(name: str, seed: int, bucket_size) -> None:
     updates, reference = random_batch(seed)
     order = np.random.default_rng(seed).permutation(updates.count)
     shuffled = Updates(updates.params[order], updates.samples[order], updates.staleness[order])
-    rule = make_rule(name)
+    rule = make_rule(name, bucket_size=bucket_size)
     np.testing.assert_allclose(rule.combine(shuffled, reference), rule.combine(updates, reference))
+
+
+# --- bucketing ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bucket_size", [2, 3, 7])
+def test_bucketing_leaves_fedavg_unchanged(bucket_size: int) -> None:
+    # A weighted mean of bucket means weighted by the buckets' summed weights is the mean.
+    updates, reference = random_batch(4)
+    weights = np.minimum(updates.samples, 100) * (1.0 + updates.staleness) ** -0.5
+    deltas = updates.params - reference
+    expected = reference + weights @ deltas / weights.sum()
+    result = make_rule("fedavg", bucket_size=bucket_size, max_update_norm=0.0)
+    np.testing.assert_allclose(result.combine(updates, reference), expected, rtol=1e-12)
+
+
+def test_bucketed_median_is_the_median_of_pair_means() -> None:
+    # Six one-coordinate updates, buckets of two: the result is the median of three bucket
+    # means, each the mean of a disjoint pair of the updates.
+    values = [0.0, 1.0, 2.0, 10.0, 11.0, 40.0]
+    updates = batch([[v] for v in values], samples=[10] * 6)
+    result = make_rule("median", bucket_size=2, max_update_norm=0.0).combine(updates, [0.0])[0]
+    medians = set()
+    for pairing in _pairings(list(range(6))):
+        means = sorted((values[a] + values[b]) / 2 for a, b in pairing)
+        medians.add(means[1])
+    assert result in medians
+    assert result != np.median(values)  # 6.0, which no pairing's median is
+
+
+def _pairings(items: list[int]):
+    if not items:
+        yield []
+        return
+    first, rest = items[0], items[1:]
+    for k, other in enumerate(rest):
+        for tail in _pairings(rest[:k] + rest[k + 1 :]):
+            yield [(first, other), *tail]
+
+
+def test_bucketing_lets_a_robust_rule_keep_rare_informative_updates() -> None:
+    # 3 of 12 devices saw an anomaly and moved far along the first coordinate; the others
+    # only jitter. A plain median drops what the three learned; in buckets of four nearly
+    # every bucket mean carries a share of it.
+    rng = np.random.default_rng(0)
+    params = rng.normal(0.0, 0.01, (12, 3))
+    params[[1, 5, 9], 0] += 4.0
+    updates = batch(params.tolist(), samples=[50] * 12)
+    plain = make_rule("median", max_update_norm=0.0).combine(updates, np.zeros(3))
+    bucketed = make_rule("median", bucket_size=4, max_update_norm=0.0).combine(updates, np.zeros(3))
+    assert abs(plain[0]) < 0.05
+    assert bucketed[0] > 0.5
 
 
 @pytest.mark.parametrize("name", sorted(RULES))
@@ -366,12 +419,12 @@ def attacked_batch(seed: int) -> tuple[Updates, np.ndarray, np.ndarray]:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_default_rule_shrugs_off_20_percent_attackers(seed: int) -> None:
+def test_a_trimmed_mean_shrugs_off_20_percent_attackers(seed: int) -> None:
     updates, reference, honest_mean = attacked_batch(seed)
     honest_step = np.linalg.norm(honest_mean - reference)  # ≈ 0.95
-    default = DEFAULT_RULE.combine(updates, reference)
+    trimmed = TrimmedMean(trim_fraction=0.3).combine(updates, reference)
     plain = FedAvg(max_samples=2**62, max_update_norm=0.0).combine(updates, reference)
-    assert np.linalg.norm(default - honest_mean) < 0.25 * honest_step
+    assert np.linalg.norm(trimmed - honest_mean) < 0.25 * honest_step
     assert np.linalg.norm(plain - honest_mean) > 15 * honest_step
 
 
@@ -414,7 +467,7 @@ def test_momentum_by_hand() -> None:
 
 def test_momentum_with_lr_one_minus_beta_keeps_the_long_run_step() -> None:
     # A steady Δ each version: v → Δ/(1 - β), so the step server_lr·v → Δ.
-    momentum, x, v = agg.DEFAULT_MOMENTUM, np.zeros(2), None
+    momentum, x, v = ServerMomentum(beta=0.9, server_lr=0.1), np.zeros(2), None
     assert momentum.server_lr == pytest.approx(1 - momentum.beta)
     for _ in range(300):
         previous = x

@@ -31,31 +31,20 @@ Rules (``RULES``, by config name):
 :class:`ServerMomentum` (FedAvgM, Hsu, Qi & Brown 2019) smooths the global model over versions:
 ``v = beta·v_prev + Δ``, ``next = reference + server_lr·v``; the caller keeps ``v``.
 
-**What was measured** (``benchmarks/aggregation_robustness.py``: 200 logistic-regression devices,
-2 % anomalies in episodes, 20 updates per version, 20 % of devices attacking; mean F1 of the
-last 10 versions over 4-5 seeds). Robust rules need honest updates that resemble each other.
-Without the positive-example memory (each 50-reading round trains on its own rows) ~12 % of
-rounds hold a positive, and those few large updates are the only ones that teach what an
-anomaly looks like: trimmed mean, median, geometric median and clipping at 3× the median norm
-all discard them and learn "always normal" (F1 0, as the old rules did), while FedAvg reaches
-0.36 (0.42 with momentum); clipping holds only from ~30× the median norm, where it no longer
-protects. No per-batch rule fixes that alone: attackers scaling their delta ×20 send updates of
-the same size and nearly the same direction as the rare honest ones, so a rule that keeps the
-latter keeps the former (every rule ≤ 0.17 under the combined attack). With the memory (50
-earlier positives join each round; ~72 % of rounds hold one) honest updates are alike, and every
-robust rule holds without attack (trimmed mean 0.64-0.65, median 0.61, geometric median 0.56,
-clipped 0.54, FedAvg 0.53: dropping the noisiest deltas even helps). Under the combined attack
-(delta ×-20 and 2e9 samples claimed) FedAvg falls to 0.10 and clipped FedAvg to 0.11; the
-trimmed mean keeps 0.50 trimming 20 % and 0.57 trimming 30 % (the attackers' share of one
-batch of 20 often exceeds 20 %). Hence :data:`DEFAULT_RULE`, the trimmed mean trimming 30 %,
-with :data:`DEFAULT_MOMENTUM` (beta 0.9, server_lr 0.1, an exponential average with the same
-long-run step): it lowered the swing of F1 between versions from 0.083 to 0.034 and kept
-0.60-0.64 under every attack. Both assume the positive-example memory; without it use
-``fedavg`` with the momentum.
+Every rule can first average the updates in shuffled groups of ``bucket_size`` (bucketing,
+Karimireddy, He & Jaggi 2022) and combine the group means. That is what makes the robust rules
+usable on anomaly data: only the rounds of devices that saw an anomaly teach what one looks
+like, their deltas are the rare large ones, and a median or trimmed mean of raw updates drops
+exactly those (on the synthetic fleet the median learned an inverted model, anomalies scored
+*below* normal readings). Group means each carry a share of them. FedAvg is unchanged by it.
+
+What each rule withstands is measured with the real learner in
+``benchmarks/detection_quality.py`` (the poisoning grid; README shows it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -174,6 +163,26 @@ def _weighted_median(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
     return (sorted_values[lower, cols] + sorted_values[upper, cols]) / 2.0
 
 
+def _buckets(
+    deltas: np.ndarray, weights: np.ndarray, size: int, params: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The deltas shuffled into groups of ``size`` (the last ones may hold one more), each
+    replaced by its weighted mean with the group's summed weight (bucketing, Karimireddy, He &
+    Jaggi 2022). The shuffle is seeded by the updates themselves: deterministic for a batch,
+    unknowable to a device before it sends."""
+    m = deltas.shape[0]
+    groups = max(1, m // size)
+    if groups == m:
+        return deltas, weights
+    # Canonical row order first, so the buckets do not depend on the order updates arrived in.
+    canonical = np.lexsort(params.T[::-1])
+    digest = hashlib.blake2b(params[canonical].tobytes(), digest_size=8).digest()
+    shuffled = canonical[np.random.default_rng(int.from_bytes(digest, "big")).permutation(m)]
+    members = np.array_split(shuffled, groups)
+    means = np.vstack([weights[g] @ deltas[g] / weights[g].sum() for g in members])
+    return means, np.array([weights[g].sum() for g in members])
+
+
 def _check_int(name: str, value: Any, low: int) -> None:
     if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
         raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
@@ -203,11 +212,13 @@ class AggregationRule(ABC):
     # Honest deltas of the linear model measured < 4 (95th percentile) without the memory; the
     # rare longer ones are capped at no measured cost in F1.
     max_update_norm: float = 10.0
+    bucket_size: int = 1
 
     def __post_init__(self) -> None:
         _check_int("max_samples", self.max_samples, 1)
         _check_float("staleness_alpha", self.staleness_alpha, 0.0)
         _check_float("max_update_norm", self.max_update_norm, 0.0)
+        _check_int("bucket_size", self.bucket_size, 1)
 
     def weights(self, updates: Updates) -> np.ndarray:
         """Capped sample counts times the staleness discount (FedAsync's polynomial form)."""
@@ -225,7 +236,10 @@ class AggregationRule(ABC):
     def combine(self, updates: Updates, reference: Any) -> np.ndarray:
         """The next global parameter vector (d,): ``reference`` plus the combined delta."""
         ref = updates.check_reference(reference)
-        return ref + self.combine_deltas(self.deltas(updates, ref), self.weights(updates))
+        deltas, weights = self.deltas(updates, ref), self.weights(updates)
+        if self.bucket_size > 1:
+            deltas, weights = _buckets(deltas, weights, self.bucket_size, updates.params)
+        return ref + self.combine_deltas(deltas, weights)
 
     @abstractmethod
     def combine_deltas(self, deltas: np.ndarray, weights: np.ndarray) -> np.ndarray:
@@ -367,13 +381,6 @@ RULES: dict[str, type[AggregationRule]] = {
         GeometricMedian,
     )
 }
-
-DEFAULT_RULE: AggregationRule = TrimmedMean(trim_fraction=0.3)
-"""The measured default (module doc); the service still sets ``max_samples`` on it
-(``dataclasses.replace``) to its ``train_every`` + positive memory."""
-
-DEFAULT_MOMENTUM = ServerMomentum(beta=0.9, server_lr=0.1)
-"""The measured server momentum for :data:`DEFAULT_RULE` (``ServerMomentum()`` is off)."""
 
 
 def make_rule(name: str, **options: Any) -> AggregationRule:
