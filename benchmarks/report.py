@@ -1,5 +1,6 @@
-"""Render benchmarks/results/*.json into benchmarks/results/SUMMARY.md: every figure in it is
-read from a result file a benchmark wrote."""
+"""Render benchmarks/results/*.json into benchmarks/results/SUMMARY.md, and the detection
+tables into README's generated block: every figure in them is read from a result file a
+benchmark wrote."""
 
 from __future__ import annotations
 
@@ -84,14 +85,21 @@ def render() -> str:
 
 def _detection(r: dict) -> list[str]:
     """Every method's F1 and MCC per data set, then F1 per aggregation rule under attack."""
-    lines = [
+    return [
         "## Detection quality (`flead evaluate`: device k-fold, every held-out reading)",
         "",
+        *detection_tables(r),
+    ]
+
+
+def detection_tables(r: dict) -> list[str]:
+    """The detection tables, as SUMMARY.md and README's generated block show them."""
+    lines = [
         "| data set | method | F1 | MCC | precision | recall |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, data in r["data_sets"].items():
-        rows = [*data["methods"].items(), ("prequential", data["prequential"])]
+        rows = [*data["methods"].items(), ("prequential (training devices)", data["prequential"])]
         for method, c in rows:
             lines.append(
                 f"| {name} | {method} | {c['f1']:.3f} | {c['mcc']:.3f} | {c['precision']:.3f}"
@@ -102,13 +110,17 @@ def _detection(r: dict) -> list[str]:
         attacks = list(next(iter(poisoning.values())))
         lines += [
             "",
-            "Supervised family's F1 with 20 % of training devices attacking (synthetic fleet):",
+            "F1 of the supervised family / of the federated default (`auto`) with 20 % of the"
+            " training devices attacking (synthetic fleet, `streaming.evaluate.ATTACKS`):",
             "",
             "| rule | " + " | ".join(attacks) + " |",
             "| --- |" + " --- |" * len(attacks),
         ]
         for rule, by_attack in poisoning.items():
-            cells = " | ".join(f"{by_attack[a]['supervised']['f1']:.3f}" for a in attacks)
+            cells = " | ".join(
+                f"{by_attack[a]['supervised']['f1']:.3f} / {by_attack[a]['federated']['f1']:.3f}"
+                for a in attacks
+            )
             lines.append(f"| {rule} | {cells} |")
     alone = r.get("learner_alone")
     if alone:
@@ -121,10 +133,31 @@ def _detection(r: dict) -> list[str]:
     return lines
 
 
+README = Path(__file__).resolve().parent.parent / "README.md"
+BEGIN = "<!-- BEGIN detection_quality: written by `python -m benchmarks.report` -->"
+END = "<!-- END detection_quality -->"
+
+
+def update_readme(readme: Path = README) -> bool:
+    """Replace README's generated block with the tables of the current results; False when
+    there are no results or no block."""
+    quality = _load("detection_quality")
+    text = readme.read_text()
+    if quality is None or BEGIN not in text or END not in text:
+        return False
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    block = "\n".join([BEGIN, "", *detection_tables(quality), "", END])
+    readme.write_text(head + block + tail)
+    return True
+
+
 def main(argv: list[str] | None = None) -> Path:
     path = RESULTS_DIR / "SUMMARY.md"
     path.write_text(render())
     print(f"summary → {path}")
+    if update_readme():
+        print(f"detection tables → {README}")
     return path
 
 
