@@ -33,7 +33,7 @@ from confluent_kafka import Consumer, TopicPartition
 from psycopg.types.json import Jsonb
 
 from benchmarks.common import interleaved, summarise, write_result
-from flead import db
+from flead import db, kafka
 from flead.config import REPO_ROOT, Settings, load_settings
 from flead_assets.lib import evaluation, spark_jobs
 from flead_assets.resources.spark import spark_config
@@ -49,17 +49,14 @@ def _url(settings: Settings, name: str) -> str:
 
 def create_database(settings: Settings) -> str:
     name = f"flead_bench_{uuid.uuid4().hex[:8]}"
-    with psycopg.connect(_url(settings, "postgres"), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = _url(settings, name)
+    url = db.create_database(settings, name)  # as the administrator, owned by the app role
     db.apply_schema(url)
     return url
 
 
 def drop_database(settings: Settings, url: str) -> None:
     name = urlsplit(url).path.lstrip("/")
-    with psycopg.connect(_url(settings, "postgres"), autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    db.drop_database(settings, name)
 
 
 _COPIED = (
@@ -105,9 +102,7 @@ def spark_session(settings: Settings):
 def pandas_readings(settings: Settings) -> pd.DataFrame:
     """Every reading of the topic with a plain consumer, validated like the streaming jobs."""
     topic = settings.topics.readings
-    consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": "flead-bench-eval"}
-    )
+    consumer = Consumer(kafka.client_config(settings, "admin", **{"group.id": "flead-bench-eval"}))
     try:
         partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
         ends = {}

@@ -28,7 +28,7 @@ from streaming.sources import synthetic_fleet
 
 
 def bare_loop(settings: Settings, topic: str, messages: list[tuple[bytes, bytes, int]]) -> int:
-    producer = Producer(kafka.producer_config(settings))
+    producer = Producer(kafka.producer_config(settings, "admin"))
     for key, value, timestamp in messages:
         while True:
             try:
@@ -50,7 +50,7 @@ def run(settings: Settings, devices: int, readings_per_device: int, rounds: int)
         topics.append(fresh_topic(settings, "replay"))
         return timed(
             lambda: replay(
-                readings, kafka.producer_config(settings), topics[-1], progress=False
+                readings, kafka.producer_config(settings, "admin"), topics[-1], progress=False
             ).readings
         )
 

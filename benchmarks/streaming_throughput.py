@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import psycopg
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 from benchmarks.common import write_result
@@ -38,10 +37,9 @@ BENCH_DATABASE = "flead_bench"
 
 
 def private_settings(base: Settings, label: str, state_dir: Path) -> Settings:
-    admin = base.database_url.rsplit("/", 1)[0] + "/postgres"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{BENCH_DATABASE}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{BENCH_DATABASE}"')
+    # As the administrator: the application role may not create databases.
+    db.drop_database(base, BENCH_DATABASE)
+    db.create_database(base, BENCH_DATABASE)
     settings = dataclasses.replace(
         namespaced(base, f"bench-{label}-{int(time.time())}"),
         database_url=base.database_url.rsplit("/", 1)[0] + f"/{BENCH_DATABASE}",
@@ -77,7 +75,7 @@ def batched_messages(readings: list[Reading], batch: int) -> list[tuple[bytes, b
 def consumed(settings: Settings) -> int:
     """Messages of the readings topic the job has committed (at its checkpoints)."""
     consumer = Consumer(
-        {"bootstrap.servers": settings.kafka_bootstrap, "group.id": settings.consumer_group("edge")}
+        kafka.client_config(settings, "admin", **{"group.id": settings.consumer_group("edge")})
     )
     try:
         parts = [
@@ -89,7 +87,7 @@ def consumed(settings: Settings) -> int:
 
 
 def capacity(settings: Settings, messages, readings_per_message: float) -> dict:
-    producer = Producer(kafka.producer_config(settings))
+    producer = Producer(kafka.producer_config(settings, "admin"))
     for key, value, ts in messages:
         produce(producer, settings.topics.readings, key.decode(), value, ts)
     producer.flush(120)
@@ -127,7 +125,7 @@ def sustained(
     )
     reader.start()
     samples = []
-    producer = Producer(kafka.producer_config(settings, **{"linger.ms": 5}))
+    producer = Producer(kafka.producer_config(settings, "admin", **{"linger.ms": 5}))
     next_sample = time.monotonic()
     for i, (key, value, ts) in enumerate(messages):
         delay = t0 + (ts - e0) / 1000 / speedup - time.time()
@@ -165,11 +163,14 @@ def read_anomalies(settings, latencies, stop, t0, e0, speedup) -> None:
     from streaming.messages import parse_timestamp
 
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.consumer_group_prefix}-latency",
-            "auto.offset.reset": "earliest",
-        }
+        kafka.client_config(
+            settings,
+            "admin",
+            **{
+                "group.id": f"{settings.consumer_group_prefix}-latency",
+                "auto.offset.reset": "earliest",
+            },
+        )
     )
     consumer.subscribe([settings.topics.anomalies])
     while not stop.is_set():
@@ -212,12 +213,15 @@ def python_learner(settings: Settings, messages) -> dict:
 
 def bare_consume(settings: Settings, topic: str, messages: int) -> dict:
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"{settings.consumer_group_prefix}-bare",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka.client_config(
+            settings,
+            "admin",
+            **{
+                "group.id": f"{settings.consumer_group_prefix}-bare",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     # The clock starts after the first batch arrives, so group join is not counted; that

@@ -9,14 +9,26 @@ import sys
 import time
 from pathlib import Path
 
-from flead import db, kafka, services, status
+from flead import db, kafka, services, status, supervision
 from flead.config import Settings, load_settings
+from flead.secrets import redact_url
 from streaming import sources
 from streaming.replay import ReplayError, replay
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
-    print(f"PostgreSQL  {services.ensure_postgres(settings)}  {settings.database_url}")
+    # Under the supervisor's lock: a restart it has due never races these starts.
+    with services.service_lock(settings):
+        _start_platform(settings, args)
+    if not args.no_supervise:
+        outcome = supervision.ensure_supervisor(settings)
+        print(f"Supervisor  {outcome}  (log {settings.log_dir / 'supervisor.log'})")
+    print(f"State       {settings.state_dir}  (logs in {settings.log_dir})")
+    return 0
+
+
+def _start_platform(settings: Settings, args: argparse.Namespace) -> None:
+    print(f"PostgreSQL  {services.ensure_postgres(settings)}  {redact_url(settings.database_url)}")
     print(f"Kafka       {services.ensure_kafka(settings)}  {settings.kafka_bootstrap}")
     created = kafka.ensure_topics(settings)
     print(
@@ -36,14 +48,21 @@ def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
             f"Dagster     {outcome['dagster-webserver']}  UI {settings.dagster_url}"
             f"  (daemon {outcome['dagster-daemon']})"
         )
-    print(f"State       {settings.state_dir}  (logs in {settings.log_dir})")
+
+
+def cmd_supervise(settings: Settings, _args: argparse.Namespace) -> int:
+    """Run the supervisor in the foreground (``flead up`` starts it in the background)."""
+    supervision.Supervisor(settings).run()
     return 0
 
 
 def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     from flead import orchestration
 
-    stopped = orchestration.stop_dagster(settings)  # first: its daemon launches runs
+    # The supervisor first, so nothing stopped below is started again; then Dagster, whose
+    # daemon launches runs.
+    stopped = {"supervisor": supervision.stop_supervisor(settings)}
+    stopped.update(orchestration.stop_dagster(settings))
     stopped.update(services.stop_streaming(settings))
     stopped["kafka"] = services.stop_kafka(settings)
     stopped["postgres"] = services.stop_postgres(settings)
@@ -91,7 +110,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     try:
         result = replay(
             readings,
-            kafka.producer_config(settings),
+            kafka.producer_config(settings, "replay"),
             topic,
             rate=args.rate if args.rate is not None else settings.replay_rate,
             speedup=args.speedup if args.speedup is not None else settings.replay_speedup,
@@ -217,6 +236,16 @@ def build_parser() -> argparse.ArgumentParser:
     up_cmd.add_argument(
         "--no-dagster", action="store_true", help="do not start the Dagster webserver and daemon"
     )
+    up_cmd.add_argument(
+        "--no-supervise",
+        action="store_true",
+        help="do not start `flead supervise` (which restarts a service that dies)",
+    )
+    commands.add_parser(
+        "supervise",
+        help="keep the started services alive: restart a dead one with backoff, count restarts,"
+        " watch consumer lag, rotate logs (flead up starts it)",
+    )
     backfill_cmd = commands.add_parser(
         "backfill",
         help="evaluate historical global versions (or hours of analytics) as one Dagster backfill",
@@ -300,6 +329,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 COMMANDS = {
     "up": cmd_up,
+    "supervise": cmd_supervise,
     "down": cmd_down,
     "replay": cmd_replay,
     "status": cmd_status,

@@ -13,6 +13,7 @@ import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,13 +36,29 @@ class Settings:
     kafka_bootstrap: str = "127.0.0.1:9092"
     kafka_partitions: int = 4
     kafka_replication: int = 1
+    kafka_min_insync_replicas: int = 1  # min.insync.replicas of topics flead creates
     kafka_retention_ms: int = -1  # keep all: replayed readings carry event times in the past
+    kafka_retention_bytes: int = -1  # per partition, set when a topic is created; -1 = no limit
     kafka_heap: str = "1g"
     topics: Topics = field(default_factory=Topics)
     consumer_group_prefix: str = "flead"  # groups are <prefix>-edge, <prefix>-fedavg, ...
-    # PostgreSQL (the application database; Dagster's instance has its own)
-    database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead"
-    dagster_database_url: str = "postgresql://flead:flead@127.0.0.1:5433/flead_dagster"
+    # sasl: a SCRAM user per service and ACLs (flead/kafka.py); none: plaintext, for a broker of
+    # your own without authentication
+    kafka_security: str = "sasl"
+    # local: the Flink job in a mini-cluster, Spark local[*], one broker. cluster: a standalone
+    # Flink session cluster, Spark standalone and three brokers (CLUSTER_DEFAULTS; flead/cluster.py)
+    deploy: str = "local"
+    kafka_sasl_mechanism: str = "SCRAM-SHA-512"  # or SCRAM-SHA-256
+    # PostgreSQL (the application database; Dagster's instance has its own). No password in
+    # the defaults: load_settings fills a URL that has none with the application role's
+    # (FLEAD_DB_PASSWORD, else generated into <state_dir>/secrets/db_password).
+    database_url: str = "postgresql://flead@127.0.0.1:5433/flead"
+    dagster_database_url: str = "postgresql://flead@127.0.0.1:5433/flead_dagster"
+    # The superuser that only creates the cluster, the roles and the databases (flead up, the
+    # tests' scratch databases); never given to a service. Empty: flead_admin on database_url's
+    # server, password FLEAD_DB_ADMIN_PASSWORD else <state_dir>/secrets/db_admin_password.
+    database_admin_url: str = ""
+    grafana_statement_timeout: str = "30s"  # per statement of Grafana's read-only role
     # Local services: where their data, logs and pids live
     state_dir: Path = REPO_ROOT / ".flead"
     jars_dir: Path = REPO_ROOT / ".flead" / "jars"  # copied by Maven from jvm/pom.xml
@@ -59,6 +76,24 @@ class Settings:
     flink_parallelism: int = 2  # measured: ~1.4x parallelism 1 on 2 cores (README)
     flink_execution_mode: str = "thread"  # PyFlink's "thread" (fast) or "process"
     checkpoint_interval_ms: int = 10_000
+    # Bounded restarts (Flink's failure-rate strategy): at most this many failures within the
+    # window, this long apart, then the job fails for good instead of restarting in a loop.
+    flink_restart_attempts: int = 5
+    flink_restart_window_s: float = 600.0
+    flink_restart_delay_s: float = 10.0
+    # Cluster mode (flead/cluster.py): host:port of an existing JobManager's REST API to submit
+    # to; empty: start a standalone session cluster from the apache-flink package's own scripts.
+    flink_jobmanager: str = ""
+    flink_rest_port: int = 18081  # the session cluster flead starts: REST API and web UI ...
+    flink_rpc_port: int = 16123  # ... and the JobManager's RPC port
+    flink_taskmanagers: int = 2
+    flink_taskmanager_slots: int = 2  # 2 x 2 slots: a parallelism-2 job survives losing one
+    flink_jobmanager_memory: str = "1024m"
+    flink_taskmanager_memory: str = "1536m"
+    flink_heartbeat_timeout_ms: int = 10_000  # a killed TaskManager is declared lost this soon
+    # Keyed state of a device not heard of for this long (processing time) expires: a device
+    # that went away costs nothing after it; one that comes back starts a fresh learner.
+    device_state_ttl_s: float = 7 * 24 * 3600.0
     train_every: int = 50  # readings per local round ...
     train_interval_s: float = 60.0  # ... or seconds, whichever comes first
     min_round_samples: int = 10  # a timer-triggered round needs at least this many readings
@@ -95,9 +130,28 @@ class Settings:
     evaluation_sensor_interval_s: int = 30  # how often the sensor looks for new global versions
     evaluation_max_versions_per_run: int = 500  # versions one sensor-launched Spark run evaluates
     evaluation_threshold: float = 0.5  # P(anomaly) above which a held-out reading is flagged
+    # Per-reading rows of model_evaluations are kept for this many newest evaluated versions
+    # (summaries for all); 0 = keep every version's rows.
+    evaluation_keep_versions: int = 20
     streaming_health_interval_s: int = 60  # how often the health sensor checks the services
+    # Supervision (`flead supervise`, started by `flead up`): restarts with exponential backoff
+    supervise_interval_s: float = 2.0  # how often pids are checked
+    supervise_backoff_s: float = 1.0  # delay before the first restart; doubles per crash ...
+    supervise_backoff_max_s: float = 300.0  # ... up to this
+    supervise_stable_s: float = 120.0  # up this long after a restart: the backoff starts over
+    lag_check_interval_s: float = 15.0  # how often consumer lag is measured
+    lag_window_s: float = 300.0  # lag "keeps growing" when it rose over this whole window
+    lag_stall_s: float = 300.0  # lag > 0 and no committed progress this long: unhealthy
+    log_max_bytes: int = 50_000_000  # a service's log is rotated past this size ...
+    log_backups: int = 3  # ... keeping this many old files (<name>.log.1 is the newest)
     # Spark (through dagster-pyspark): any master; the Kafka source's jars are local files
     spark_master: str = "local[*]"
+    # Cluster mode: a spark:// master on this host that does not answer is started (Master and
+    # one Worker with these resources); a remote one is used as it is.
+    spark_master_webui_port: int = 18080
+    spark_worker_cores: int = 1
+    spark_worker_memory: str = "2g"
+    spark_executor_memory: str = "1g"
     spark_driver_memory: str = "2g"
     spark_shuffle_partitions: int = 4  # small data, 2 cores: the default 200 is all overhead
     # Hourly analytics: partitions start at the data's first hour ("%Y-%m-%d-%H:%M", UTC)
@@ -157,10 +211,44 @@ def _override(obj: Any, prefix: str, env: dict[str, str]) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
+DEPLOY_MODES = ("local", "cluster")
+CLUSTER_DEFAULTS: dict[str, Any] = {
+    # Three KRaft nodes (broker + controller each), their own ports: the single broker of
+    # local mode (9092) can run beside them. Each node's controller listens on its port + 1.
+    "kafka_bootstrap": "127.0.0.1:19092,127.0.0.1:19094,127.0.0.1:19096",
+    "kafka_replication": 3,
+    "kafka_min_insync_replicas": 2,  # with acks=all a write survives the loss of one broker
+    "spark_master": "spark://127.0.0.1:17077",
+}
+"""What ``FLEAD_DEPLOY=cluster`` (``flead up --cluster``) changes; a ``FLEAD_*`` variable
+still wins over each."""
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Defaults overridden by ``FLEAD_*`` variables, e.g. ``FLEAD_KAFKA_BOOTSTRAP`` or
-    ``FLEAD_TOPICS_READINGS``."""
-    return _override(Settings(), "FLEAD_", dict(os.environ if env is None else env))
+    ``FLEAD_TOPICS_READINGS``; with ``FLEAD_DEPLOY=cluster`` the defaults are
+    :data:`CLUSTER_DEFAULTS`'."""
+    env = dict(os.environ if env is None else env)
+    deploy = env.get("FLEAD_DEPLOY", Settings.deploy)
+    if deploy not in DEPLOY_MODES:
+        raise ValueError(f"FLEAD_DEPLOY={deploy!r}: expected one of {DEPLOY_MODES}")
+    defaults = Settings(**CLUSTER_DEFAULTS) if deploy == "cluster" else Settings()
+    return with_database_passwords(_override(defaults, "FLEAD_", env), env)
+
+
+def with_database_passwords(settings: Settings, env: dict[str, str] | None = None) -> Settings:
+    """``settings`` whose application and Dagster database URLs carry a password: one written
+    in the URL is kept, a URL without one gets the application role's secret ``db_password``
+    (``FLEAD_DB_PASSWORD``, else generated once into the state folder)."""
+    from flead import secrets  # standard library only, like this module
+
+    changes: dict[str, str] = {}
+    for name in ("database_url", "dagster_database_url"):
+        url = getattr(settings, name)
+        if urlsplit(url).username and secrets.url_password(url) is None:
+            password = secrets.secret(settings.state_dir, "db_password", env)
+            changes[name] = secrets.url_with_password(url, password)
+    return dataclasses.replace(settings, **changes) if changes else settings
 
 
 def namespaced(settings: Settings, prefix: str) -> Settings:

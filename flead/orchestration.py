@@ -52,7 +52,9 @@ def prepare_home(settings: Settings) -> Path:
     """DAGSTER_HOME (``<state>/dagster``) with the rendered dagster.yaml."""
     home = settings.dagster_home
     home.mkdir(parents=True, exist_ok=True)
-    (home / "dagster.yaml").write_text(render_instance_config(settings))
+    path = home / "dagster.yaml"
+    path.write_text(render_instance_config(settings))
+    path.chmod(0o600)  # it holds the Dagster database's password
     return home
 
 

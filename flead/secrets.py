@@ -63,3 +63,75 @@ def _read(path: Path) -> str:
     if not value:
         raise RuntimeError(f"secret file {path} is empty: delete it to generate a new one")
     return value
+
+
+# --- passwords in connection URLs --------------------------------------------------------------
+
+REDACTED = "***"
+
+
+def url_password(url: str) -> str | None:
+    """The password written in ``url`` (percent-decoded), or None."""
+    from urllib.parse import unquote, urlsplit
+
+    password = urlsplit(url).password
+    return None if password is None else unquote(password)
+
+
+def url_with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` set (percent-encoded: an environment-provided password may hold
+    ``@``, ``:`` or ``/``)."""
+    from urllib.parse import quote
+
+    return _with_netloc_password(url, quote(password, safe=""))
+
+
+def _with_netloc_password(url: str, encoded: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if not parts.username:
+        raise ValueError("a password needs a user name in the URL")
+    host = parts.netloc.rpartition("@")[2]  # host[:port] exactly as written
+    return parts._replace(netloc=f"{parts.username}:{encoded}@{host}").geturl()
+
+
+def redact_url(url: str) -> str:
+    """``url`` with its password, if any, replaced by ``***`` (for printing and logs)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        return _with_netloc_password(url, REDACTED)
+    except ValueError:
+        return url
+
+
+def redact(text: str, values: list[str] | set[str]) -> str:
+    """``text`` with every one of ``values`` (and its percent-encoded form) replaced by ``***``."""
+    from urllib.parse import quote
+
+    for value in sorted({v for v in values if v}, key=len, reverse=True):
+        text = text.replace(value, REDACTED).replace(quote(value, safe=""), REDACTED)
+    return text
+
+
+def known_values(state_dir: Path, urls: list[str] = ()) -> set[str]:
+    """Every secret a report could leak: the passwords in ``urls``, the ``FLEAD_*`` secrets of
+    the environment and the values stored in the state folder (read, never created)."""
+    values = {p for p in (url_password(u) for u in urls) if p}
+    for name in ("db_password", "db_admin_password", "grafana_db_password"):
+        if os.environ.get(env_name(name)):
+            values.add(os.environ[env_name(name)])
+    folder = secrets_dir(state_dir)
+    if folder.is_dir():
+        for path in folder.iterdir():
+            try:
+                value = path.read_text().strip()
+            except OSError:  # another user's state folder: nothing of it can be printed either
+                continue
+            if value:
+                values.add(value)
+    return values

@@ -18,11 +18,13 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from flead.config import REPO_ROOT, Settings, to_env
+from flead.secrets import secret
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,24 @@ class Endpoint:
             return False
 
 
+def kafka_endpoints(settings: Settings) -> list[Endpoint]:
+    """Every address of the bootstrap list: flead's local brokers, one per address (node ids
+    1..n, each node's controller listener on its port + 1)."""
+    endpoints = []
+    for address in settings.kafka_bootstrap.split(","):
+        host, _, port = address.strip().rpartition(":")
+        endpoints.append(Endpoint(host or "127.0.0.1", int(port)))
+    return endpoints
+
+
 def kafka_endpoint(settings: Settings) -> Endpoint:
-    host, _, port = settings.kafka_bootstrap.split(",")[0].rpartition(":")
-    return Endpoint(host or "127.0.0.1", int(port))
+    return kafka_endpoints(settings)[0]
+
+
+def kafka_node_name(settings: Settings, node: int) -> str:
+    """Pid, log and folder name of local broker ``node`` (0-based): ``kafka`` for the single
+    broker of local mode (as before), ``kafka-<node id>`` for each broker of a cluster."""
+    return "kafka" if len(kafka_endpoints(settings)) == 1 else f"kafka-{node + 1}"
 
 
 def postgres_endpoint(url: str) -> Endpoint:
@@ -85,7 +102,36 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    # A zombie (dead, not yet reaped by a parent other than us) answers kill(pid, 0).
+    with contextlib.suppress(OSError):
+        if Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z":
+            return False
     return True
+
+
+pid_alive = _alive
+
+
+def kill_group(pgid: int) -> None:
+    """SIGKILL what is left of the process group a dead service led (``spawn`` makes every
+    service a group leader): a PyFlink job's JVM outlives its Python parent otherwise."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def service_lock(settings: Settings) -> Iterator[None]:
+    """Held while services are started (``flead up``, the supervisor's restarts): the two
+    never start the same service twice."""
+    import fcntl
+
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    with (settings.run_dir / "services.lock").open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def recorded_pid(settings: Settings, name: str) -> int | None:
@@ -204,10 +250,17 @@ def ensure_postgres(settings: Settings) -> str:
 
 
 def _init_postgres(settings: Settings, data_dir: Path, user: str | None) -> None:
-    parts = urlsplit(settings.database_url)
+    # The cluster's superuser is the administrator (flead_admin), used only to set up roles
+    # and databases; the application gets an ordinary role (flead.db.provision).
+    from flead import db
+
+    admin = urlsplit(db.admin_url(settings))
     data_dir.mkdir(parents=True, exist_ok=True)
     pwfile = data_dir.parent / ".pgpass-init"
-    pwfile.write_text(f"{parts.password or 'flead'}\n")
+    # Created 0600 before the password is written: it is readable by its owner only.
+    pwfile.unlink(missing_ok=True)
+    with os.fdopen(os.open(pwfile, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as out:
+        out.write(f"{db.admin_password(settings)}\n")
     if user:
         shutil.chown(data_dir, user)
         shutil.chown(pwfile, user)
@@ -218,7 +271,7 @@ def _init_postgres(settings: Settings, data_dir: Path, user: str | None) -> None
             "-D",
             str(data_dir),
             "-U",
-            parts.username or "flead",
+            admin.username or db.ADMIN_ROLE,
             f"--pwfile={pwfile}",
             "--auth-local=trust",
             "--auth-host=scram-sha-256",
@@ -233,40 +286,27 @@ def _init_postgres(settings: Settings, data_dir: Path, user: str | None) -> None
 
 
 def _wait_accepting(settings: Settings) -> None:
-    import psycopg
+    # pg_isready, not a login: which roles can log in is for _create_databases to find out.
+    endpoint = postgres_endpoint(settings.database_url)
+    argv = [str(_postgres_bin("pg_isready")), "-q", "-t", "2"]
+    argv += ["-h", endpoint.host, "-p", str(endpoint.port)]
 
     def accepting() -> bool:
-        try:
-            with psycopg.connect(_admin_url(settings), connect_timeout=2):
-                return True
-        except psycopg.OperationalError:
-            return False
+        return subprocess.run(argv, check=False).returncode == 0
 
     wait_until(accepting, 60, "PostgreSQL connections", settings.log_dir / "postgres.log")
 
 
-def _admin_url(settings: Settings) -> str:
-    return urlsplit(settings.database_url)._replace(path="/postgres").geturl()
-
-
 def _create_databases(settings: Settings) -> None:
-    """Create the application's and Dagster's databases where they are missing. On a server
-    flead does not own, lacking the right to do so is a warning: the owner creates them."""
-    import psycopg
+    """The roles (administrator, application, Grafana) and the application's and Dagster's
+    databases, created or updated by the administrator (flead.db.provision)."""
+    from flead import db
 
     try:
-        conn = psycopg.connect(_admin_url(settings), autocommit=True, connect_timeout=5)
-    except psycopg.Error as exc:
-        log.warning("cannot check the databases on the server (%s); create them yourself", exc)
-        return
-    with conn:
-        for url in (settings.database_url, settings.dagster_database_url):
-            name = urlsplit(url).path.lstrip("/")
-            exists = conn.execute(
-                "SELECT 1 FROM pg_database WHERE datname = %s", (name,)
-            ).fetchone()
-            if not exists:
-                conn.execute(f'CREATE DATABASE "{name}"')
+        outcome = db.provision(settings)
+    except db.DatabaseSetupError as exc:
+        raise ServiceError(str(exc)) from exc
+    log.info("PostgreSQL roles and databases: %s", outcome)
 
 
 def stop_postgres(settings: Settings) -> bool:
@@ -279,11 +319,18 @@ def stop_postgres(settings: Settings) -> bool:
 
 _LOG4J2 = """\
 status = warn
-appender.file.type = File
+appender.file.type = RollingFile
 appender.file.name = file
 appender.file.fileName = {log}
+appender.file.filePattern = {log}.%i
 appender.file.layout.type = PatternLayout
 appender.file.layout.pattern = [%d] %p %m (%c)%n
+appender.file.policies.type = Policies
+appender.file.policies.size.type = SizeBasedTriggeringPolicy
+appender.file.policies.size.size = {max_bytes}
+appender.file.strategy.type = DefaultRolloverStrategy
+appender.file.strategy.max = {backups}
+appender.file.strategy.fileIndex = min
 rootLogger.level = INFO
 rootLogger.appenderRef.file.ref = file
 logger.kafka.name = kafka
@@ -293,37 +340,79 @@ logger.apache.level = WARN
 """
 
 
-def _kafka_properties(settings: Settings, data_dir: Path) -> str:
-    endpoint = kafka_endpoint(settings)
+def _kafka_properties(settings: Settings, data_dir: Path, node: int = 0) -> str:
+    # Every node is broker and controller ("combined"): Kafka's docs call it the simple choice
+    # for small clusters; three voters keep the metadata quorum through the loss of one node.
+    endpoints = kafka_endpoints(settings)
+    endpoint = endpoints[node]
     controller_port = endpoint.port + 1
+    voters = ",".join(f"{i + 1}@{e.host}:{e.port + 1}" for i, e in enumerate(endpoints))
+    replicas = min(3, len(endpoints))  # Kafka's own topics: as replicated as the cluster allows
+    common = [
+        "process.roles=broker,controller",
+        f"node.id={node + 1}",
+        f"controller.quorum.voters={voters}",
+        "controller.listener.names=CONTROLLER",
+        f"log.dirs={data_dir}",
+        f"num.partitions={settings.kafka_partitions}",
+        f"offsets.topic.replication.factor={replicas}",
+        f"share.coordinator.state.topic.replication.factor={replicas}",
+        f"transaction.state.log.replication.factor={replicas}",
+        f"transaction.state.log.min.isr={max(1, replicas - 1)}",
+        f"default.replication.factor={replicas}",
+        "group.initial.rebalance.delay.ms=0",
+        "auto.create.topics.enable=false",
+    ]
+    if settings.kafka_security == "none":
+        return "\n".join(
+            [
+                *common,
+                f"listeners=PLAINTEXT://{endpoint.host}:{endpoint.port},"
+                f"CONTROLLER://{endpoint.host}:{controller_port}",
+                f"advertised.listeners=PLAINTEXT://{endpoint.host}:{endpoint.port}",
+                "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+                "",
+            ]
+        )
+    from flead import kafka
+
+    mechanism = settings.kafka_sasl_mechanism
+    admin_password = kafka.password(settings, "admin")
+    # KRaft keeps SCRAM credentials in its metadata, which the controller listener must reach
+    # before it can read them: that listener authenticates with SASL/PLAIN and a static user.
+    controller_password = secret(settings.state_dir, "kafka_controller_password")
     return "\n".join(
         [
-            "process.roles=broker,controller",
-            "node.id=1",
-            f"controller.quorum.voters=1@{endpoint.host}:{controller_port}",
-            f"listeners=PLAINTEXT://{endpoint.host}:{endpoint.port},"
+            *common,
+            f"listeners=BROKER://{endpoint.host}:{endpoint.port},"
             f"CONTROLLER://{endpoint.host}:{controller_port}",
-            f"advertised.listeners=PLAINTEXT://{endpoint.host}:{endpoint.port}",
-            "controller.listener.names=CONTROLLER",
-            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
-            f"log.dirs={data_dir}",
-            f"num.partitions={settings.kafka_partitions}",
-            "offsets.topic.replication.factor=1",
-            "share.coordinator.state.topic.replication.factor=1",
-            "transaction.state.log.replication.factor=1",
-            "transaction.state.log.min.isr=1",
-            "group.initial.rebalance.delay.ms=0",
-            "auto.create.topics.enable=false",
+            f"advertised.listeners=BROKER://{endpoint.host}:{endpoint.port}",
+            "listener.security.protocol.map=BROKER:SASL_PLAINTEXT,CONTROLLER:SASL_PLAINTEXT",
+            "inter.broker.listener.name=BROKER",
+            f"sasl.mechanism.inter.broker.protocol={mechanism}",
+            f"listener.name.broker.sasl.enabled.mechanisms={mechanism}",
+            f"listener.name.broker.{mechanism.lower()}.sasl.jaas.config="
+            "org.apache.kafka.common.security.scram.ScramLoginModule required"
+            f' username="admin" password="{admin_password}";',
+            "sasl.mechanism.controller.protocol=PLAIN",
+            "listener.name.controller.sasl.enabled.mechanisms=PLAIN",
+            "listener.name.controller.plain.sasl.jaas.config="
+            "org.apache.kafka.common.security.plain.PlainLoginModule required"
+            f' username="controller" password="{controller_password}"'
+            f' user_controller="{controller_password}";',
+            "authorizer.class.name=org.apache.kafka.metadata.authorizer.StandardAuthorizer",
+            "allow.everyone.if.no.acl.found=false",
+            "super.users=User:admin;User:controller",
             "",
         ]
     )
 
 
-def _kafka_java(settings: Settings, main_class: str, *args: str) -> list[str]:
+def _kafka_java(settings: Settings, main_class: str, *args: str, node: int = 0) -> list[str]:
     jars = settings.jars_dir / "kafka"
     if not any(jars.glob("kafka_2.13-*.jar")):
         raise ServiceError(f"no Kafka jars in {jars}; `make run` copies them with Maven")
-    config_dir = settings.state_dir / "kafka"
+    config_dir = settings.state_dir / kafka_node_name(settings, node)
     return [
         shutil.which("java") or "java",
         "-Xms256m",
@@ -336,45 +425,132 @@ def _kafka_java(settings: Settings, main_class: str, *args: str) -> list[str]:
     ]
 
 
-def ensure_kafka(settings: Settings) -> str:
-    """Start a single-node KRaft broker with its data under the state folder, unless the
-    bootstrap address already answers."""
-    endpoint = kafka_endpoint(settings)
-    if endpoint.answers():
-        return "reused"
-    if not endpoint.is_local():
-        raise ServiceError(f"Kafka at {settings.kafka_bootstrap} does not answer")
-    config_dir = settings.state_dir / "kafka"
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner can read (it holds passwords)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+
+
+def _kafka_cluster_id(settings: Settings) -> str:
+    """The KRaft cluster id every node of the state folder's brokers is formatted with (kept in
+    a file: a node formatted again later must join the same cluster)."""
+    path = settings.state_dir / "kafka-cluster-id"
+    if len(kafka_endpoints(settings)) == 1 or not path.exists():
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if len(kafka_endpoints(settings)) == 1:
+            return cluster_id
+        path.write_text(cluster_id + "\n")
+    return path.read_text().strip()
+
+
+def _format_kafka(settings: Settings, properties: Path, marker: Path, node: int = 0) -> None:
+    """Format the KRaft storage; with SASL, with the SCRAM credentials of every flead user.
+
+    The passwords go to the JVM through an argument file (mode 0600, deleted at once), not the
+    command line, which every local user can read in the process table."""
+    from flead import kafka
+
+    cluster_id = _kafka_cluster_id(settings)
+    args = ["format", "-t", cluster_id, "-c", str(properties)]
+    if settings.kafka_security == "sasl":
+        mechanism = settings.kafka_sasl_mechanism
+        for user in kafka.USERS:
+            quoted = kafka.password(settings, user).replace("\\", "\\\\").replace('"', '\\"')
+            args += ["--add-scram", f'{mechanism}=[name={user},password="{quoted}"]']
+    argv = _kafka_java(settings, "kafka.tools.StorageTool", *args, node=node)
+    argfile = properties.parent / "format.args"
+
+    def argfile_quote(arg: str) -> str:
+        return '"' + arg.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    _write_private(argfile, "\n".join(argfile_quote(a) for a in argv[1:]) + "\n")
+    try:
+        done = subprocess.run([argv[0], f"@{argfile}"], capture_output=True, text=True, check=False)
+    finally:
+        argfile.unlink(missing_ok=True)
+    if done.returncode != 0:
+        raise ServiceError(f"formatting Kafka's storage failed: {done.stderr.strip()[-2000:]}")
+    marker.write_text(f"{settings.kafka_security} {settings.kafka_sasl_mechanism}\n")
+
+
+def _check_formatted_for(settings: Settings, data_dir: Path, marker: Path) -> None:
+    """A data folder formatted without the SCRAM credentials (by a flead before authentication,
+    or with another mechanism) cannot authenticate anyone: say how to start over."""
+    if settings.kafka_security != "sasl":
+        return
+    formatted = marker.read_text().split() if marker.exists() else ["none", "-"]
+    if formatted == ["sasl", settings.kafka_sasl_mechanism]:
+        return
+    raise ServiceError(
+        f"Kafka's data folder {data_dir} was formatted without {settings.kafka_sasl_mechanism}"
+        " credentials for flead's users (by a flead before Kafka authentication, or with"
+        " another mechanism), so no client could log in. Either delete that folder (its topics"
+        " are re-created and `make run` replays the readings again: rm -rf"
+        f" {data_dir}) and run `flead up` again, or keep it unauthenticated with"
+        " FLEAD_KAFKA_SECURITY=none."
+    )
+
+
+def _start_kafka_node(settings: Settings, node: int) -> None:
+    """Write the configuration of local broker ``node``, format its storage once, start it."""
+    name = kafka_node_name(settings, node)
+    config_dir = settings.state_dir / name
     data_dir = config_dir / "data"
+    marker = config_dir / "formatted-for"
     config_dir.mkdir(parents=True, exist_ok=True)
     settings.log_dir.mkdir(parents=True, exist_ok=True)
     properties = config_dir / "server.properties"
-    properties.write_text(_kafka_properties(settings, data_dir))
+    _write_private(properties, _kafka_properties(settings, data_dir, node))
     (config_dir / "log4j2.properties").write_text(
-        _LOG4J2.format(log=settings.log_dir / "kafka-server.log")
+        _LOG4J2.format(
+            log=settings.log_dir / f"{name}-server.log",
+            max_bytes=settings.log_max_bytes,
+            backups=settings.log_backups,
+        )
     )
     if not (data_dir / "meta.properties").exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
-        subprocess.run(
-            _kafka_java(
-                settings,
-                "kafka.tools.StorageTool",
-                "format",
-                "-t",
-                cluster_id,
-                "-c",
-                str(properties),
-            ),
-            check=True,
-            capture_output=True,
-        )
-    spawn(settings, "kafka", _kafka_java(settings, "kafka.Kafka", str(properties)))
-    wait_until(endpoint.answers, 90, "Kafka", settings.log_dir / "kafka.log")
-    return "started"
+        _format_kafka(settings, properties, marker, node)
+    _check_formatted_for(settings, data_dir, marker)
+    spawn(settings, name, _kafka_java(settings, "kafka.Kafka", str(properties), node=node))
+
+
+def ensure_kafka(settings: Settings) -> str:
+    """Start the KRaft brokers of the bootstrap list with their data under the state folder
+    (one in local mode; one per address, e.g. three in cluster mode), except those whose
+    address already answers; with SASL, its users exist and the admin logs in."""
+    from flead import kafka
+
+    endpoints = kafka_endpoints(settings)
+    down = [i for i, endpoint in enumerate(endpoints) if not endpoint.answers()]
+    if not down:
+        try:
+            kafka.check_access(settings)
+        except RuntimeError as exc:
+            raise ServiceError(str(exc)) from None
+        if endpoints[0].is_local():
+            kafka.ensure_users(settings)
+        return "reused"
+    if not all(endpoints[i].is_local() for i in down):
+        raise ServiceError(f"Kafka at {settings.kafka_bootstrap} does not answer")
+    for node in down:
+        _start_kafka_node(settings, node)
+    for node in down:
+        name = kafka_node_name(settings, node)
+        wait_until(endpoints[node].answers, 90, name, settings.log_dir / f"{name}.log")
+    try:
+        kafka.check_access(settings, timeout=60)
+    except RuntimeError as exc:
+        logs = settings.log_dir / f"{kafka_node_name(settings, 0)}-server.log"
+        raise ServiceError(f"{exc} (see {logs})") from None
+    kafka.ensure_users(settings)
+    return "started" if len(down) == len(endpoints) else f"started {len(down)} of {len(endpoints)}"
 
 
 def stop_kafka(settings: Settings) -> bool:
-    return stop_pid(settings, "kafka", timeout=60)
+    names = [kafka_node_name(settings, i) for i in range(len(kafka_endpoints(settings)))]
+    return any([stop_pid(settings, name, timeout=60) for name in names])
 
 
 # --- the streaming services ------------------------------------------------------------------
@@ -398,8 +574,15 @@ def flink_env(settings: Settings) -> dict[str, str]:
 def streaming_commands(settings: Settings) -> dict[str, list[str]]:
     """name → argv of each long-running streaming process, in start order."""
     python = str(REPO_ROOT / ".venv" / "bin" / "python")
+    # Cluster mode: the same job file, submitted to the session cluster by a watcher that
+    # lives as long as the job does (flead/cluster.py); local mode: a mini-cluster in-process.
+    job = (
+        [python, "-m", "flead.cluster", "run-job"]
+        if settings.deploy == "cluster"
+        else [str(settings.flink_python), "-m", "streaming.flink_job"]
+    )
     return {
-        "flink-job": [str(settings.flink_python), "-m", "streaming.flink_job"],
+        "flink-job": job,
         "fedavg": [python, "-m", "streaming.fedavg"],
         "anomaly-sink": [python, "-m", "streaming.anomaly_sink"],
     }

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from flead import db, kafka, services
+from flead import db, kafka, secrets, services
 from flead.config import Settings, describe
 
 MANAGED_SERVICES = ("postgres", "kafka")
@@ -35,7 +35,31 @@ def _service_health(settings: Settings) -> dict[str, dict[str, Any]]:
     from flead import orchestration
 
     health.update(orchestration.dagster_health(settings))
+    _add_supervision(settings, health)
     return health
+
+
+def _add_supervision(settings: Settings, health: dict[str, dict[str, Any]]) -> None:
+    """Restarts counted by ``flead supervise`` for every service; for the streaming services
+    their consumer lag, whether it keeps growing, and ``healthy`` false when stalled (lag with
+    no committed progress): a live pid alone is not health."""
+    from flead import supervision
+
+    report = supervision.service_report(settings)
+    own = report.pop(supervision.SUPERVISOR)
+    health[supervision.SUPERVISOR] = {
+        "address": "-",
+        "healthy": own["alive"],
+        "pid": own["pid"],
+        "log": str(settings.log_dir / "supervisor.log"),
+    }
+    for name, info in health.items():
+        seen = report.get(name, {})
+        info["restarts"] = int(seen.get("restarts", 0))
+        if name in services.STREAMING_SERVICES and own["alive"] and "lag" in seen:
+            info |= {k: seen.get(k) for k in ("lag", "lag_growing", "stalled")}
+            if seen.get("stalled"):
+                info["healthy"] = False
 
 
 def collect(settings: Settings) -> dict[str, Any]:
@@ -59,7 +83,28 @@ def collect(settings: Settings) -> dict[str, Any]:
     if "model_evaluation_summaries" in report["tables"]:
         report["evaluations"] = evaluation_coverage(settings)
     report["settings"] = describe(settings)
-    return report
+    return redacted(report, settings)
+
+
+def redacted(report: Any, settings: Settings) -> Any:
+    """``report`` with every password replaced by ``***``: those of the settings' URLs and
+    every secret of the environment and the state folder, wherever they appear (an error
+    message quoting a URL included). Status output is pasted into issues and chat."""
+    values = secrets.known_values(
+        settings.state_dir,
+        [settings.database_url, settings.dagster_database_url, settings.database_admin_url],
+    )
+
+    def clean(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [clean(v) for v in value]
+        if isinstance(value, str):
+            return secrets.redact(value, values)
+        return value
+
+    return clean(report)
 
 
 def evaluation_coverage(settings: Settings) -> dict[str, Any]:
@@ -99,7 +144,11 @@ def render(report: dict[str, Any]) -> str:
     for name, info in report["services"].items():
         state = "up" if info["healthy"] else "DOWN"
         pid = f"pid {info['pid']}" if info["pid"] else "not started by flead"
-        lines.append(f"  {name:<18} {state:<5} {info['address']:<22} {pid}")
+        extra = f"  restarts {info['restarts']}" if info.get("restarts") else ""
+        if info.get("lag") is not None:
+            extra += f"  lag {info['lag']:,}" + (" growing" if info.get("lag_growing") else "")
+            extra += "  STALLED" if info.get("stalled") else ""
+        lines.append(f"  {name:<18} {state:<5} {info['address']:<22} {pid}{extra}")
     for title, key, unit in (("Topics", "topics", "messages"), ("Tables", "tables", "rows")):
         lines.append(title)
         section = report[key]

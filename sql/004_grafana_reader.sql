@@ -1,8 +1,9 @@
 -- A read-only role for Grafana's PostgreSQL datasource (grafana/provisioning/datasources/).
 --
--- The password 'flead_grafana' is for local development only. Anywhere else change it outside
--- this file, e.g. `ALTER ROLE flead_grafana PASSWORD '...'` as an administrator, and give Grafana
--- the new one through FLEAD_GRAFANA_DB_PASSWORD; this migration never resets an existing role.
+-- No password here: `flead up` creates the role beforehand as the administrator and sets its
+-- password (FLEAD_GRAFANA_DB_PASSWORD, else generated into <state>/secrets/grafana_db_password)
+-- and its statement timeout (flead.db.provision). Databases where an earlier version of this
+-- file was applied got the role with a development password; `flead up` replaces it.
 --
 -- Roles are cluster-wide and this migration runs once in every database of the server (the
 -- application database, each test database...): the role is created only when missing (also
@@ -12,7 +13,9 @@ DO $$
 BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'flead_grafana') THEN
         BEGIN
-            CREATE ROLE flead_grafana LOGIN PASSWORD 'flead_grafana'
+            -- Reached only where flead.db.provision did not run (no administrator): the role
+            -- can log in once an administrator gives it a password.
+            CREATE ROLE flead_grafana LOGIN
                 NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION;
             -- A second guard: even a privilege granted by mistake cannot be used to write
             -- (a session would have to switch it off explicitly).
@@ -22,8 +25,10 @@ BEGIN
                 NULL;  -- created concurrently by the migration of another database
             WHEN insufficient_privilege THEN
                 RAISE EXCEPTION 'creating the role flead_grafana needs CREATEROLE'
-                    USING HINT = 'create it once as an administrator: CREATE ROLE flead_grafana '
-                                 'LOGIN PASSWORD ''...''; then apply the migrations again';
+                    USING HINT = 'run `flead up` with the administrator''s credentials'
+                                 ' (FLEAD_DATABASE_ADMIN_URL), or create it once as an'
+                                 ' administrator: CREATE ROLE flead_grafana LOGIN; then apply'
+                                 ' the migrations again';
         END;
     END IF;
     EXECUTE format('GRANT CONNECT ON DATABASE %I TO flead_grafana', current_database());

@@ -212,7 +212,9 @@ def federate(
                     preq = preq + counts
                 detector = Detector(version.model, config)
                 if encode_sizes:
-                    model_bytes += len(encode_global_params(version.model, ts)) * len(devices)
+                    # A fixed key: only the signature's size matters here.
+                    signed = encode_global_params(version.model, ts, key=b"wire-size")
+                    model_bytes += len(signed) * len(devices)
         if not strip_labels:
             warm = scored.warm & (labels >= 0)
             pooled_X.append(scored.features[warm])

@@ -15,13 +15,18 @@ time window closes it on a quiet fleet too. Closing a version does, in this orde
 2. the version on ``global-model-updates`` (key: the version);
 3. the consumer offsets of exactly the messages that went into it.
 
-Messages that cannot be used (undecodable, wrong size, a base version from the future, ...) go
-to the dead-letter topic with the reason and are counted; their offsets are committed only once
-every earlier message of their partition is. A round already in ``local_models`` (read again
+Every message is handled on its own: one that cannot be used (undecodable, wrong size, a base
+version from the future, or a row PostgreSQL would refuse, tried in a transaction that is rolled
+back) goes to the dead-letter topic with the reason and is counted, and the service goes on. Its
+offset is committed only once its dead letter is acknowledged by Kafka and every earlier message of
+its partition is (a buffered round is "earlier" until its version is stored). Failures of the
+infrastructure itself (PostgreSQL or Kafka unreachable) are not the message's fault: they stop the
+service, which resumes from the committed offsets. A round already in ``local_models`` (read again
 after a crash between steps 1 and 3) is skipped. On start the service rebuilds the federation's
-state from the newest stored version and publishes that version again (devices ignore versions
-they already have). A crash anywhere therefore leaves versions 1..n without gap or duplicate,
-and every round in exactly one version.
+state from the newest stored version and publishes that version again (devices ignore versions they
+already have). Every published version is signed (HMAC-SHA256 with the deployment's
+``model_signing_key``, see :mod:`flead.secrets`): devices adopt nothing else. A crash anywhere
+therefore leaves versions 1..n without gap or duplicate, and every round in exactly one version.
 """
 
 from __future__ import annotations
@@ -41,7 +46,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from psycopg.types.json import Jsonb
 
 from flead.config import Settings, load_settings
-from flead.kafka import producer_config
+from flead.kafka import client_config, producer_config
+from flead.secrets import secret
 from streaming.federation import Federation, FederationConfig, ServerState, Version
 from streaming.learner import GlobalParams, LocalRound
 from streaming.messages import dead_letter, decode_local_round, encode_global_params
@@ -74,6 +80,8 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
         "hist_pos": s.hist_pos.tolist(),
         "hist_neg": s.hist_neg.tolist(),
         "hist_normal": s.hist_normal.tolist(),
+        "hist_normal_pos": s.hist_normal_pos.tolist(),
+        "hist_normal_neg": s.hist_normal_neg.tolist(),
         "candidates": {kind: counts.tolist() for kind, counts in sorted(s.candidates.items())},
         "velocity": None if s.velocity is None else s.velocity.tolist(),
         # When each device was last heard of (its own clock), for "devices active recently";
@@ -114,6 +122,9 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         hist_pos=_array(saved["hist_pos"]),
         hist_neg=_array(saved["hist_neg"]),
         hist_normal=_array(saved["hist_normal"]),
+        # Absent from the state of a service before labelled label-free calibration.
+        hist_normal_pos=_array(saved.get("hist_normal_pos", np.zeros_like(saved["hist_normal"]))),
+        hist_normal_neg=_array(saved.get("hist_normal_neg", np.zeros_like(saved["hist_normal"]))),
         normal=normal,
         candidates={kind: _array(c) for kind, c in saved["candidates"].items()},
     )
@@ -157,6 +168,63 @@ def stored_keys(conn: psycopg.Connection, keys: list[tuple[str, int]]) -> set[tu
     return {(device, version) for device, version in rows}
 
 
+_INSERT_LOCAL = (
+    "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
+    " loss, samples_processed, weights, bias, aggregated_into, aggregation_weight,"
+    " label_source, created_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s)"
+)
+
+
+def _row(r: LocalRound, version: int, weight: float) -> tuple:
+    return (
+        r.device_id,
+        r.round,
+        r.base_version,
+        r.accuracy,
+        r.loss,
+        r.samples,
+        r.params.tolist(),
+        version,
+        weight,
+        r.label_source,
+        datetime.fromtimestamp(r.timestamp_ms / 1000, UTC),
+    )
+
+
+#: Errors that say PostgreSQL (or the way there) failed, not that a row is bad: a message is
+#: never dead-lettered for them.
+INFRASTRUCTURE_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def unstorable(conn: psycopg.Connection, updates: list[LocalRound]) -> dict[int, str]:
+    """Index → reason for each round whose ``local_models`` row PostgreSQL would refuse (a type,
+    range or text the decoder let through). The rows are inserted in a transaction that is
+    always rolled back: all at once, and one by one only when that fails. A round already stored
+    is not refused here (``ON CONFLICT DO NOTHING``): it is a replay, skipped by the caller."""
+    if not updates:
+        return {}
+    probe = _INSERT_LOCAL + " ON CONFLICT DO NOTHING"
+    try:
+        with conn.transaction(force_rollback=True), conn.cursor() as cursor:
+            cursor.executemany(probe, [_row(u, 0, 0.0) for u in updates])
+        return {}
+    except INFRASTRUCTURE_ERRORS:
+        raise
+    except Exception:  # one of them is bad: find which
+        pass
+    refused = {}
+    for i, update in enumerate(updates):
+        try:
+            with conn.transaction(force_rollback=True), conn.cursor() as cursor:
+                cursor.execute(probe, _row(update, 0, 0.0))
+        except INFRASTRUCTURE_ERRORS:
+            raise
+        except Exception as exc:
+            refused[i] = f"PostgreSQL would refuse this round: {type(exc).__name__}: {exc}"[:500]
+    return refused
+
+
 def local_rows(version: Version, rounds: dict[str, list[LocalRound]]) -> list[tuple]:
     """One ``local_models`` row per original round: a device's merged update is stored as the
     rounds it was made of, its aggregation weight split in proportion to their samples (so
@@ -166,21 +234,7 @@ def local_rows(version: Version, rounds: dict[str, list[LocalRound]]) -> list[tu
         originals = rounds.get(update.device_id) or [update]
         total = sum(r.samples for r in originals)
         for r in originals:
-            rows.append(
-                (
-                    r.device_id,
-                    r.round,
-                    r.base_version,
-                    r.accuracy,
-                    r.loss,
-                    r.samples,
-                    r.params.tolist(),
-                    version.model.version,
-                    weight * r.samples / total,
-                    r.label_source,
-                    datetime.fromtimestamp(r.timestamp_ms / 1000, UTC),
-                )
-            )
+            rows.append(_row(r, version.model.version, weight * r.samples / total))
     return rows
 
 
@@ -217,13 +271,7 @@ def store_version(
                 Jsonb(server_state),
             ),
         )
-        cursor.executemany(
-            "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
-            " loss, samples_processed, weights, bias, aggregated_into, aggregation_weight,"
-            " label_source, created_at)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s)",
-            local_rows(version, rounds),
-        )
+        cursor.executemany(_INSERT_LOCAL, local_rows(version, rounds))
         cursor.executemany(
             "INSERT INTO prequential_evaluations AS p (model_version, tp, fp, tn, fn)"
             " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (model_version) DO UPDATE SET"
@@ -285,17 +333,24 @@ class FedAvgService:
         self.conn = psycopg.connect(settings.database_url, autocommit=True)
         self.federation, self.latest = restore(self.conn, self.config)
         self.consumer = Consumer(
-            {
-                "bootstrap.servers": settings.kafka_bootstrap,
-                "group.id": settings.consumer_group("fedavg"),
-                "enable.auto.commit": False,
-                "auto.offset.reset": "earliest",
-                "isolation.level": "read_committed",
-                # A restarted service gets its partitions back after this, not Kafka's 45 s.
-                "session.timeout.ms": 10_000,
-            }
+            client_config(
+                settings,
+                "fedavg",
+                **{
+                    "group.id": settings.consumer_group("fedavg"),
+                    "enable.auto.commit": False,
+                    "auto.offset.reset": "earliest",
+                    "isolation.level": "read_committed",
+                    # A restarted service gets its partitions back after this, not Kafka's 45 s.
+                    "session.timeout.ms": 10_000,
+                },
+            )
         )
-        self.producer = Producer(producer_config(settings, **{"linger.ms": 5}))
+        self.producer = Producer(producer_config(settings, "fedavg", **{"linger.ms": 5}))
+        # Taken once: the same state folder (or FLEAD_MODEL_SIGNING_KEY) gives the Flink job
+        # the same key to verify with.
+        self.signing_key = secret(settings.state_dir, "model_signing_key")
+        self.delivery_errors: list[str] = []
         self.offsets = Offsets()
         self.buffered: list[_Pending] = []  # the offsets of the rounds in the open round
         self.keys: set[tuple[str, int]] = set()  # (device, round) in the open round
@@ -334,6 +389,14 @@ class FedAvgService:
                 decoded.append((message, decode_local_round(message.value()), None))
             except Exception as exc:  # whatever the bytes, the service goes on
                 decoded.append((message, None, str(exc) or type(exc).__name__))
+        # What the decoder let through but PostgreSQL would refuse is refused here, one round
+        # at a time, rather than failing the whole version's transaction later (and with it
+        # the service, again after every restart).
+        positions = [i for i, (_, u, _) in enumerate(decoded) if u is not None]
+        refused = unstorable(self.conn, [decoded[i][1] for i in positions])
+        for j, reason in refused.items():
+            message = decoded[positions[j]][0]
+            decoded[positions[j]] = (message, None, reason)
         stored = stored_keys(
             self.conn, [(u.device_id, u.round) for _, u, _ in decoded if u is not None]
         )
@@ -370,9 +433,15 @@ class FedAvgService:
             reason,
         )
         self.producer.produce(
-            self.topics.dead_letter, dead_letter(message.topic(), message.value(), reason)
+            self.topics.dead_letter,
+            dead_letter(message.topic(), message.value(), reason),
+            on_delivery=self._delivered,
         )
         self.offsets.consumed(message, done=True)
+
+    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
+        if error is not None:
+            self.delivery_errors.append(str(error))
 
     def _close_if_due(self, stored: set[tuple[str, int]]) -> None:
         now = self.clock()
@@ -409,8 +478,13 @@ class FedAvgService:
         offsets = self.offsets.committable()
         if not offsets:
             return
-        if self.producer.flush(30):  # the dead letters of refused messages first
-            raise RuntimeError("dead letters were not acknowledged by Kafka")
+        # The dead letters of refused messages first: a refused message's offset is committed
+        # only once its dead letter is in Kafka (flush() also counts failed deliveries as
+        # gone, hence the delivery reports).
+        if self.producer.flush(30) or self.delivery_errors:
+            raise RuntimeError(
+                f"dead letters were not acknowledged by Kafka: {self.delivery_errors[:3]}"
+            )
         self.consumer.commit(offsets=offsets, asynchronous=False)
 
     def _publish(
@@ -424,6 +498,7 @@ class FedAvgService:
         payload = encode_global_params(
             model,
             self.clock() if now_ms is None else now_ms,
+            key=self.signing_key,
             num_devices=num_devices,
             strategy=strategy,
             accuracy=accuracy,

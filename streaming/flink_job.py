@@ -12,6 +12,21 @@ Run it with ``python -m streaming.flink_job`` (a local mini-cluster) or submit t
 Flink cluster with ``flink run -py streaming/flink_job.py``. Settings come from
 :mod:`flead.config` (``FLEAD_*`` variables). With checkpointing on and retained checkpoints,
 ``--resume`` (the default of ``flead``'s launcher) restarts from the newest one.
+
+Hardening (what any producer may send never stops the job):
+
+- Both sources hand the raw bytes to Python (``ByteArraySchema``): UTF-8 is checked by the
+  decoders, so invalid bytes are dead-lettered as they are (a string deserializer would turn them
+  into U+FFFD and accept them, and it fails on a null value; the byte deserializer skips a null
+  value, a Kafka tombstone, which carries nothing to score).
+- Every record is handled in its own ``try``: whatever fails to decode, validate or process goes
+  to the dead-letter topic with the reason, and the job goes on.
+- Global versions are adopted only with a valid HMAC signature of the FedAvg service (the
+  ``model_signing_key`` of :mod:`flead.secrets`, read when each task opens, never shipped in the
+  job graph) and only when newer than the version a device holds.
+- Restarts are bounded (``flink_restart_*`` settings: Flink's failure-rate strategy), so a fault
+  that survives restarts fails the job instead of looping.
+- Keyed state of a device silent for ``device_state_ttl_s`` (processing time) expires.
 """
 
 from __future__ import annotations
@@ -22,7 +37,8 @@ import sys
 from pathlib import Path
 
 from pyflink.common import Configuration, Types, WatermarkStrategy
-from pyflink.common.serialization import SimpleStringSchema
+from pyflink.common.serialization import ByteArraySchema, SimpleStringSchema
+from pyflink.common.time import Time
 from pyflink.datastream import (
     CheckpointingMode,
     ExternalizedCheckpointRetention,
@@ -38,17 +54,19 @@ from pyflink.datastream.connectors.kafka import (
     KafkaSource,
 )
 from pyflink.datastream.functions import KeyedBroadcastProcessFunction, ProcessFunction
-from pyflink.datastream.state import MapStateDescriptor, ValueStateDescriptor
+from pyflink.datastream.state import MapStateDescriptor, StateTtlConfig, ValueStateDescriptor
 
 from flead import services
 from flead.config import Settings, load_settings
+from flead.kafka import FLINK_SHADED_PREFIX, java_client_properties
+from flead.secrets import secret
 from streaming import learner
 from streaming.learner import ChannelMismatch, Detector, DeviceState, GlobalParams, LearnerConfig
 from streaming.messages import (
-    InvalidMessage,
     dead_letter,
     decode_global_params,
     decode_readings,
+    decode_stored_global_params,
     encode_anomaly,
     encode_local_round,
     encode_reading,
@@ -63,6 +81,12 @@ LEARNER_OUTPUT = Types.TUPLE([Types.STRING(), Types.STRING()])  # (kind, JSON)
 # Python class to read it back.
 GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.STRING())
 VERSION, MODEL = "version", "model"
+RAW = Types.PRIMITIVE_ARRAY(Types.BYTE())  # what the sources emit: a message's bytes
+SIGNING_KEY = "model_signing_key"
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
 
 
 class ParseReadings(ProcessFunction):
@@ -73,11 +97,11 @@ class ParseReadings(ProcessFunction):
     def __init__(self, topic: str) -> None:
         self.topic = topic
 
-    def process_element(self, value: str, ctx: ProcessFunction.Context):
+    def process_element(self, value: bytes, ctx: ProcessFunction.Context):
         try:
             readings = decode_readings(value)
-        except InvalidMessage as exc:
-            yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
+        except Exception as exc:  # InvalidMessage, or anything else: never the job's failure
+            yield DEAD_LETTERS, dead_letter(self.topic, value, _reason(exc)).decode()
             return
         by_device: dict[str, list] = {}
         for reading in readings:
@@ -86,16 +110,26 @@ class ParseReadings(ProcessFunction):
 
 
 class ParseGlobalModels(ProcessFunction):
-    """JSON → ``(version, JSON)`` of a valid global version; anything else → dead letters."""
+    """JSON → ``(version, JSON)`` of a valid global version signed by the FedAvg service;
+    anything else (malformed, unsigned, badly signed) → dead letters, never adopted."""
 
-    def __init__(self, topic: str) -> None:
+    def __init__(self, topic: str, state_dir: Path) -> None:
         self.topic = topic
+        self.state_dir = state_dir
 
-    def process_element(self, value: str, ctx: ProcessFunction.Context):
+    def open(self, runtime_context) -> None:
+        # Read here, on the task, not in the constructor: the key never travels in the job
+        # graph. FLEAD_MODEL_SIGNING_KEY, else the state folder's file (the FedAvg service's).
+        self.key = secret(self.state_dir, SIGNING_KEY)
+
+    def process_element(self, value: bytes, ctx: ProcessFunction.Context):
         try:
-            yield decode_global_params(value).version, value
-        except InvalidMessage as exc:
-            yield DEAD_LETTERS, dead_letter(self.topic, value.encode(), str(exc)).decode()
+            version = decode_global_params(value, self.key).version
+            text = value.decode()  # verified UTF-8 JSON: kept as published
+        except Exception as exc:
+            yield DEAD_LETTERS, dead_letter(self.topic, value, _reason(exc)).decode()
+            return
+        yield version, text
 
 
 class EdgeLearner(KeyedBroadcastProcessFunction):
@@ -106,23 +140,41 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
     Keyed state: ``device`` (the :class:`~streaming.learner.DeviceState`: feature baselines,
     the round's buffer, histograms, the round counter) and ``timer`` (the pending round timer).
     One value each rather than one per field because every state access crosses from Python
-    into the JVM; the state is bounded (see ``DeviceState``).
+    into the JVM; the state is bounded (see ``DeviceState``). Both expire ``state_ttl_ms`` of
+    processing time after their last write (every reading writes ``device``), so a device that
+    went silent costs nothing after that; if it comes back it starts a fresh learner (its rounds
+    are numbered from 1 again).
     Broadcast state: the newest global version (number and JSON).
 
     Outputs are ``(kind, JSON)`` tuples for :class:`RouteLearnerOutput`, not side outputs:
     PyFlink drops side outputs emitted from ``on_timer``.
     """
 
-    def __init__(self, config: LearnerConfig, train_interval_ms: int, topic: str) -> None:
+    def __init__(
+        self, config: LearnerConfig, train_interval_ms: int, topic: str, state_ttl_ms: int
+    ) -> None:
         self.config = config
         self.train_interval_ms = train_interval_ms
         self.topic = topic  # of the readings, for dead letters
+        self.state_ttl_ms = state_ttl_ms
 
     def open(self, runtime_context) -> None:
-        self.device = runtime_context.get_state(
-            ValueStateDescriptor("device", Types.PICKLED_BYTE_ARRAY())
+        # Processing-time TTL, refreshed on every write, expired values never returned. The
+        # names carry "-ttl": Flink refuses to restore state written without TTL into a
+        # descriptor with TTL, so checkpoints from before it start these states afresh instead
+        # of failing the job.
+        ttl = (
+            StateTtlConfig.new_builder(Time.milliseconds(self.state_ttl_ms))
+            .set_update_type(StateTtlConfig.UpdateType.OnCreateAndWrite)
+            .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
+            .build()
         )
-        self.timer = runtime_context.get_state(ValueStateDescriptor("timer", Types.LONG()))
+        device = ValueStateDescriptor("device-ttl", Types.PICKLED_BYTE_ARRAY())
+        device.enable_time_to_live(ttl)
+        timer = ValueStateDescriptor("timer-ttl", Types.LONG())
+        timer.enable_time_to_live(ttl)
+        self.device = runtime_context.get_state(device)
+        self.timer = runtime_context.get_state(timer)
         # Caches of pure functions, not state: whether a device trains, the Detector of a
         # version, and the broadcast state's version number (refreshed whenever it changes).
         self.trains: dict[str, bool] = {}
@@ -143,7 +195,9 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
             self.newest = int(models.get(VERSION)) if models.contains(VERSION) else 0
         detector = self.detectors.get(self.newest)
         if detector is None:
-            model = decode_global_params(models.get(MODEL))
+            # Verified when it was adopted (ParseGlobalModels); not again, so that a rotated
+            # key does not strand the version the devices hold.
+            model = decode_stored_global_params(models.get(MODEL))
             detector = Detector(model, self.config)
             self.detectors = {0: self.detectors[0], model.version: detector}
         return detector
@@ -155,13 +209,20 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         detector = self._detector(ctx)
         try:
             anomalies = learner.observe(state, device_id, readings, detector, self.config, trains)
-        except ChannelMismatch as exc:
-            payload = (
-                encode_reading(readings[0])
-                if len(readings) == 1
-                else (encode_reading_batch(readings))
-            )
-            yield DEAD_LETTER, dead_letter(self.topic, payload, str(exc)).decode()
+        except Exception as exc:  # ChannelMismatch, or anything a reading may still provoke
+            # The state is not written back: the device goes on as if the readings never came.
+            try:
+                payload = (
+                    encode_reading(readings[0])
+                    if len(readings) == 1
+                    else encode_reading_batch(readings)
+                )
+            except Exception:  # not re-encodable (e.g. a non-finite value): keep the reason
+                payload = None
+            reason = _reason(exc)
+            if not isinstance(exc, ChannelMismatch):
+                reason = f"the learner failed on these readings: {type(exc).__name__}: {reason}"
+            yield DEAD_LETTER, dead_letter(self.topic, payload, reason).decode()
             return
         for anomaly in anomalies:
             yield ANOMALY, encode_anomaly(anomaly).decode()
@@ -192,10 +253,12 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
             self.timer.clear()
 
     def process_broadcast_element(self, value, ctx: KeyedBroadcastProcessFunction.Context):
-        version, payload = value
+        version, payload = value  # signed by the FedAvg service (ParseGlobalModels checked)
         models = ctx.get_broadcast_state(GLOBAL_MODEL)
         current = int(models.get(VERSION)) if models.contains(VERSION) else 0
-        if version > current:  # an older or repeated version (a republish) changes nothing
+        # Only a newer version is adopted: an older or repeated one (a republish on the
+        # service's start, or a replayed old message) changes nothing.
+        if version > current:
             models.put(VERSION, str(version))
             models.put(MODEL, payload)
             current = version
@@ -219,15 +282,17 @@ class RouteLearnerOutput(ProcessFunction):
 
 
 def kafka_source(settings: Settings, topic: str, group: str) -> KafkaSource:
+    # Raw bytes: Python checks the UTF-8 (see the module's docstring).
     return (
         KafkaSource.builder()
         .set_bootstrap_servers(settings.kafka_bootstrap)
+        .set_properties(java_client_properties(settings, "edge", FLINK_SHADED_PREFIX))
         .set_topics(topic)
         .set_group_id(group)
         .set_starting_offsets(
             KafkaOffsetsInitializer.committed_offsets(KafkaOffsetResetStrategy.EARLIEST)
         )
-        .set_value_only_deserializer(SimpleStringSchema())
+        .set_value_only_deserializer(ByteArraySchema())
         .build()
     )
 
@@ -236,10 +301,11 @@ def kafka_sink(settings: Settings, topic: str) -> KafkaSink:
     # At-least-once: a record re-sent after a restore carries the same natural key
     # (device_id, model_version) or (device_id, timestamp), so every consumer's write is an
     # idempotent upsert and nothing is counted twice.
+    builder = KafkaSink.builder().set_bootstrap_servers(settings.kafka_bootstrap)
+    for key, value in java_client_properties(settings, "edge", FLINK_SHADED_PREFIX).items():
+        builder = builder.set_property(key, value)  # the devices' Kafka user (flead/kafka.py)
     return (
-        KafkaSink.builder()
-        .set_bootstrap_servers(settings.kafka_bootstrap)
-        .set_record_serializer(
+        builder.set_record_serializer(
             KafkaRecordSerializationSchema.builder()
             .set_topic(topic)
             .set_value_serialization_schema(SimpleStringSchema())
@@ -260,6 +326,20 @@ def environment(settings: Settings, restore_from: Path | None) -> StreamExecutio
     )
     if restore_from is not None:
         config.set_string("execution.state-recovery.path", str(restore_from))
+    # Bounded restarts: with checkpointing on, Flink's default restarts forever (exponential
+    # delay); a fault that survives a few restarts must fail the job, visibly, instead.
+    config.set_string("restart-strategy.type", "failure-rate")
+    config.set_string(
+        "restart-strategy.failure-rate.max-failures-per-interval",
+        str(settings.flink_restart_attempts),
+    )
+    config.set_string(
+        "restart-strategy.failure-rate.failure-rate-interval",
+        f"{int(settings.flink_restart_window_s * 1000)} ms",
+    )
+    config.set_string(
+        "restart-strategy.failure-rate.delay", f"{int(settings.flink_restart_delay_s * 1000)} ms"
+    )
     env = StreamExecutionEnvironment.get_execution_environment(config)
     env.set_parallelism(settings.flink_parallelism)
     env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.AT_LEAST_ONCE)
@@ -280,21 +360,24 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
         kafka_source(settings, topics.readings, settings.consumer_group("edge")),
         no_watermarks,
         "readings",
+        type_info=RAW,
     )
     readings = raw.process(ParseReadings(topics.readings)).name("parse readings")
     raw_models = env.from_source(
         kafka_source(settings, topics.global_updates, settings.consumer_group("edge-models")),
         no_watermarks,
         "global models",
+        type_info=RAW,
     )
-    global_models = raw_models.process(ParseGlobalModels(topics.global_updates)).name(
-        "parse global models"
-    )
+    global_models = raw_models.process(
+        ParseGlobalModels(topics.global_updates, settings.state_dir)
+    ).name("parse global models")
 
     edge_learner = EdgeLearner(
         LearnerConfig.from_settings(settings),
         int(settings.train_interval_s * 1000),
         topics.readings,
+        int(settings.device_state_ttl_s * 1000),
     )
     outputs = (
         readings.key_by(lambda device_and_readings: device_and_readings[0], Types.STRING())

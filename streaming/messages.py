@@ -6,6 +6,8 @@ with a human-readable reason that goes to the dead-letter topic.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import math
 import re
@@ -564,6 +566,11 @@ def _counts(obj: dict[str, Any], name: str, size: int) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
+def _optional_counts(obj: dict[str, Any], name: str, size: int) -> np.ndarray:
+    """Counts added to the contract later: absent (an older learner's message) means zeros."""
+    return _counts(obj, name, size) if name in obj else np.zeros(size)
+
+
 def _integer(obj: dict[str, Any], name: str, minimum: int = 0, maximum: int = MAX_VERSION) -> int:
     value = obj.get(name)
     if type(value) is not int or not minimum <= value <= maximum:
@@ -594,11 +601,15 @@ def _choice(obj: dict[str, Any], name: str, allowed: tuple[str, ...]) -> str:
 def _guarded(decode):
     """Run a decoder so that nothing but InvalidMessage can escape, whatever the payload."""
 
-    def wrapper(payload: bytes | str):
+    extra_args = decode.__code__.co_argcount - 1  # e.g. the signing key
+
+    def wrapper(payload: bytes | str, *args: Any):
+        if len(args) != extra_args:  # a caller's mistake must not pass for a bad message
+            raise TypeError(f"{decode.__name__} takes the payload and {extra_args} argument(s)")
         try:
             if len(payload) > MAX_PAYLOAD_BYTES:
                 raise InvalidMessage(f"message larger than {MAX_PAYLOAD_BYTES} bytes")
-            return decode(_loads_object(payload))
+            return decode(_loads_object(payload), *args)
         except InvalidMessage:
             raise
         except (RecursionError, ValueError, TypeError, OverflowError, KeyError, MemoryError) as exc:
@@ -646,6 +657,8 @@ def encode_local_round(update: LocalRound) -> bytes:
                 "positives": update.hist_pos.tolist(),
                 "negatives": update.hist_neg.tolist(),
                 "normal": update.hist_normal.tolist(),
+                "normal_positives": update.hist_normal_pos.tolist(),
+                "normal_negatives": update.hist_normal_neg.tolist(),
                 "prequential": _confusion_dict(c),
                 "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
             },
@@ -687,6 +700,8 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         hist_pos=_counts(scores, "positives", bins),
         hist_neg=_counts(scores, "negatives", bins),
         hist_normal=_counts(scores, "normal", NORMAL_EDGES.size + 1),
+        hist_normal_pos=_optional_counts(scores, "normal_positives", NORMAL_EDGES.size + 1),
+        hist_normal_neg=_optional_counts(scores, "normal_negatives", NORMAL_EDGES.size + 1),
         scored_version=_integer(scores, "version"),
         prequential=_confusion_from(preq, "scores.prequential"),
         timestamp_ms=parse_timestamp_ms(obj.get("timestamp")),
@@ -698,10 +713,17 @@ def _confusion_dict(c: Confusion) -> dict[str, int]:
     return {"tp": c.tp, "fp": c.fp, "tn": c.tn, "fn": c.fn}
 
 
+#: Largest confusion count one round may report. A round counts the fresh readings since the
+#: device's previous round (tens to thousands); the server adds rounds' counts into bigint
+#: columns (``prequential_evaluations``), so a bound far below 2**63 / (rounds per version)
+#: keeps every sum storable.
+MAX_ROUND_COUNT = 10**9
+
+
 def _confusion_from(obj: Any, name: str) -> Confusion:
     if type(obj) is not dict:
         raise InvalidMessage(f"{name} must be an object with tp, fp, tn, fn")
-    return Confusion(*(_integer(obj, k, 0, 2**62) for k in ("tp", "fp", "tn", "fn")))
+    return Confusion(*(_integer(obj, k, 0, MAX_ROUND_COUNT) for k in ("tp", "fp", "tn", "fn")))
 
 
 def _candidates_from(obj: Any) -> dict[str, Confusion]:
@@ -713,9 +735,57 @@ def _candidates_from(obj: Any) -> dict[str, Confusion]:
 DETECTOR_KINDS = ("supervised", "label_free", "zscore")
 
 
-def encode_global_params(model: GlobalParams, timestamp_ms: int, **extra: Any) -> bytes:
-    """A version for ``global-model-updates``; ``extra`` adds the service's bookkeeping fields
-    (``num_devices``, ``strategy``, ``accuracy``, ``signature``)."""
+#: The field of a global version that carries its HMAC, and the algorithm's label in it.
+SIGNATURE_FIELD = "signature"
+SIGNATURE_PREFIX = "hmac-sha256:"
+
+
+def _key_bytes(key: bytes | str) -> bytes:
+    key = key.encode() if isinstance(key, str) else bytes(key)
+    if not key:
+        raise ValueError("the model signing key must not be empty")
+    return key
+
+
+def _signed_content(model: GlobalParams) -> bytes:
+    """The canonical bytes the signature covers: everything a device takes from a version.
+
+    Built from the values as a device decodes them (floats as float64, ``repr`` exact), not from
+    the message's text, so that any JSON spelling of the same content verifies and any change of
+    a value a device uses does not. The leading tag keeps this from being confused with any
+    other signed thing that may share the key.
+    """
+    normal = model.normal
+    content = [
+        "flead-global-model/1",
+        int(model.version),
+        int(model.hidden),
+        np.asarray(model.params, dtype=np.float64).ravel().tolist(),
+        None if model.threshold is None else float(model.threshold),
+        float(normal.count),
+        np.asarray(normal.mean, dtype=np.float64).ravel().tolist(),
+        np.asarray(normal.comoment, dtype=np.float64).ravel().tolist(),
+        None if model.normal_threshold is None else float(model.normal_threshold),
+        str(model.label_source),
+        str(model.detector),
+    ]
+    return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
+
+
+def sign_global_params(model: GlobalParams, key: bytes | str) -> str:
+    """The signature of a version: ``hmac-sha256:<hex>`` over :func:`_signed_content`."""
+    digest = hmac.new(_key_bytes(key), _signed_content(model), hashlib.sha256).hexdigest()
+    return SIGNATURE_PREFIX + digest
+
+
+def encode_global_params(
+    model: GlobalParams, timestamp_ms: int, *, key: bytes | str, **extra: Any
+) -> bytes:
+    """A version for ``global-model-updates``, signed with ``key`` (the FedAvg service's
+    ``model_signing_key``); ``extra`` adds the service's bookkeeping fields (``num_devices``,
+    ``strategy``, ``accuracy``), which devices do not use and the signature does not cover."""
+    if SIGNATURE_FIELD in extra:
+        raise ValueError("the signature is computed here, not passed in")
     return _dumps(
         {
             "version": model.version,
@@ -729,13 +799,12 @@ def encode_global_params(model: GlobalParams, timestamp_ms: int, **extra: Any) -
             "detector": model.detector,
             "timestamp": format_timestamp(timestamp_ms),
             **extra,
+            SIGNATURE_FIELD: sign_global_params(model, key),
         }
     )
 
 
-@_guarded
-def decode_global_params(obj: dict[str, Any]) -> GlobalParams:
-    """One message of ``global-model-updates`` (see :func:`encode_global_params`)."""
+def _global_from(obj: dict[str, Any]) -> GlobalParams:
     hidden = _integer(obj, "hidden", 0, 1024)
     size = Network(N_FEATURES, hidden).size
     return GlobalParams(
@@ -748,6 +817,47 @@ def decode_global_params(obj: dict[str, Any]) -> GlobalParams:
         label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
         detector=_choice(obj, "detector", DETECTOR_KINDS),
     )
+
+
+@_guarded
+def decode_global_params(obj: dict[str, Any], key: bytes | str) -> GlobalParams:
+    """One message of ``global-model-updates`` (see :func:`encode_global_params`), accepted only
+    with a valid signature under ``key``: an unsigned or badly signed version (anyone who can
+    write to the topic could otherwise take over every device's model) raises InvalidMessage."""
+    signature = obj.get(SIGNATURE_FIELD)
+    if signature is None:
+        raise InvalidMessage(
+            "unsigned global model: no signature field (only the FedAvg service's signed "
+            "versions are adopted)"
+        )
+    if (
+        type(signature) is not str
+        or not signature.startswith(SIGNATURE_PREFIX)
+        or len(signature) != len(SIGNATURE_PREFIX) + 64
+    ):
+        raise InvalidMessage(
+            f"global model signature must be '{SIGNATURE_PREFIX}' and 64 hex digits, "
+            f"got {_describe(signature)}"
+        )
+    model = _global_from(obj)
+    try:
+        expected = sign_global_params(model, key)
+    except (ValueError, TypeError) as exc:  # a missing key is the consumer's fault: say so
+        raise InvalidMessage(f"cannot verify the global model's signature: {exc}") from None
+    if not hmac.compare_digest(expected.encode(), signature.encode("ascii", "replace")):
+        raise InvalidMessage(
+            f"global model version {model.version} is badly signed: its signature does not match "
+            "the FedAvg service's key (forged, altered, or signed with another key)"
+        )
+    return model
+
+
+@_guarded
+def decode_stored_global_params(obj: dict[str, Any]) -> GlobalParams:
+    """A version this process verified before it kept it (the Flink job's broadcast state):
+    validated again but not re-verified, so that a rotated signing key does not strand the
+    version a device holds. Never use it on what comes from Kafka."""
+    return _global_from(obj)
 
 
 # --- anomalies --------------------------------------------------------------------------------

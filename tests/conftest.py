@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import uuid
 from collections.abc import Iterator
-from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -33,26 +32,25 @@ def postgres(base_settings: Settings) -> Settings:
 
 @pytest.fixture(scope="session")
 def kafka_broker(base_settings: Settings) -> Settings:
+    from flead import kafka
+
     services.ensure_kafka(base_settings)
+    # Tests run pipelines in temporary state folders: they log in with this broker's users.
+    kafka.export_credentials(base_settings)
     return base_settings
-
-
-def _with_database(settings: Settings, name: str) -> str:
-    return urlsplit(settings.database_url)._replace(path=f"/{name}").geturl()
 
 
 @contextlib.contextmanager
 def fresh_database(settings: Settings) -> Iterator[str]:
-    """A new, empty database on the real server, dropped afterwards."""
+    """A new, empty database on the real server, dropped afterwards. The administrator creates
+    and drops it (the application role may not create databases); the application role owns
+    it, as it owns the real one, and the returned URL logs in as the application role."""
     name = f"flead_test_{uuid.uuid4().hex[:10]}"
-    admin = _with_database(settings, "postgres")
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
+    url = db.create_database(settings, name)
     try:
-        yield _with_database(settings, name)
+        yield url
     finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        db.drop_database(settings, name)
 
 
 @pytest.fixture
@@ -154,7 +152,7 @@ def pipeline(kafka_broker: Settings, tmp_path_factory) -> Iterator[Settings]:
             produce_raw(settings, getattr(settings.topics, topic), values)
         replay(
             synthetic_fleet(**PIPELINE_FLEET),
-            kafka.producer_config(settings),
+            kafka.producer_config(settings, "replay"),
             settings.topics.readings,
             progress=False,
             batch=settings.replay_batch,

@@ -85,7 +85,7 @@ def produce(settings: Settings, fleet: Fleet, batch: int = 1) -> int:
     """The fleet into the readings topic; ``batch`` > 1 uses the batched message form."""
     result = replay(
         iter(fleet.readings),
-        kafka.producer_config(settings),
+        kafka.producer_config(settings, "replay"),
         settings.topics.readings,
         progress=False,
         batch=batch,
@@ -96,7 +96,7 @@ def produce(settings: Settings, fleet: Fleet, batch: int = 1) -> int:
 def produce_noise(settings: Settings, fleet: Fleet) -> int:
     """Messages every reader must skip or de-duplicate: broken JSON, contract violations, and
     a replayed copy of a real reading. Returns how many were sent."""
-    producer = Producer(kafka.producer_config(settings))
+    producer = Producer(kafka.producer_config(settings, "replay"))
     first = fleet.readings[0]
     payloads = [
         b"not json",

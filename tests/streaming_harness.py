@@ -54,12 +54,15 @@ def read_topic(settings: Settings, topic: str) -> list[bytes]:
     """Every message now in ``topic``, as raw values."""
     expected = topic_count(settings, topic)
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"reader-{time.monotonic_ns()}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka.client_config(
+            settings,
+            "admin",
+            **{
+                "group.id": f"reader-{time.monotonic_ns()}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     values: list[bytes] = []
@@ -73,7 +76,7 @@ def read_topic(settings: Settings, topic: str) -> list[bytes]:
 
 
 def produce_raw(settings: Settings, topic: str, values: list[bytes]) -> None:
-    producer = Producer({"bootstrap.servers": settings.kafka_bootstrap})
+    producer = Producer(kafka.client_config(settings, "admin"))  # any topic, any bytes
     for value in values:
         producer.produce(topic, value)
     assert producer.flush(30) == 0
@@ -82,7 +85,7 @@ def produce_raw(settings: Settings, topic: str, values: list[bytes]) -> None:
 def produce_keyed(settings: Settings, topic: str, key: bytes, value: bytes) -> None:
     """One message with the producer settings and key the replay uses: it lands in the
     partition of that device's readings, after them."""
-    producer = Producer(kafka.producer_config(settings))
+    producer = Producer(kafka.producer_config(settings, "admin"))
     producer.produce(topic, value, key=key)
     assert producer.flush(30) == 0
 

@@ -2,11 +2,12 @@ from pathlib import Path
 
 import pytest
 
-from flead.config import Settings, describe, load_settings, to_env
+from flead.config import Settings, describe, load_settings, to_env, with_database_passwords
 
 
 def test_defaults_without_environment() -> None:
-    assert load_settings({}) == Settings()
+    # The only difference: the password-less database URLs get the generated password.
+    assert load_settings({}) == with_database_passwords(Settings(), {})
 
 
 def test_environment_overrides_scalars_and_nested_topics() -> None:

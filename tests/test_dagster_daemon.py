@@ -54,11 +54,6 @@ def _database(base: Settings, name: str) -> str:
     return urlsplit(base.database_url)._replace(path=f"/{name}").geturl()
 
 
-def _admin(base: Settings, sql: str) -> None:
-    with psycopg.connect(_database(base, "postgres"), autocommit=True) as conn:
-        conn.execute(sql)
-
-
 @pytest.fixture(scope="module")
 def platform(kafka_broker: Settings, postgres: Settings, tmp_path_factory) -> Iterator[tuple]:
     """A whole Dagster deployment of its own, with a fleet and VERSIONS global versions in
@@ -66,7 +61,7 @@ def platform(kafka_broker: Settings, postgres: Settings, tmp_path_factory) -> It
     suffix = uuid.uuid4().hex[:8]
     app_db, dagster_db = f"flead_test_{suffix}", f"flead_test_dagster_{suffix}"
     for name in (app_db, dagster_db):
-        _admin(kafka_broker, f'CREATE DATABASE "{name}"')
+        db.create_database(kafka_broker, name)  # as the administrator, owned by the app role
     state = tmp_path_factory.mktemp("dagster-state")
     (state / "jars").symlink_to(kafka_broker.jars_dir)  # Spark's Kafka source
     settings = dataclasses.replace(
@@ -91,7 +86,7 @@ def platform(kafka_broker: Settings, postgres: Settings, tmp_path_factory) -> It
         stopped = orchestration.stop_dagster(settings)
         assert stopped == {"dagster-daemon": True, "dagster-webserver": True}
         for name in (app_db, dagster_db):
-            _admin(kafka_broker, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            db.drop_database(kafka_broker, name)
         kafka.admin(settings).delete_topics(settings.topics.all())
 
 

@@ -21,10 +21,11 @@ from confluent_kafka import Producer
 
 from flead import kafka
 from flead.config import Settings, load_settings
-from streaming.fedavg import FedAvgService, Offsets
+from flead.secrets import secret
+from streaming.fedavg import FedAvgService, Offsets, unstorable
 from streaming.federation import Federation, FederationConfig
 from streaming.learner import LocalRound
-from streaming.messages import decode_global_params, encode_local_round
+from streaming.messages import InvalidMessage, decode_global_params, encode_local_round
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import N_FEATURES
 from streaming.model.metrics import Confusion
@@ -80,7 +81,7 @@ def local_round(
 
 def send(settings: Settings, payloads: list[bytes]) -> None:
     """In this order, to partition 0 (one partition: the service reads them in this order)."""
-    producer = Producer(kafka.producer_config(settings))
+    producer = Producer(kafka.producer_config(settings, "edge"))  # as the devices
     for payload in payloads:
         producer.produce(settings.topics.local_updates, payload, partition=0)
     assert producer.flush(30) == 0
@@ -111,6 +112,14 @@ def running(settings: Settings) -> Iterator[tuple[FedAvgService, threading.Threa
         service.stop()
         thread.join(60)
         assert not thread.is_alive()
+
+
+def published(settings: Settings) -> list:
+    """The versions on the topic, each verified with the service's signing key."""
+    key = secret(settings.state_dir, "model_signing_key")
+    return [
+        decode_global_params(v, key) for v in read_topic(settings, settings.topics.global_updates)
+    ]
 
 
 def versions(settings: Settings) -> int:
@@ -207,8 +216,11 @@ def test_a_fleet_gets_versions_with_every_round_in_exactly_one(fedavg_settings: 
         (2, 5 * preq.tp, 5 * preq.fp, 5 * preq.tn, 5 * preq.fn)
     ]
     # Published: versions 1..3, keyed by version; committed: every message.
-    published = [decode_global_params(v) for v in read_topic(s, s.topics.global_updates)]
-    assert sorted(g.version for g in published) == [1, 2, 3]  # partitioned by version
+    assert sorted(g.version for g in published(s)) == [1, 2, 3]  # partitioned by version
+    # Signed with the deployment's key: with any other key they are forgeries.
+    for payload in read_topic(s, s.topics.global_updates):
+        with pytest.raises(InvalidMessage, match="badly signed"):
+            decode_global_params(payload, "not the service's key")
     assert kafka.consumer_lag(s, s.consumer_group("fedavg"), s.topics.local_updates) == 0
 
 
@@ -299,9 +311,9 @@ def test_a_restart_resumes_from_the_stored_server_state(settings: Settings):
         expected.label_source,
         made[-1].num_devices,
     )
-    published = [decode_global_params(v) for v in read_topic(s, s.topics.global_updates)]
-    assert sorted(g.version for g in published) == [1, 2, 2, 3]  # v2 again on start
-    last = next(g for g in published if g.version == 3)
+    versions_published = published(s)
+    assert sorted(g.version for g in versions_published) == [1, 2, 2, 3]  # v2 again on start
+    last = next(g for g in versions_published if g.version == 3)
     np.testing.assert_array_equal(last.normal.comoment, expected.normal.comoment)
     assert stored_rounds(s) == Counter((r.device_id, r.round) for r in before + after)
     preq = rows(s, "SELECT model_version, tp, fp, tn, fn FROM prequential_evaluations ORDER BY 1")
@@ -321,6 +333,23 @@ def test_the_time_window_closes_a_round_on_a_quiet_fleet(settings: Settings):
     )[0]
     assert num_devices == 1
     assert created.timestamp() * 1000 - late.timestamp_ms >= 2000
+
+
+def test_rounds_postgresql_would_refuse_are_found_one_by_one(fedavg_settings: Settings):
+    """Rounds built in-process (past the decoder, which refuses them too): a NUL in the id and
+    a round number beyond PostgreSQL's integer are refused with the reason, the others not;
+    nothing is written; a round already stored is a replay, not refused."""
+    s = fedavg_settings
+    good = local_round("dev_a", 1, 0, seed=1)
+    nul = local_round("dev\x00b", 1, 0, seed=2)
+    big = local_round("dev_c", 2**31, 0, seed=3)
+    with psycopg.connect(s.database_url, autocommit=True) as conn:
+        refused = unstorable(conn, [good, nul, big, good])
+        assert sorted(refused) == [1, 2]
+        assert "PostgreSQL would refuse" in refused[1] and "NUL" in refused[1]
+        assert "out of range" in refused[2]
+        assert unstorable(conn, [good]) == {}
+        assert conn.execute("SELECT count(*) FROM local_models").fetchone()[0] == 0
 
 
 # --- pure parts ----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import yaml
 from psycopg import errors
 
 from flead import db
-from flead.config import REPO_ROOT
+from flead.config import REPO_ROOT, load_settings
 
 GRAFANA = REPO_ROOT / "grafana"
 DASHBOARD_FILES = sorted((GRAFANA / "dashboards").glob("*.json"))
@@ -460,7 +460,7 @@ def grafana_reader_url(filled_database_url: str) -> str:
     env = {
         "FLEAD_GRAFANA_DB_HOST": f"{parts.hostname}:{parts.port or 5432}",
         "FLEAD_GRAFANA_DB_NAME": parts.path.lstrip("/"),
-        "FLEAD_GRAFANA_DB_PASSWORD": "flead_grafana",
+        "FLEAD_GRAFANA_DB_PASSWORD": _reader_password(),
     }
     ds = _datasource()
     host = _go_expand_env(ds["url"], env)
@@ -577,7 +577,12 @@ def test_alert_rules_are_well_formed() -> None:
                     assert "$" not in expanded and "time_bucket" not in expanded
                 seen.add(item["refId"])
             _threshold(rule)
-    assert uids == {"flead-critical-anomalies", "flead-quality-drop"}
+    assert uids == {
+        "flead-critical-anomalies",
+        "flead-quality-drop",
+        "flead-service-restarts",
+        "flead-lag-growing",
+    }
 
 
 @pytest.mark.integration
@@ -684,12 +689,71 @@ def test_quality_drop_rule_compares_with_the_best_so_far(database: str) -> None:
     assert result["prequential"] == ("4", pytest.approx(0.8 - 0.25))
 
 
+def _fires(database: str, uid: str) -> float:
+    """The rule's value now (its one row) as the read-only role sees it; it fires above the
+    threshold."""
+    rule = _alert_rule(uid)
+    (item,) = [d for d in rule["data"] if d["datasourceUid"] != "__expr__"]
+    ((value,),) = _reader_query(database, _alert_sql(item, datetime.now(UTC)))
+    assert _threshold(rule) == ("gt", 0.0)
+    return float(value)
+
+
+@pytest.mark.integration
+def test_restart_rule_fires_on_recent_restarts_only(database: str) -> None:
+    assert _fires(database, "flead-service-restarts") == 0  # no data: one row, no alert
+    with psycopg.connect(database, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO service_restarts (service, restarted_at)"
+            " VALUES ('fedavg', now() - interval '1 hour')"
+        )
+        assert _fires(database, "flead-service-restarts") == 0  # too old
+        for service in ("fedavg", "flink-job"):
+            conn.execute(
+                "INSERT INTO service_restarts (service, restarted_at)"
+                " VALUES (%s, now() - interval '1 minute')",
+                (service,),
+            )
+    assert _fires(database, "flead-service-restarts") == 2
+
+
+@pytest.mark.integration
+def test_lag_rule_fires_on_growing_or_stalled_lag_the_supervisor_reported_lately(
+    database: str,
+) -> None:
+    def health(service: str, lag: int, growing: bool, stalled: bool, age_s: int) -> None:
+        with psycopg.connect(database, autocommit=True) as conn:
+            conn.execute(
+                "INSERT INTO service_health (service, alive, lag, lag_growing, stalled,"
+                " checked_at) VALUES (%s, true, %s, %s, %s, now() - make_interval(secs => %s))"
+                " ON CONFLICT (service) DO UPDATE SET lag = EXCLUDED.lag,"
+                " lag_growing = EXCLUDED.lag_growing, stalled = EXCLUDED.stalled,"
+                " checked_at = EXCLUDED.checked_at",
+                (service, lag, growing, stalled, age_s),
+            )
+
+    assert _fires(database, "flead-lag-growing") == 0
+    health("anomaly-sink", 5_000, False, False, 5)  # lag, but shrinking or steady
+    health("fedavg", 900, True, False, 600)  # growing, but the report is 10 minutes old
+    assert _fires(database, "flead-lag-growing") == 0
+    health("flink-job", 1_200, True, False, 5)
+    assert _fires(database, "flead-lag-growing") == 1_200
+    health("fedavg", 300, False, True, 5)  # stalled: lag and no committed progress
+    health("flink-job", 0, False, False, 5)
+    assert _fires(database, "flead-lag-growing") == 300
+
+
 # --- the read-only role ---------------------------------------------------------------------
+
+
+def _reader_password() -> str:
+    """The role's password as ``flead up`` set it (generated into the state folder)."""
+    return db.grafana_password(load_settings())
 
 
 def _as_reader(url: str) -> str:
     parts = urlsplit(url)
-    netloc = f"{READER}:{READER}@{parts.hostname}:{parts.port or 5432}"
+    netloc = f"{READER}:{quote(_reader_password(), safe='')}@{parts.hostname}:{parts.port or 5432}"
     return parts._replace(netloc=netloc).geturl()
 
 

@@ -26,6 +26,7 @@ from streaming.model.features import N_FEATURES
 from streaming.model.metrics import Confusion
 
 TS = 1_762_473_601_592  # 2025-11-07T00:00:01.592Z
+KEY = "test-signing-key"
 
 
 def local_round(**overrides) -> LocalRound:
@@ -44,6 +45,8 @@ def local_round(**overrides) -> LocalRound:
         "hist_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
         "hist_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
         "hist_normal": rng.integers(0, 50, NORMAL_EDGES.size + 1),
+        "hist_normal_pos": rng.integers(0, 5, NORMAL_EDGES.size + 1),
+        "hist_normal_neg": rng.integers(0, 40, NORMAL_EDGES.size + 1),
         "scored_version": 4,
         "prequential": Confusion(3, 1, 40, 2),
         "timestamp_ms": TS,
@@ -70,6 +73,11 @@ def global_params(**overrides) -> GlobalParams:
     return GlobalParams(**fields)
 
 
+def decode_global(payload) -> GlobalParams:
+    """``decode_global_params`` with the tests' key (for the tables of decoders)."""
+    return decode_global_params(payload, KEY)
+
+
 def assert_normal_equal(a: NormalStats, b: NormalStats) -> None:
     assert a.count == b.count
     np.testing.assert_array_equal(a.mean, b.mean)
@@ -91,7 +99,14 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         "candidates",
     ):
         assert getattr(a, name) == getattr(b, name), name
-    for name in ("params", "hist_pos", "hist_neg", "hist_normal"):
+    for name in (
+        "params",
+        "hist_pos",
+        "hist_neg",
+        "hist_normal",
+        "hist_normal_pos",
+        "hist_normal_neg",
+    ):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert_normal_equal(a.normal, b.normal)
 
@@ -125,6 +140,17 @@ def test_local_round_round_trip(overrides):
     assert_local_equal(decode_local_round(payload.decode()), original)
 
 
+def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():
+    # The two histograms joined the contract later: an older learner's round is still valid.
+    payload = json.loads(encode_local_round(local_round()))
+    del payload["scores"]["normal_positives"], payload["scores"]["normal_negatives"]
+    decoded = decode_local_round(json.dumps(payload))
+    assert decoded.hist_normal_pos.sum() == decoded.hist_normal_neg.sum() == 0
+    payload["scores"]["normal_positives"] = [1, 2]  # present, it must be whole
+    with pytest.raises(InvalidMessage, match="normal_positives"):
+        decode_local_round(json.dumps(payload))
+
+
 @pytest.mark.parametrize(
     "overrides",
     [
@@ -140,8 +166,8 @@ def test_local_round_round_trip(overrides):
 )
 def test_global_params_round_trip(overrides):
     original = global_params(**overrides)
-    payload = encode_global_params(original, TS, num_devices=3, strategy="fedavg")
-    assert_global_equal(decode_global_params(payload), original)
+    payload = encode_global_params(original, TS, key=KEY, num_devices=3, strategy="fedavg")
+    assert_global_equal(decode_global_params(payload, KEY), original)
     obj = json.loads(payload)
     assert obj["num_devices"] == 3 and obj["timestamp"] == "2025-11-07T00:00:01.592Z"
 
@@ -151,7 +177,119 @@ def test_global_params_of_a_large_fleet_round_trip():
     rows = rng.uniform(0, 10, size=(2_000, N_FEATURES))  # features lie in [0, CAP]
     big = NormalStats.of(rows).scaled(100.0)  # the same distribution over 200,000 rows
     original = global_params(normal=big)
-    assert_global_equal(decode_global_params(encode_global_params(original, TS)), original)
+    assert_global_equal(
+        decode_global_params(encode_global_params(original, TS, key=KEY), KEY), original
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Signatures: only the FedAvg service's versions are adopted
+# --------------------------------------------------------------------------------------------
+
+
+def signed_obj(**overrides) -> dict:
+    return json.loads(encode_global_params(global_params(**overrides), TS, key=KEY))
+
+
+def test_a_version_carries_an_hmac_sha256_signature():
+    obj = signed_obj()
+    assert obj["signature"].startswith("hmac-sha256:") and len(obj["signature"]) == 12 + 64
+    # Another key signs the same content differently.
+    other = json.loads(encode_global_params(global_params(), TS, key="another key"))
+    assert other["signature"] != obj["signature"]
+
+
+def test_an_unsigned_version_is_refused():
+    obj = signed_obj()
+    del obj["signature"]
+    with pytest.raises(InvalidMessage, match="unsigned global model"):
+        decode_global_params(json.dumps(obj), KEY)
+
+
+def test_a_version_signed_with_another_key_is_refused():
+    payload = encode_global_params(global_params(version=10**9), TS, key="attacker's key")
+    with pytest.raises(InvalidMessage, match="badly signed"):
+        decode_global_params(payload, KEY)
+
+
+@pytest.mark.parametrize(
+    "path, value",
+    [
+        (("version",), 10**9),
+        (("hidden",), 4),  # unchanged: control (see below)
+        (("weights", 0), 123.0),
+        (("threshold",), -1.5),
+        (("threshold",), None),
+        (("normal_threshold",), 0.0),
+        (("normal", "count"), 1.0),
+        (("normal", "mean", 3), 9.0),
+        (("normal", "comoment", 7), 4.0),
+        (("label_source",), "pseudo"),
+        (("detector",), "zscore"),
+    ],
+)
+def test_changing_anything_a_device_uses_breaks_the_signature(path, value):
+    obj = signed_obj()
+    target = obj
+    for key in path[:-1]:
+        target = target[key]
+    unchanged = target[path[-1]] == value
+    target[path[-1]] = value
+    if unchanged:
+        assert decode_global_params(json.dumps(obj), KEY).version == 17
+    else:
+        with pytest.raises(InvalidMessage, match="badly signed"):
+            decode_global_params(json.dumps(obj), KEY)
+
+
+def test_bookkeeping_fields_and_json_spelling_do_not_affect_the_signature():
+    obj = signed_obj()
+    obj["num_devices"], obj["strategy"], obj["timestamp"] = 99, "median", "2030-01-01T00:00:00Z"
+    # The same numbers spelled differently (an integer for a float, keys reordered).
+    obj["normal"]["count"] = int(obj["normal"]["count"])
+    text = json.dumps(dict(reversed(list(obj.items()))), indent=1)
+    assert_global_equal(decode_global_params(text, KEY), global_params())
+
+
+@pytest.mark.parametrize(
+    "signature",
+    [
+        "",
+        "hmac-sha256:",
+        "hmac-sha256:" + "0" * 64,
+        "sha1:" + "0" * 64,
+        "hmac-sha256:" + "é" * 64,
+        42,
+        ["hmac-sha256:" + "0" * 64],
+        {"value": "x"},
+    ],
+)
+def test_malformed_signatures_are_refused(signature):
+    obj = signed_obj()
+    obj["signature"] = signature
+    with pytest.raises(InvalidMessage, match=r"signature|signed"):
+        decode_global_params(json.dumps(obj), KEY)
+
+
+def test_the_key_is_required_and_must_not_be_empty():
+    payload = encode_global_params(global_params(), TS, key=KEY)
+    with pytest.raises(TypeError):
+        decode_global_params(payload)  # a caller's mistake, not a bad message
+    with pytest.raises(ValueError):
+        encode_global_params(global_params(), TS, key="")
+    with pytest.raises(InvalidMessage, match="cannot verify"):
+        decode_global_params(payload, b"")
+    with pytest.raises(TypeError):
+        encode_global_params(global_params(), TS)  # no key: nothing unsigned is produced
+
+
+def test_stored_versions_decode_without_the_key():
+    from streaming.messages import decode_stored_global_params
+
+    payload = encode_global_params(global_params(), TS, key=KEY)
+    assert_global_equal(decode_stored_global_params(payload), global_params())
+    with pytest.raises(InvalidMessage):
+        decode_stored_global_params(b'{"version": 1}')
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,7 +302,7 @@ def local_obj() -> dict:
 
 
 def global_obj() -> dict:
-    return json.loads(encode_global_params(global_params(), TS))
+    return json.loads(encode_global_params(global_params(), TS, key=KEY))
 
 
 def set_path(obj: dict, path: tuple, value) -> dict:
@@ -194,6 +332,8 @@ LOCAL_MUTATIONS = {
     "zero samples": (("samples_processed",), 0),
     "negative prequential": (("scores", "prequential", "tp"), -1),
     "float prequential": (("scores", "prequential", "tp"), 1.5),
+    "prequential beyond a round": (("scores", "prequential", "tn"), 10**9 + 1),
+    "prequential 2**62": (("scores", "prequential", "fp"), 2**62),
     "negative normal count": (("normal", "count"), -1.0),
     "version 2**40": (("model_version",), 2**40),
     "base version 2**40": (("base_global_version",), 2**40),
@@ -247,7 +387,7 @@ def test_hostile_global_params_raise_invalid_message(name):
     path, value = GLOBAL_MUTATIONS[name]
     payload = json.dumps(set_path(global_obj(), path, value))
     with pytest.raises(InvalidMessage):
-        decode_global_params(payload)
+        decode_global_params(payload, KEY)
 
 
 RAW_PAYLOADS = {
@@ -266,7 +406,7 @@ RAW_PAYLOADS = {
 
 
 @pytest.mark.parametrize("name", sorted(RAW_PAYLOADS))
-@pytest.mark.parametrize("decode", [decode_local_round, decode_global_params, decode_anomaly])
+@pytest.mark.parametrize("decode", [decode_local_round, decode_global, decode_anomaly])
 def test_raw_hostile_payloads_raise_invalid_message(name, decode):
     with pytest.raises(InvalidMessage):
         decode(RAW_PAYLOADS[name])
@@ -290,12 +430,12 @@ def test_nan_and_infinity_anywhere_numeric_raise_invalid_message(token):
     for name in ("threshold", "normal_threshold"):
         payload = json.dumps(set_path(global_obj(), (name,), "__TOKEN__"))
         with pytest.raises(InvalidMessage):
-            decode_global_params(payload.replace('"__TOKEN__"', token))
+            decode_global_params(payload.replace('"__TOKEN__"', token), KEY)
 
 
 def test_non_bytes_payloads_raise_invalid_message():
     for payload in (None, 42, ["a"], {"version": 1}):
-        for decode in (decode_local_round, decode_global_params, decode_anomaly):
+        for decode in (decode_local_round, decode_global, decode_anomaly):
             with pytest.raises(InvalidMessage):
                 decode(payload)
 
@@ -320,7 +460,7 @@ json_values = st.recursive(
 
 
 def decoders_only_raise_invalid_message(payload) -> None:
-    for decode in (decode_local_round, decode_global_params, decode_anomaly):
+    for decode in (decode_local_round, decode_global, decode_anomaly):
         with contextlib.suppress(InvalidMessage):
             decode(payload)
 
@@ -382,7 +522,7 @@ def test_valid_messages_with_one_random_field_only_raise_invalid_message(
 ):
     for obj, path, decode in (
         (local_obj(), local_path, decode_local_round),
-        (global_obj(), global_path, decode_global_params),
+        (global_obj(), global_path, decode_global),
     ):
         if delete:
             target = obj

@@ -34,12 +34,15 @@ EXPECTED_TABLES = {
 
 def consume_all(settings: Settings, topic: str, expected: int, timeout: float = 60.0) -> list:
     consumer = Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": f"test-{topic}",
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-        }
+        kafka.client_config(
+            settings,
+            "admin",
+            **{
+                "group.id": f"test-{topic}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+            },
+        )
     )
     consumer.subscribe([topic])
     messages = []
@@ -83,7 +86,10 @@ def test_natural_keys_make_writes_idempotent(database: str) -> None:
 def test_replay_puts_exactly_n_messages_in_event_time_order_per_device(settings: Settings) -> None:
     readings = list(sources.synthetic_fleet(num_devices=37, readings_per_device=40, seed=7))
     result = replay(
-        readings, kafka.producer_config(settings), settings.topics.readings, progress=False
+        readings,
+        kafka.producer_config(settings, "replay"),
+        settings.topics.readings,
+        progress=False,
     )
     assert result.readings == len(readings) == 37 * 40
 
@@ -108,7 +114,7 @@ def test_fixed_rate_replay_delivers_everything(settings: Settings) -> None:
     readings = list(sources.synthetic_fleet(num_devices=5, readings_per_device=20, seed=3))
     result = replay(
         readings,
-        kafka.producer_config(settings),
+        kafka.producer_config(settings, "replay"),
         settings.topics.readings,
         rate=2_000,
         progress=False,
@@ -153,7 +159,12 @@ def test_cli_replays_a_csv_counting_bad_rows(settings: Settings, tmp_path) -> No
 
 def test_status_json_reports_services_topics_and_tables(settings: Settings) -> None:
     readings = list(sources.synthetic_fleet(num_devices=3, readings_per_device=10, seed=1))
-    replay(readings, kafka.producer_config(settings), settings.topics.readings, progress=False)
+    replay(
+        readings,
+        kafka.producer_config(settings, "replay"),
+        settings.topics.readings,
+        progress=False,
+    )
     with psycopg.connect(settings.database_url) as conn:
         conn.execute(
             "INSERT INTO anomalies (device_id, value, z_score, severity, timestamp)"
@@ -186,7 +197,7 @@ def test_batched_replay_keeps_every_reading_in_order(settings: Settings) -> None
     readings = list(sources.synthetic_fleet(num_devices=12, readings_per_device=45, seed=5))
     replay(
         readings,
-        kafka.producer_config(settings),
+        kafka.producer_config(settings, "replay"),
         settings.topics.readings,
         progress=False,
         batch=20,

@@ -15,6 +15,7 @@ from dagster import (
 from dagster_pyspark import LazyPySparkResource
 from pyspark.sql import functions as F
 
+from flead import kafka
 from flead.config import Settings
 from flead_assets.assets.external import EDGE_IIOT_STREAM
 from flead_assets.lib import spark_jobs
@@ -38,7 +39,11 @@ def compute(spark, settings: Settings, start: datetime, end: datetime) -> tuple[
     # with its newest reading, or a reading that reached Kafka late, still counts in its hour.
     slack = timedelta(seconds=settings.analytics_kafka_slack_s)
     source = KafkaSlice(
-        settings.kafka_bootstrap, settings.topics.readings, start - slack, end + slack
+        settings.kafka_bootstrap,
+        settings.topics.readings,
+        start - slack,
+        end + slack,
+        client=tuple(kafka.java_client_properties(settings, "dagster").items()),
     )
     readings = spark_jobs.read(spark, source).readings
     in_window = readings.where((F.col("ts") >= F.lit(start)) & (F.col("ts") < F.lit(end)))

@@ -55,7 +55,8 @@ CHECKS = [
         "one_summary_per_version",
         asset=MODEL_EVALUATION_SUMMARIES,
         description="Exactly one summary row per evaluated version, and its sample count"
-        " equals the version's per-sample rows.",
+        " equals the version's per-sample rows (none for versions older than the newest"
+        " evaluation_keep_versions, whose rows are pruned).",
     ),
 ]
 
@@ -84,13 +85,17 @@ def run_evaluation(
         sorted(found),
         settings.database_url,
         LearnerConfig.from_settings(settings),
+        settings.evaluation_keep_versions,
     )
     return summaries, len(rows)
 
 
 def check_results(flead: FleadResource, versions: Sequence[int]) -> Iterator[AssetCheckResult]:
-    """The checks read what was stored, not what was computed: they guard the tables."""
+    """The checks read what was stored, not what was computed: they guard the tables. A
+    version older than the retention (``evaluation_keep_versions``) must have no per-sample
+    rows left; a newer one exactly its summary's sample count."""
     with flead.connect() as conn:
+        oldest_kept = evaluation.oldest_kept_version(conn, flead.settings.evaluation_keep_versions)
         rows = conn.execute(
             "SELECT v, count(s.model_version), min(s.samples),"
             " bool_and(s.accuracy BETWEEN 0 AND 1 AND s.precision BETWEEN 0 AND 1"
@@ -104,7 +109,13 @@ def check_results(flead: FleadResource, versions: Sequence[int]) -> Iterator[Ass
         ).fetchall()
     no_samples = [v for v, _, samples, _, _ in rows if not samples]
     out_of_range = [v for v, _, _, in_range, _ in rows if in_range is False]
-    not_one = [v for v, n, samples, _, stored in rows if n != 1 or samples != stored]
+
+    def expected_rows(version: int, samples: int | None) -> int | None:
+        return 0 if oldest_kept is not None and version < oldest_kept else samples
+
+    not_one = [
+        v for v, n, samples, _, stored in rows if n != 1 or stored != expected_rows(v, samples)
+    ]
     for name, bad in (
         ("samples_positive", no_samples),
         ("metrics_in_unit_interval", out_of_range),

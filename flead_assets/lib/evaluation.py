@@ -275,24 +275,57 @@ def _csv(rows: pd.DataFrame) -> str:
     return buffer.getvalue()
 
 
-def store(conn: psycopg.Connection, evaluated: Evaluated) -> None:
+# Serialises the stores of concurrent Spark tasks: each store decides which versions keep their
+# per-reading rows from the summaries committed before it, so two stores must not interleave.
+_STORE_LOCK = 0x666C656164_01  # pg_advisory_xact_lock key ("flead", 1)
+
+
+def store(conn: psycopg.Connection, evaluated: Evaluated, keep_versions: int = 0) -> None:
     """Replace one version's per-sample rows and summary in one transaction: running a
-    version twice (a retry, a backfill over evaluated versions) leaves exactly one copy."""
+    version twice (a retry, a backfill over evaluated versions) leaves exactly one copy.
+
+    ``keep_versions`` > 0 bounds ``model_evaluations`` (issue 8): per-reading rows are kept only
+    for the newest ``keep_versions`` evaluated versions (by version number); older versions keep
+    their summary. In the same transaction the rows of versions that fell out are deleted, and a
+    version older than the newest ``keep_versions`` (a backfill of history) stores only its
+    summary. 0 keeps every version's rows.
+    """
     version = int(evaluated.summary["model_version"])
     columns = ", ".join(SUMMARY_COLUMNS)
     updates = ", ".join(f"{c} = EXCLUDED.{c}" for c in SUMMARY_COLUMNS[1:])
     with conn.transaction():
-        conn.execute("DELETE FROM model_evaluations WHERE model_version = %s", (version,))
-        with conn.cursor().copy(
-            f"COPY model_evaluations ({', '.join(_EVALUATION_COLUMNS)}) FROM STDIN (FORMAT csv)"
-        ) as copy:
-            copy.write(_csv(evaluated.rows))
+        if keep_versions > 0:
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_STORE_LOCK,))
         conn.execute(
             f"INSERT INTO model_evaluation_summaries ({columns}, created_at)"
             f" VALUES ({', '.join(['%s'] * len(SUMMARY_COLUMNS))}, now())"
             f" ON CONFLICT (model_version) DO UPDATE SET {updates}, created_at = now()",
             [_plain(evaluated.summary[c]) for c in SUMMARY_COLUMNS],
         )
+        conn.execute("DELETE FROM model_evaluations WHERE model_version = %s", (version,))
+        oldest_kept = oldest_kept_version(conn, keep_versions)
+        if oldest_kept is None or version >= oldest_kept:
+            with conn.cursor().copy(
+                f"COPY model_evaluations ({', '.join(_EVALUATION_COLUMNS)}) FROM STDIN (FORMAT csv)"
+            ) as copy:
+                copy.write(_csv(evaluated.rows))
+        if oldest_kept is not None:
+            conn.execute("DELETE FROM model_evaluations WHERE model_version < %s", (oldest_kept,))
+
+
+def oldest_kept_version(conn: psycopg.Connection, keep_versions: int) -> int | None:
+    """The oldest version whose per-reading rows are kept: the ``keep_versions``-th newest
+    summary; None when every version keeps its rows (``keep_versions`` 0, or fewer summaries)."""
+    if keep_versions <= 0:
+        return None
+    row = conn.execute(
+        "SELECT model_version FROM model_evaluation_summaries"
+        " ORDER BY model_version DESC OFFSET %s LIMIT 1",
+        (keep_versions - 1,),
+    ).fetchone()
+    if row is None:
+        return None
+    return row[0]
 
 
 def _plain(value):
@@ -304,16 +337,18 @@ def evaluate_and_store_batches(
     rows: pd.DataFrame,
     database_url: str,
     config: LearnerConfig,
+    keep_versions: int = 0,
 ) -> Iterator[pd.DataFrame]:
     """``mapInPandas`` body: each batch holds versions (``model_version``); every version is
     read from ``federated_models`` (:func:`load_global_params`), scored on the held-out
-    ``rows`` and stored; the summaries are yielded."""
+    ``rows`` and stored (:func:`store`, with the retention ``keep_versions``); the summaries
+    are yielded."""
     with psycopg.connect(database_url) as conn:
         for batch in batches:
             versions = [int(v) for v in batch["model_version"]]
             summaries = []
             for params in load_global_params(conn, versions):
                 evaluated = evaluate(rows, Detector(params, config))
-                store(conn, evaluated)
+                store(conn, evaluated, keep_versions)
                 summaries.append(evaluated.summary)
             yield pd.DataFrame(summaries, columns=list(SUMMARY_COLUMNS))

@@ -40,6 +40,9 @@ class KafkaSlice:
     topic: str
     start: datetime | None = None
     end: datetime | None = None
+    # The Kafka client's connection properties (flead.kafka.java_client_properties: the
+    # dagster user's SASL login), passed to Spark's source with its "kafka." prefix.
+    client: tuple[tuple[str, str], ...] = ()
 
     def options(self) -> dict[str, str]:
         options = {
@@ -49,6 +52,7 @@ class KafkaSlice:
             "endingOffsets": "latest",
             "failOnDataLoss": "false",
         }
+        options |= {f"kafka.{key}": value for key, value in self.client}
         if self.start is not None:
             del options["startingOffsets"]
             options["startingTimestamp"] = str(_millis(self.start))

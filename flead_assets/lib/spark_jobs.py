@@ -11,6 +11,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
+from flead import kafka
 from flead_assets.lib import evaluation
 from flead_assets.lib.readings import KafkaSlice, channel_values, kafka_messages, parse_readings
 from streaming.learner import LearnerConfig
@@ -82,7 +83,11 @@ def held_out_rows_of_topic(spark: SparkSession, settings) -> pd.DataFrame:
     """:func:`held_out_rows` of the whole readings topic, with the split, the learner's
     configuration and the message size of ``settings`` (a :class:`flead.config.Settings`):
     what every evaluation scores."""
-    source = KafkaSlice(settings.kafka_bootstrap, settings.topics.readings)
+    source = KafkaSlice(
+        settings.kafka_bootstrap,
+        settings.topics.readings,
+        client=tuple(kafka.java_client_properties(settings, "dagster").items()),
+    )
     return held_out_rows(
         read(spark, source).readings,
         settings.holdout_fraction,
@@ -98,8 +103,10 @@ def evaluate_versions(
     versions: Sequence[int],
     database_url: str,
     config: LearnerConfig,
+    keep_versions: int = 0,
 ) -> pd.DataFrame:
     """Score and store every version on the executors; return their summaries.
+    ``keep_versions``: the retention of per-reading rows (:func:`evaluation.store`).
 
     The held-out rows are broadcast and the version numbers distributed; each executor reads
     its versions from ``federated_models``, scores whole versions and writes each one in its
@@ -115,7 +122,7 @@ def evaluate_versions(
 
     def evaluate_and_store(batches):
         yield from evaluation.evaluate_and_store_batches(
-            batches, shared.value, database_url, config
+            batches, shared.value, database_url, config, keep_versions
         )
 
     summaries = (

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from dagster import ConfigurableResource
 
-from flead import orchestration, services
+from flead import orchestration, services, supervision
 from flead_assets.resources.settings import FleadResource
 
 
@@ -20,11 +20,13 @@ class ServiceHealth:
     alive: bool
     pid: int | None
     log: str
+    restarts: int = 0  # by `flead supervise` (flead/supervision.py)
+    stalled: bool = False  # consumer lag with no committed progress for lag_stall_s
 
     def describe(self) -> str:
-        return (
-            f"{self.name} {'running as pid ' + str(self.pid) if self.alive else 'is not running'}"
-        )
+        state = "running as pid " + str(self.pid) if self.alive else "is not running"
+        stalled = ", stalled: lag and no committed progress" if self.stalled else ""
+        return f"{self.name} {state}{stalled}; restarted {self.restarts} times"
 
 
 class StreamingServiceResource(ConfigurableResource):
@@ -38,7 +40,12 @@ class StreamingServiceResource(ConfigurableResource):
         settings = self.flead.settings
         pid = services.recorded_pid(settings, self.name)
         log = str(settings.log_dir / f"{self.name}.log")
-        return ServiceHealth(self.name, pid is not None, pid, log)
+        seen = supervision.service_report(settings)
+        record = seen.get(self.name, {})
+        stalled = bool(seen[supervision.SUPERVISOR]["alive"] and record.get("stalled"))
+        return ServiceHealth(
+            self.name, pid is not None, pid, log, int(record.get("restarts", 0)), stalled
+        )
 
     def start(self) -> str:
         """Start the service unless it runs; "running" or "started"."""

@@ -23,17 +23,18 @@ from dagster._core.storage.tags import (
     ASSET_PARTITION_RANGE_START_TAG,
 )
 
+from flead import kafka
 from flead.config import Settings
 from flead_assets.resources.settings import FleadResource
 
 
 def _consumer(settings: Settings) -> Consumer:
     return Consumer(
-        {
-            "bootstrap.servers": settings.kafka_bootstrap,
-            "group.id": "flead-dagster-readings-sensor",
-            "enable.auto.commit": False,
-        }
+        kafka.client_config(
+            settings,
+            "dagster",
+            **{"group.id": "flead-dagster-readings-sensor", "enable.auto.commit": False},
+        )
     )
 
 

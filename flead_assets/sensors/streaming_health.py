@@ -21,9 +21,9 @@ def evaluation(health: ServiceHealth) -> AssetCheckEvaluation:
     return AssetCheckEvaluation(
         asset_key=asset,
         check_name=check,
-        passed=health.alive,
+        passed=health.alive and not health.stalled,
         description=health.describe(),
-        metadata={"pid": health.pid or 0, "log": health.log},
+        metadata={"pid": health.pid or 0, "log": health.log, "restarts": health.restarts},
     )
 
 
@@ -34,9 +34,10 @@ def evaluate(
     the first tick), so the check history records transitions rather than one row a minute."""
     before = json.loads(context.cursor) if context.cursor else {}
     healths = [r.health() for r in resources]
-    now = {h.name: h.alive for h in healths}
-    changed = [h for h in healths if before.get(h.name) != h.alive]
-    dead = [h.name for h in healths if not h.alive]
+    # A restart is a change too: the check history shows every one.
+    now = {h.name: [h.alive and not h.stalled, h.restarts] for h in healths}
+    changed = [h for h in healths if before.get(h.name) != now[h.name]]
+    dead = [h.name for h in healths if not h.alive or h.stalled]
     if dead:
         context.log.warning("streaming services not running: %s", ", ".join(dead))
     return SensorResult(
