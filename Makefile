@@ -8,7 +8,7 @@ FLEAD      := $(VENV)/bin/flead
 JARS       := $(STATE)/jars
 MVN        := mvn -q -B -f jvm/pom.xml
 
-.PHONY: run install system-packages up replay wait stop status test lint bench backfill
+.PHONY: run install system-packages up replay wait stop status test test-cluster lint bench backfill
 
 run: install up replay wait status
 
@@ -61,7 +61,12 @@ status:
 	@$(FLEAD) status
 
 test: install
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not cluster"
+
+# Cluster mode under failure (tests/test_cluster.py): three brokers and a Flink session cluster
+# on ports of their own, a TaskManager and a broker killed during replays.
+test-cluster: install
+	$(PY) -m pytest -q -ra -m cluster tests/test_cluster.py
 
 lint:
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

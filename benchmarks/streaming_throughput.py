@@ -10,6 +10,11 @@ Three measurements, one run, one private copy of the pipeline (own topics, group
    time from a reading's scheduled produce time to the moment its anomaly record is read back
    (p50/p99; it includes the time a reading waits for its batch to fill);
 3. bare consume: a plain confluent-kafka consumer reads the capacity topic as fast as it can.
+
+``--cluster`` adds the capacity of the same job in cluster mode, in the same run: submitted to a
+standalone Flink session cluster (a JobManager, two TaskManagers) reading from three brokers
+(replication 3, min.insync.replicas 2), all started for the run on ports of their own and
+stopped after it (flead/cluster.py).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import threading
@@ -50,6 +56,56 @@ def private_settings(base: Settings, label: str, state_dir: Path) -> Settings:
     db.apply_schema(settings.database_url)
     kafka.ensure_topics(settings)
     return settings
+
+
+# Ports of the benchmark's own cluster: neither the tests' (19192.., 18181) nor `flead up
+# --cluster`'s defaults (19092.., 18081).
+CLUSTER_PORTS = {
+    "kafka_bootstrap": "127.0.0.1:19292,127.0.0.1:19294,127.0.0.1:19296",
+    "flink_rest_port": 18281,
+    "flink_rpc_port": 16323,
+}
+
+
+def cluster_capacity(base: Settings, state: Path, messages, per_message: float) -> dict:
+    """:func:`capacity` of the same messages with the job on a session cluster."""
+    from flead import cluster
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEAD_KAFKA", "FLEAD_FLINK"))}
+    cluster_base = dataclasses.replace(
+        load_settings({**env, "FLEAD_DEPLOY": "cluster"}),
+        state_dir=state / "cluster",
+        database_url=base.database_url,
+        kafka_heap="512m",
+        **CLUSTER_PORTS,
+    )
+    try:
+        services.ensure_kafka(cluster_base)
+        cluster.ensure_flink_cluster(cluster_base)
+        kafka.export_credentials(cluster_base)  # the private copy's state folder is another
+        # The database as in local mode (created by the administrator of `base`), the topics
+        # on the cluster's brokers.
+        db.drop_database(base, BENCH_DATABASE)
+        db.create_database(base, BENCH_DATABASE)
+        settings = dataclasses.replace(
+            namespaced(cluster_base, f"bench-cluster-{int(time.time())}"),
+            database_url=base.database_url.rsplit("/", 1)[0] + f"/{BENCH_DATABASE}",
+            state_dir=state / "cluster-capacity",
+            train_interval_s=3600.0,
+            checkpoint_interval_ms=2000,
+            flink_jobmanager=f"127.0.0.1:{cluster_base.flink_rest_port}",
+        )
+        db.apply_schema(settings.database_url)
+        kafka.ensure_topics(settings)
+        result = capacity(settings, messages, per_message)
+        result["taskmanagers"] = cluster_base.flink_taskmanagers
+        result["slots_per_taskmanager"] = cluster_base.flink_taskmanager_slots
+        result["brokers"] = len(services.kafka_endpoints(cluster_base))
+        result["replication"] = cluster_base.kafka_replication
+        return result
+    finally:
+        cluster.stop_flink_cluster(cluster_base)
+        services.stop_kafka(cluster_base)
 
 
 def batched_messages(readings: list[Reading], batch: int) -> list[tuple[bytes, bytes, int]]:
@@ -262,6 +318,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rate", type=float, default=10_000, help="sustained readings/s")
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--batch", type=int, default=50, help="readings per message")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="also measure the capacity in cluster mode (Flink session cluster, 3 brokers)",
+    )
+    parser.add_argument(
+        "--no-sustained", action="store_true", help="skip the sustained-rate measurement"
+    )
     args = parser.parse_args(argv)
     base = load_settings()
     with tempfile.TemporaryDirectory() as state:
@@ -278,6 +342,15 @@ def main(argv: list[str] | None = None) -> dict:
         }
         result["bare_consume"] = bare_consume(settings, settings.topics.readings, len(messages))
         result["python_learner_alone"] = python_learner(settings, messages)
+        if args.cluster:
+            # Last: it exports the cluster's Kafka passwords into this process's environment.
+            result["cluster_capacity"] = cluster_capacity(base, Path(state), messages, per_message)
+        if args.no_sustained:
+            path = write_result(
+                "streaming_throughput_cluster" if args.cluster else "streaming_throughput", result
+            )
+            print(_capacity_line(result) + f" → {path}")
+            return result
 
         interval_s = 10.0  # the synthetic fleet's sampling interval
         speedup = args.rate * interval_s / args.devices
@@ -294,15 +367,27 @@ def main(argv: list[str] | None = None) -> dict:
         result["capacity"]["readings_per_s"] / result["bare_consume"]["readings_per_s"]
     )
     path = write_result("streaming_throughput", result)
-    s, c = result["sustained"], result["capacity"]
+    s = result["sustained"]
     print(
-        f"capacity {c['readings_per_s']:,.0f} readings/s (bare consume "
-        f"{result['bare_consume']['readings_per_s']:,.0f}); sustained at "
+        _capacity_line(result) + "; sustained at "
         f"{s['offered_readings_per_s']:,.0f}/s: lag {s['lag_readings_first_half_mean']:,.0f} → "
         f"{s['lag_readings_second_half_mean']:,.0f} readings, latency p50 "
         f"{s['latency_p50_s']}, p99 {s['latency_p99_s']} s → {path}"
     )
     return result
+
+
+def _capacity_line(result: dict) -> str:
+    line = (
+        f"capacity {result['capacity']['readings_per_s']:,.0f} readings/s local mode (bare"
+        f" consume {result['bare_consume']['readings_per_s']:,.0f})"
+    )
+    if "cluster_capacity" in result:
+        line += (
+            f", {result['cluster_capacity']['readings_per_s']:,.0f} readings/s cluster mode"
+            f" (parallelism {result['parallelism']})"
+        )
+    return line
 
 
 if __name__ == "__main__":

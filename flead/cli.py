@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,11 @@ from flead.config import Settings, load_settings
 from flead.secrets import redact_url
 from streaming import sources
 from streaming.replay import ReplayError, replay
+
+
+def _recorded_deploy(settings: Settings) -> str | None:
+    path = settings.run_dir / "deploy"
+    return path.read_text().strip() if path.exists() else None
 
 
 def cmd_up(settings: Settings, args: argparse.Namespace) -> int:
@@ -37,6 +43,12 @@ def _start_platform(settings: Settings, args: argparse.Namespace) -> None:
     )
     applied = db.apply_schema(settings.database_url)
     print(f"Schema      {'applied ' + ', '.join(applied) if applied else 'up to date'}")
+    if settings.deploy == "cluster":
+        from flead import cluster
+
+        cluster.record_deploy(settings)
+        for name, outcome in cluster.ensure_cluster(settings).items():
+            print(f"{name:<19} {outcome}  (log {settings.log_dir / (name + '.log')})")
     if not args.no_streaming:
         for name, outcome in services.ensure_streaming(settings).items():
             print(f"{name:<11} {outcome}  (log {settings.log_dir / (name + '.log')})")
@@ -63,7 +75,12 @@ def cmd_down(settings: Settings, _args: argparse.Namespace) -> int:
     # daemon launches runs.
     stopped = {"supervisor": supervision.stop_supervisor(settings)}
     stopped.update(orchestration.stop_dagster(settings))
-    stopped.update(services.stop_streaming(settings))
+    stopped.update(services.stop_streaming(settings))  # cluster mode: cancels the job
+    if settings.deploy == "cluster":
+        from flead import cluster
+
+        stopped.update(cluster.stop_cluster(settings))
+        cluster.record_deploy(settings, clear=True)
     stopped["kafka"] = services.stop_kafka(settings)
     stopped["postgres"] = services.stop_postgres(settings)
     for name, was_running in stopped.items():
@@ -228,6 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
         "up", help="start PostgreSQL, Kafka, topics, schema, the Flink job and FedAvg service"
     )
     up_cmd.add_argument(
+        "--cluster",
+        action="store_true",
+        help="cluster mode (= FLEAD_DEPLOY=cluster): a Flink session cluster, Spark standalone"
+        " and three Kafka brokers; later commands on the same state folder follow it",
+    )
+    up_cmd.add_argument(
         "--no-streaming",
         action="store_true",
         help="only the storage services: no Flink job, FedAvg or anomaly sink",
@@ -346,6 +369,13 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(ours).setLevel(logging.INFO)
     args = build_parser().parse_args(argv)
     settings = load_settings()
+    if getattr(args, "cluster", False) or (
+        "FLEAD_DEPLOY" not in os.environ and _recorded_deploy(settings) == "cluster"
+    ):
+        # `flead up --cluster` recorded the mode: status, down, replay, ... of the same state
+        # folder address the cluster without FLEAD_DEPLOY being set again.
+        os.environ["FLEAD_DEPLOY"] = "cluster"
+        settings = load_settings()
     if getattr(args, "source", "") is None:
         args.source = settings.source
     try:

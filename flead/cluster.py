@@ -104,7 +104,7 @@ def flink_config(settings: Settings, java_opts: str) -> dict[str, str]:
         "parallelism.default": str(settings.flink_parallelism),
         # One subtask per TaskManager where possible: losing one TaskManager is then a real
         # failover of the job, and its tasks move to the free slots of the others.
-        "cluster.evenly-spread-out-slots": "true",
+        "taskmanager.load-balance.mode": "slots",
         # A killed TaskManager stops answering heartbeats: declared lost after this long.
         "heartbeat.interval": str(max(1000, settings.flink_heartbeat_timeout_ms // 5)),
         "heartbeat.timeout": str(settings.flink_heartbeat_timeout_ms),
@@ -159,7 +159,17 @@ def flink_process_env(settings: Settings) -> dict[str, str]:
         "FLINK_CONF_DIR": str(conf_dir(settings)),
         "FLINK_PID_DIR": str(settings.run_dir / "flink"),
         "PYFLINK_PYTHON": str(settings.flink_python),
+        # PyFlink's Python inside a TaskManager starts a gateway JVM to build state TTL
+        # configurations; it finds java through JAVA_HOME, which Flink's scripts export empty.
+        "JAVA_HOME": os.environ.get("JAVA_HOME") or _java_home(),
     }
+
+
+def _java_home() -> str:
+    java = shutil.which("java")
+    if java is None:
+        raise services.ServiceError("no java on PATH: the Flink cluster needs JDK 17")
+    return str(Path(java).resolve().parent.parent)
 
 
 def rest(settings: Settings, path: str, method: str = "GET", timeout: float = 5.0) -> Any:
@@ -497,6 +507,17 @@ def stop_cluster(settings: Settings) -> dict[str, bool]:
         stopped |= stop_flink_cluster(settings)
     stopped |= stop_spark(settings)
     return stopped
+
+
+def record_deploy(settings: Settings, clear: bool = False) -> None:
+    """Remember (``flead up --cluster``) or forget (``flead down``) that the state folder's
+    services run in cluster mode, for the commands that follow (flead/cli.py)."""
+    path = settings.run_dir / "deploy"
+    if clear:
+        path.unlink(missing_ok=True)
+        return
+    settings.run_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{settings.deploy}\n")
 
 
 def restart_process(settings: Settings, name: str) -> None:

@@ -549,8 +549,13 @@ def ensure_kafka(settings: Settings) -> str:
 
 
 def stop_kafka(settings: Settings) -> bool:
+    from concurrent.futures import ThreadPoolExecutor
+
     names = [kafka_node_name(settings, i) for i in range(len(kafka_endpoints(settings)))]
-    return any([stop_pid(settings, name, timeout=60) for name in names])
+    # All at once: a broker stopped last, alone, waits in vain for a controller quorum to
+    # acknowledge its controlled shutdown.
+    with ThreadPoolExecutor(max_workers=len(names)) as pool:
+        return any(list(pool.map(lambda name: stop_pid(settings, name, timeout=60), names)))
 
 
 # --- the streaming services ------------------------------------------------------------------

@@ -24,6 +24,16 @@ def _service_health(settings: Settings) -> dict[str, dict[str, Any]]:
             "pid": services.recorded_pid(settings, name),  # None when not started by FLEAD
             "log": str(settings.log_dir / f"{name}.log"),
         }
+    if len(services.kafka_endpoints(settings)) > 1:
+        # Every broker of a cluster; "kafka" above is the bootstrap's first address.
+        for node, endpoint in enumerate(services.kafka_endpoints(settings)):
+            name = services.kafka_node_name(settings, node)
+            health[name] = {
+                "address": f"{endpoint.host}:{endpoint.port}",
+                "healthy": endpoint.answers(),
+                "pid": services.recorded_pid(settings, name),
+                "log": str(settings.log_dir / f"{name}.log"),
+            }
     for name in services.STREAMING_SERVICES:
         pid = services.recorded_pid(settings, name)
         health[name] = {
@@ -82,6 +92,11 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["tables"] = {"error": "PostgreSQL is not reachable"}
     if "model_evaluation_summaries" in report["tables"]:
         report["evaluations"] = evaluation_coverage(settings)
+    if settings.deploy == "cluster":
+        from flead import cluster
+
+        report["flink"] = cluster.flink_status(settings)
+        report["spark"] = cluster.spark_status(settings)
     report["settings"] = describe(settings)
     return redacted(report, settings)
 
@@ -149,6 +164,7 @@ def render(report: dict[str, Any]) -> str:
             extra += f"  lag {info['lag']:,}" + (" growing" if info.get("lag_growing") else "")
             extra += "  STALLED" if info.get("stalled") else ""
         lines.append(f"  {name:<18} {state:<5} {info['address']:<22} {pid}{extra}")
+    lines += _render_cluster(report)
     for title, key, unit in (("Topics", "topics", "messages"), ("Tables", "tables", "rows")):
         lines.append(title)
         section = report[key]
@@ -182,3 +198,49 @@ def render(report: dict[str, Any]) -> str:
                 f" MCC {preq['mcc'] or 0:.3f}"
             )
     return "\n".join(lines)
+
+
+def _render_cluster(report: dict[str, Any]) -> list[str]:
+    """Cluster mode: the JobManager, each TaskManager, the job and its last checkpoint; the
+    Spark master and its workers."""
+    flink = report.get("flink")
+    if flink is None:
+        return []
+    jm = flink["jobmanager"]
+    lines = ["Flink session cluster"]
+    pid = f"pid {jm['pid']}" if jm["pid"] else "not started by flead"
+    lines.append(
+        f"  {'jobmanager':<18} {'up' if jm['healthy'] else 'DOWN':<5} {jm['address']:<22} {pid}"
+    )
+    for tm in flink.get("taskmanagers", []):
+        lines.append(
+            f"  {'taskmanager':<18} up    {tm['id']:<22} slots {tm['slots']}"
+            f" ({tm['free_slots']} free)"
+        )
+    job = flink.get("job") or {}
+    if job.get("id"):
+        lines.append(f"  job {job.get('name', '?')} {job['id']}: {job.get('state', '?')}")
+        last = job.get("last_checkpoint")
+        if last:
+            lines.append(
+                f"  last completed checkpoint {last['id']} ({job['checkpoints_completed']}"
+                f" completed): {last['path']}"
+            )
+        else:
+            lines.append("  no completed checkpoint yet")
+    elif jm["healthy"]:
+        lines.append("  no job submitted by this state folder")
+    if "error" in flink:
+        lines.append(f"  unavailable: {flink['error']}")
+    spark = report.get("spark") or {}
+    if spark:
+        state = "up" if spark["healthy"] else "DOWN"
+        lines.append(f"Spark standalone  {state}  {spark['master']}")
+        for worker in spark.get("workers", []):
+            lines.append(
+                f"  worker {worker['id']}: {worker['state']}, {worker['cores']} cores,"
+                f" {worker['memory_mb']} MB"
+            )
+        if "error" in spark:
+            lines.append(f"  unavailable: {spark['error']}")
+    return lines

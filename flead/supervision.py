@@ -54,6 +54,21 @@ WATCHED = (
 SELF_ROTATED_LOGS = {"kafka-server.log"}
 
 
+def watched(settings: Settings) -> tuple[str, ...]:
+    """:data:`WATCHED`, plus in cluster mode each Kafka broker and each Flink and Spark process
+    flead started (flead/cluster.py)."""
+    if settings.deploy != "cluster":
+        return WATCHED
+    from flead import cluster
+
+    brokers = [
+        services.kafka_node_name(settings, i)
+        for i in range(len(services.kafka_endpoints(settings)))
+    ]
+    rest = [name for name in WATCHED if name not in {"postgres", "kafka"}]
+    return ("postgres", *brokers, *cluster.processes(settings), *rest)
+
+
 def lag_sources(settings: Settings) -> dict[str, tuple[str, str]]:
     """Streaming service → (consumer group, topic) whose lag measures its progress."""
     t = settings.topics
@@ -156,8 +171,12 @@ def restart_service(settings: Settings, name: str) -> None:
     """Start ``name`` again the way ``flead up`` starts it."""
     if name == "postgres":
         services.ensure_postgres(settings)
-    elif name == "kafka":
-        services.ensure_kafka(settings)
+    elif name == "kafka" or name.startswith("kafka-"):
+        services.ensure_kafka(settings)  # starts exactly the brokers that do not answer
+    elif name.startswith(("flink-jobmanager", "flink-taskmanager", "spark-")):
+        from flead import cluster
+
+        cluster.restart_process(settings, name)
     elif name in services.STREAMING_SERVICES:
         services.start_streaming(settings, name)
     elif name in ("dagster-webserver", "dagster-daemon"):
@@ -172,7 +191,8 @@ class Supervisor:
     def __init__(self, settings: Settings, clock=time.monotonic) -> None:
         self.settings = settings
         self.clock = clock
-        self.watches = {name: _Watch() for name in WATCHED}
+        self.watched = watched(settings)
+        self.watches = {name: _Watch() for name in self.watched}
         # Counts survive the supervisor: they are the state folder's, not this process's.
         self.records: dict[str, dict[str, Any]] = read_state(settings).get("services", {})
         self.next_lag_check = 0.0
@@ -187,7 +207,7 @@ class Supervisor:
 
     def tick(self) -> None:
         now = self.clock()
-        for name in WATCHED:
+        for name in self.watched:
             self.check(name, now)
         if now >= self.next_lag_check:
             self.next_lag_check = now + self.settings.lag_check_interval_s

@@ -26,6 +26,8 @@ def spark_config(settings: Settings) -> dict[str, str]:
         "spark.app.name": "flead",
         "spark.jars": ",".join(str(j) for j in jars),
         "spark.driver.memory": settings.spark_driver_memory,
+        # A spark:// master (cluster mode): each executor's heap; unused by local[*].
+        "spark.executor.memory": settings.spark_executor_memory,
         "spark.sql.shuffle.partitions": str(settings.spark_shuffle_partitions),
         "spark.sql.session.timeZone": "UTC",
         "spark.sql.execution.arrow.pyspark.enabled": "true",

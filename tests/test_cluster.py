@@ -1,0 +1,290 @@
+"""Cluster mode under failure: the same job on a standalone Flink session cluster (a JobManager
+and two TaskManagers, separate processes) reading from and writing to three KRaft brokers
+(replication 3, min.insync.replicas 2, SASL/SCRAM and ACLs), with the FedAvg service and the
+anomaly sink. During a paced replay one TaskManager (then, in a separate run, one broker) is
+killed with SIGKILL; afterwards the counts must be exact:
+
+- every reading scored exactly once: the multiset of stored anomaly rows equals the one an
+  in-process run of the learner (:mod:`streaming.learner`, fed the same messages the same way
+  the job's operators are) produces, and the anomalies topic holds no record the reference
+  does not;
+- every local round the devices made (rounds 1..n per device, n from the reference) is either
+  stored once, in exactly one version, or pending in the open round; versions are 1..v without gaps,
+  each the weighted FedAvg of its stored rounds.
+
+Devices score with the z-score rule (``detector=zscore``) so that which global version a device
+held when it scored a reading (a matter of timing) cannot change the verdicts; rounds train
+every 50 readings only (no timer), for the same reason.
+
+Run with ``make test-cluster`` (they take minutes: three brokers, a Flink cluster).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+
+import pytest
+from confluent_kafka import Producer
+
+from benchmarks.streaming_throughput import batched_messages
+from flead import cluster, db, kafka, services
+from flead.config import Settings, load_settings, namespaced
+from streaming import learner
+from streaming.learner import LearnerConfig
+from streaming.messages import decode_local_round, decode_readings
+from streaming.replay import produce
+from streaming.sources import synthetic_fleet
+from tests.conftest import fresh_database, table_counts, wait_until_consumed
+from tests.streaming_harness import query, read_topic, settled, stop, wait_for
+from tests.test_streaming import assert_versions_are_weighted_means
+
+pytestmark = [pytest.mark.integration, pytest.mark.cluster]
+
+# Ports of their own: neither the shared single broker (9092) nor a `flead up --cluster`
+# started with the defaults (19092..) is touched.
+BROKERS = "127.0.0.1:19192,127.0.0.1:19194,127.0.0.1:19196"
+FLINK_REST, FLINK_RPC = 18181, 16223
+FLEET = {"num_devices": 200, "readings_per_device": 150, "seed": 23}
+RATE = 500.0  # readings/s: the replay lasts ~60 s, long enough to kill something during it
+
+
+@pytest.fixture(scope="module")
+def cluster_settings(postgres: Settings, tmp_path_factory) -> Iterator[Settings]:
+    """Three brokers and a Flink session cluster in a state folder of their own."""
+    env = {**os.environ, "FLEAD_DEPLOY": "cluster"}
+    for name in list(env):  # this test's cluster, whatever the developer's shell says
+        if name.startswith(("FLEAD_KAFKA_", "FLEAD_FLINK_")) or name == "FLEAD_STATE_DIR":
+            env.pop(name)
+    settings = dataclasses.replace(
+        load_settings(env),
+        state_dir=tmp_path_factory.mktemp("cluster"),
+        kafka_bootstrap=BROKERS,
+        kafka_heap="512m",
+        flink_rest_port=FLINK_REST,
+        flink_rpc_port=FLINK_RPC,
+        flink_taskmanager_memory="1280m",
+        flink_heartbeat_timeout_ms=6000,
+        flink_restart_delay_s=2.0,
+        database_url=postgres.database_url,
+    )
+    assert (settings.kafka_replication, settings.kafka_min_insync_replicas) == (3, 2)
+    try:
+        services.ensure_kafka(settings)
+        cluster.ensure_flink_cluster(settings)
+        # Every pipeline below runs in its own state folder and logs in with these users.
+        kafka.export_credentials(settings)
+        yield settings
+    finally:
+        cluster.stop_flink_cluster(settings)
+        services.stop_kafka(settings)
+
+
+@pytest.fixture
+def pipeline_settings(
+    postgres: Settings, cluster_settings: Settings, tmp_path
+) -> Iterator[Settings]:
+    """A private copy of the pipeline on the cluster: own topics, groups, database and state
+    folder (so its checkpoints are its own); the job is submitted to the running cluster."""
+    with fresh_database(postgres) as url:  # created by the administrator of the shared state
+        db.apply_schema(url)
+        settings = dataclasses.replace(
+            namespaced(cluster_settings, f"cluster-{uuid.uuid4().hex[:8]}"),
+            database_url=url,
+            state_dir=tmp_path,
+            flink_jobmanager=f"127.0.0.1:{FLINK_REST}",
+            detector="zscore",
+            holdout_fraction=0.0,
+            train_interval_s=3600.0,
+            checkpoint_interval_ms=2000,
+            fedavg_strategy="fedavg",
+            fedavg_server_momentum=0.0,
+            # Versions close at 20 distinct devices only (never by the clock), so each is the
+            # full weighted step over its rows (tests/test_streaming.py's check); the rounds of
+            # fewer than 20 devices stay pending at the end.
+            fedavg_round_window_s=3600.0,
+        )
+        kafka.ensure_topics(settings)
+        yield settings
+
+
+def reference(messages: list[tuple[bytes, bytes, int]], config: LearnerConfig):
+    """What the job computes, in-process: each message's readings grouped by device (the job's
+    parse step), then :func:`learner.observe` and the local rounds (its keyed operator)."""
+    states: dict[str, learner.DeviceState] = defaultdict(learner.DeviceState)
+    detector = learner.Detector(None, config)
+    anomalies: Counter = Counter()
+    rounds: dict[str, int] = defaultdict(int)
+    for _, value, _ in messages:
+        by_device: dict[str, list] = {}
+        for reading in decode_readings(value):
+            by_device.setdefault(reading.device_id, []).append(reading)
+        for device, readings in by_device.items():
+            state = states[device]
+            for a in learner.observe(state, device, readings, detector, config, True):
+                anomalies[
+                    anomaly_key(a.device_id, a.timestamp_ms, a.severity, a.z_score, a.value)
+                ] += 1
+            while learner.round_due(state, config):
+                if learner.train_round(state, device, None, config, 0) is not None:
+                    rounds[device] += 1
+    return anomalies, dict(rounds)
+
+
+def anomaly_key(device: str, ms: int, severity: str, z: float, value: float) -> tuple:
+    return device, int(ms), severity, round(float(z), 6), round(float(value), 6)
+
+
+def stored_anomalies(settings: Settings) -> Counter:
+    rows = query(
+        settings,
+        "SELECT device_id, (extract(epoch FROM timestamp) * 1000)::bigint, severity, z_score,"
+        " value, detector FROM anomalies",
+    )
+    assert {row[5] for row in rows} <= {"zscore"}
+    return Counter(anomaly_key(*row[:5]) for row in rows)
+
+
+def paced_replay(settings: Settings, messages, done: threading.Event) -> None:
+    """Produce the messages at ~RATE readings/s as the replay user (acks=all, idempotent)."""
+    producer = Producer(kafka.producer_config(settings, "replay", **{"linger.ms": 5}))
+    per_message = FLEET["readings_per_device"] * FLEET["num_devices"] / len(messages)
+    started = time.monotonic()
+    for i, (key, value, ts) in enumerate(messages):
+        delay = started + i * per_message / RATE - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        produce(producer, settings.topics.readings, key.decode(), value, ts)
+        producer.poll(0)
+    assert producer.flush(120) == 0, "the replay could not deliver every message"
+    done.set()
+
+
+def committed_readings(settings: Settings) -> int:
+    offsets = kafka.group_offsets(
+        settings, settings.consumer_group("edge"), settings.topics.readings
+    )
+    return 0 if offsets is None else offsets[0]
+
+
+def run_with_failure(settings: Settings, kill) -> tuple[Counter, dict[str, int], str]:
+    """Replay the fleet through the pipeline, call ``kill()`` once a checkpoint holds progress
+    and a fifth of the messages were consumed, finish, and return the reference and the job id."""
+    messages = batched_messages(list(synthetic_fleet(**FLEET)), settings.replay_batch)
+    expected_anomalies, expected_rounds = reference(messages, LearnerConfig.from_settings(settings))
+    assert sum(expected_rounds.values()) >= 2 * FLEET["num_devices"]
+    for name in ("fedavg", "anomaly-sink", "flink-job"):
+        services.start_streaming(settings, name)
+    done = threading.Event()
+    replayer = threading.Thread(target=paced_replay, args=(settings, messages, done))
+    try:
+        job_id = wait_for(
+            lambda: cluster.job_id_file(settings).exists()
+            and cluster.job_id_file(settings).read_text().strip(),
+            300,
+            "the job's submission",
+        )
+        wait_for(lambda: cluster.job_state(settings, job_id) == "RUNNING", 300, "the job to run")
+        replayer.start()
+        wait_for(
+            lambda: committed_readings(settings) >= len(messages) // 5,
+            300,
+            "a checkpoint holding a fifth of the messages",
+        )
+        assert not done.is_set(), "the replay ended before the failure: slow it down"
+        kill()
+        replayer.join()
+        assert done.is_set()
+        wait_until_consumed(settings, timeout=600)
+        assert cluster.job_state(settings, job_id) == "RUNNING"
+        settled(lambda: table_counts(settings), quiet_s=15, timeout=300, what="the outputs")
+    finally:
+        stop(settings, "flink-job")  # cancels the job on the cluster
+        for name in ("fedavg", "anomaly-sink"):
+            stop(settings, name)
+    assert_exactly_once(settings, expected_anomalies, expected_rounds)
+    return expected_anomalies, expected_rounds, job_id
+
+
+def assert_exactly_once(
+    settings: Settings, expected_anomalies: Counter, expected_rounds: dict[str, int]
+) -> None:
+    # Every reading scored exactly once: the stored rows are the reference's, as multisets.
+    stored = stored_anomalies(settings)
+    assert sum(stored.values()) == sum(expected_anomalies.values())
+    assert stored == expected_anomalies
+    # Re-sent after a restore (at-least-once sinks) is allowed on the topic; anything else not.
+    on_topic = Counter(
+        (a["device_id"], a["timestamp"])
+        for a in map(_json, read_topic(settings, settings.topics.anomalies))
+    )
+    assert len(on_topic) == sum(expected_anomalies.values())
+    # Every local round: 1..n per device as the reference makes them, each stored once.
+    sent = [decode_local_round(v) for v in read_topic(settings, settings.topics.local_updates)]
+    rounds_sent: dict[str, set[int]] = defaultdict(set)
+    for update in sent:
+        rounds_sent[update.device_id].add(update.round)
+    assert {d: sorted(r) for d, r in rounds_sent.items()} == {
+        d: list(range(1, n + 1)) for d, n in expected_rounds.items()
+    }
+    rows = Counter(query(settings, "SELECT device_id, model_version FROM local_models"))
+    assert max(rows.values()) == 1, "a local round stored twice"
+    expected_keys = {(d, r) for d, n in expected_rounds.items() for r in range(1, n + 1)}
+    pending = expected_keys - set(rows)
+    assert set(rows) <= expected_keys
+    # What no version holds is the open round: fewer than fedavg_min_devices devices.
+    assert len({device for device, _ in pending}) < settings.fedavg_min_devices, pending
+    aggregated = Counter(v for (v,) in query(settings, "SELECT aggregated_into FROM local_models"))
+    assert None not in aggregated, "a stored round in no version"
+    versions = assert_versions_are_weighted_means(settings)  # 1..v, no gap, each exact
+    assert set(aggregated) == set(range(1, versions + 1))
+
+
+def _json(value: bytes) -> dict:
+    import json
+
+    return json.loads(value)
+
+
+def test_job_recovers_from_its_checkpoint_when_a_taskmanager_is_killed(
+    cluster_settings: Settings, pipeline_settings: Settings
+) -> None:
+    victim = cluster.taskmanager_names(cluster_settings)[0]
+    pid = services.recorded_pid(cluster_settings, victim)
+    assert pid is not None
+
+    def kill() -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    try:
+        _, _, job_id = run_with_failure(pipeline_settings, kill)
+        # The job failed over and resumed from a checkpoint (Flink's own record of it).
+        restored = cluster.rest(pipeline_settings, f"/jobs/{job_id}/checkpoints")["latest"][
+            "restored"
+        ]
+        assert restored is not None and restored["id"] >= 1, "the job did not restore"
+    finally:
+        # The remaining TaskManager carried the job; the next test gets two again.
+        cluster.ensure_flink_cluster(cluster_settings)
+
+
+def test_pipeline_carries_on_when_a_broker_is_killed(
+    cluster_settings: Settings, pipeline_settings: Settings
+) -> None:
+    victim = services.kafka_node_name(cluster_settings, 1)
+    pid = services.recorded_pid(cluster_settings, victim)
+    assert pid is not None
+
+    def kill() -> None:
+        os.kill(pid, signal.SIGKILL)
+
+    try:
+        run_with_failure(pipeline_settings, kill)
+    finally:
+        services.ensure_kafka(cluster_settings)  # the killed broker rejoins
