@@ -36,7 +36,7 @@ from benchmarks.common import write_result
 from flead import db, kafka, services
 from flead.config import Settings, load_settings, namespaced
 from streaming.messages import Reading, encode_reading_batch
-from streaming.replay import produce
+from streaming.replay import produce, replay
 from streaming.sources import fleet_readings, synthetic_fleet_arrays
 
 BENCH_DATABASE = "flead_bench"
@@ -162,6 +162,70 @@ def capacity(settings: Settings, messages, readings_per_message: float) -> dict:
         "readings_per_s": readings / (done - first_output),
         "note": "offsets are committed at checkpoints, so the end is known to within one "
         "checkpoint interval",
+    }
+
+
+def with_linger(
+    settings: Settings, readings, rate: float, speedup: float, linger_ms: float, batch: int
+) -> dict:
+    """``readings`` through the replay producer itself (event time compressed by ``speedup``,
+    batches of up to ``batch`` readings or ``linger_ms``), the lag sampled every 5 s and the
+    produce → anomaly record latency of every anomaly read back."""
+    readings = list(readings)
+    services.start_streaming(settings, "flink-job")
+    wait(lambda: services.recorded_pid(settings, "flink-job") is not None, 10)
+    time.sleep(20)  # let the job start before the clock runs
+    latencies: list[float] = []
+    stop = threading.Event()
+    samples: list[tuple[float, int, int]] = []  # (seconds, messages on the topic, consumed)
+
+    def sample() -> None:
+        while not stop.wait(5.0):
+            samples.append(
+                (
+                    time.time() - t0,
+                    topic_size(settings, settings.topics.readings),
+                    consumed(settings),
+                )
+            )
+
+    # The replay's clock starts within milliseconds of t0 (its producer's construction).
+    t0, e0 = time.time(), readings[0].timestamp_ms
+    reader = threading.Thread(
+        target=read_anomalies, args=(settings, latencies, stop, t0, e0, speedup)
+    )
+    sampler = threading.Thread(target=sample)
+    reader.start()
+    sampler.start()
+    result = replay(
+        readings,
+        kafka.producer_config(settings, "admin", **{"linger.ms": 5}),
+        settings.topics.readings,
+        speedup=speedup,
+        progress=False,
+        batch=batch,
+        linger_ms=linger_ms,
+    )
+    time.sleep(10)
+    stop.set()
+    reader.join()
+    sampler.join()
+    services.stop_pid(settings, "flink-job", timeout=60)
+    per_message = result.readings / result.messages
+    lags = [(t, (p - c) * per_message) for t, p, c in samples]
+    half = len(lags) // 2
+    return {
+        "offered_readings_per_s": rate,
+        "linger_ms": linger_ms,
+        "readings_per_message": per_message,
+        "produce_seconds": result.seconds,
+        "produced_readings_per_s": result.rate,
+        "lag_readings_first_half_mean": statistics.mean(lag for _, lag in lags[:half] or [(0, 0)]),
+        "lag_readings_second_half_mean": statistics.mean(lag for _, lag in lags[half:]),
+        "lag_samples": lags,
+        "anomalies_read": len(latencies),
+        "latency_p50_s": float(np.percentile(latencies, 50)) if latencies else None,
+        "latency_p99_s": float(np.percentile(latencies, 99)) if latencies else None,
     }
 
 
@@ -315,7 +379,15 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=2407)
     parser.add_argument("--capacity-readings-per-device", type=int, default=200)
-    parser.add_argument("--rate", type=float, default=10_000, help="sustained readings/s")
+    parser.add_argument(
+        "--rate", type=float, default=10_000, help="readings/s offered for the latency"
+    )
+    parser.add_argument(
+        "--high-rate", type=float, default=50_000, help="readings/s offered for the lag"
+    )
+    parser.add_argument(
+        "--linger-ms", type=float, default=None, help="replay linger (default: the setting)"
+    )
     parser.add_argument("--seconds", type=float, default=120)
     parser.add_argument("--batch", type=int, default=50, help="readings per message")
     parser.add_argument(
@@ -328,6 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     args = parser.parse_args(argv)
     base = load_settings()
+    kafka.export_credentials(base)  # private state folders log in with this broker's users
     with tempfile.TemporaryDirectory() as state:
         settings = private_settings(base, "capacity", Path(state) / "capacity")
         arrays = synthetic_fleet_arrays(
@@ -353,18 +426,34 @@ def main(argv: list[str] | None = None) -> dict:
             return result
 
         interval_s = 10.0  # the synthetic fleet's sampling interval
+        # At --high-rate: messages batched by count (as for the capacity), is the lag flat?
+        speedup = args.high_rate * interval_s / args.devices
+        per_device = int(args.seconds * args.high_rate / args.devices) + 1
+        settings = private_settings(base, "high", Path(state) / "high")
+        arrays = synthetic_fleet_arrays(
+            num_devices=args.devices, readings_per_device=per_device, seed=base.seed + 2
+        )
+        messages = batched_messages(fleet_readings(arrays), args.batch)
+        result["sustained_high"] = sustained(
+            settings, messages, args.high_rate, len(arrays) / len(messages), speedup
+        )
+        del messages, arrays
+        # At --rate through the replay producer with its linger: latency and lag.
         speedup = args.rate * interval_s / args.devices
         per_device = int(args.seconds * args.rate / args.devices) + 1
         settings = private_settings(base, "sustained", Path(state) / "sustained")
         arrays = synthetic_fleet_arrays(
             num_devices=args.devices, readings_per_device=per_device, seed=base.seed + 1
         )
-        messages = batched_messages(list(fleet_readings(arrays)), args.batch)
-        result["sustained"] = sustained(
-            settings, messages, args.rate, len(arrays) / len(messages), speedup
+        linger = base.replay_linger_ms if args.linger_ms is None else args.linger_ms
+        result["sustained"] = with_linger(
+            settings, fleet_readings(arrays), args.rate, speedup, linger, args.batch
         )
     result["ratio_capacity_to_bare_consume"] = (
         result["capacity"]["readings_per_s"] / result["bare_consume"]["readings_per_s"]
+    )
+    result["ratio_capacity_to_learner_alone"] = (
+        result["capacity"]["readings_per_s"] / result["python_learner_alone"]["readings_per_s"]
     )
     path = write_result("streaming_throughput", result)
     s = result["sustained"]

@@ -134,6 +134,7 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
             total=total,
             progress=not args.quiet,
             batch=args.batch or settings.replay_batch,
+            linger_ms=settings.replay_linger_ms,
         )
     except ReplayError as exc:
         print(f"replay failed: {exc}", file=sys.stderr)

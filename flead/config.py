@@ -71,6 +71,7 @@ class Settings:
     replay_rate: float = 0.0  # readings/s; 0 = as fast as possible
     replay_speedup: float = 0.0  # event-time compression factor; 0 = off
     replay_batch: int = 50  # readings of one device per message (1 = the single-reading form)
+    replay_linger_ms: float = 2000.0  # longest a held reading waits for its message (0 = no limit)
     # Edge learning: the PyFlink job
     flink_python: Path = REPO_ROOT / ".venv-flink" / "bin" / "python"  # the job's environment
     flink_parallelism: int = 2  # measured: ~1.4x parallelism 1 on 2 cores (README)

@@ -8,6 +8,10 @@ rounds of the supervised network plus the statistics the server calibrates with)
                         │                                                  └─► (channel changes)
                         └──── invalid input ──────────────────────────────────► dead-letter topic
 
+Between the operators travel declared Flink types, not pickled objects: the parse step emits
+``(device_id, packed columns)`` per device of a message and the keyed state is compact bytes
+(:mod:`streaming.flink_codec`; why: README "Measured", the job's profile).
+
 Run it with ``python -m streaming.flink_job`` (a local mini-cluster) or submit the same file to a
 Flink cluster with ``flink run -py streaming/flink_job.py``. Settings come from
 :mod:`flead.config` (``FLEAD_*`` variables). With checkpointing on and retained checkpoints,
@@ -61,8 +65,10 @@ from flead.config import Settings, load_settings
 from flead.kafka import FLINK_SHADED_PREFIX, java_client_properties
 from flead.secrets import secret
 from streaming import learner
+from streaming.flink_codec import decode_state, encode_state, pack, unpack, unpacked_readings
 from streaming.learner import ChannelMismatch, Detector, DeviceState, GlobalParams, LearnerConfig
 from streaming.messages import (
+    Reading,
     dead_letter,
     decode_global_params,
     decode_readings,
@@ -82,6 +88,9 @@ LEARNER_OUTPUT = Types.TUPLE([Types.STRING(), Types.STRING()])  # (kind, JSON)
 GLOBAL_MODEL = MapStateDescriptor("global-model", Types.STRING(), Types.STRING())
 VERSION, MODEL = "version", "model"
 RAW = Types.PRIMITIVE_ARRAY(Types.BYTE())  # what the sources emit: a message's bytes
+# What the parse step hands to the keyed learner: (device_id, packed columns), declared types,
+# so Flink moves two byte strings instead of pickling a list of Reading objects (see pack).
+DEVICE_READINGS = Types.TUPLE([Types.STRING(), RAW])
 SIGNING_KEY = "model_signing_key"
 
 
@@ -90,7 +99,7 @@ def _reason(exc: BaseException) -> str:
 
 
 class ParseReadings(ProcessFunction):
-    """JSON → ``(device_id, [Reading, ...])`` per device of the message; anything invalid →
+    """JSON → ``(device_id, packed readings)`` per device of the message; anything invalid →
     the dead-letter side output. Readings of one or several named channels are both valid:
     the learner checks that a device keeps its channels."""
 
@@ -103,10 +112,28 @@ class ParseReadings(ProcessFunction):
         except Exception as exc:  # InvalidMessage, or anything else: never the job's failure
             yield DEAD_LETTERS, dead_letter(self.topic, value, _reason(exc)).decode()
             return
-        by_device: dict[str, list] = {}
-        for reading in readings:
-            by_device.setdefault(reading.device_id, []).append(reading)
-        yield from by_device.items()
+        first = readings[0].device_id
+        if all(r.device_id == first for r in readings):  # the usual form: one device
+            by_device = {first: readings}
+        else:
+            by_device = {}
+            for reading in readings:
+                by_device.setdefault(reading.device_id, []).append(reading)
+        for device_id, own in by_device.items():
+            channels = own[0].channels
+            if any(r.channels != channels for r in own):
+                # What the learner says of such readings (streaming.learner.observe).
+                reason = f"one message of {device_id!r} mixes channel sets"
+                yield DEAD_LETTERS, dead_letter(self.topic, _encode(own), reason).decode()
+                continue
+            yield device_id, pack(own)
+
+
+def _encode(readings: list[Reading]) -> bytes | None:
+    try:
+        return encode_reading(readings[0]) if len(readings) == 1 else encode_reading_batch(readings)
+    except Exception:  # not re-encodable (e.g. a non-finite value): keep the reason
+        return None
 
 
 class ParseGlobalModels(ProcessFunction):
@@ -137,7 +164,8 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
     the newest global version, trains a local round every ``train_every`` readings or
     ``train_interval_s`` seconds (training devices only), and adopts each newer version.
 
-    Keyed state: ``device`` (the :class:`~streaming.learner.DeviceState`: feature baselines,
+    Keyed state: ``device`` (the :class:`~streaming.learner.DeviceState` as compact bytes,
+    :mod:`streaming.flink_codec`: feature baselines,
     the round's buffer, histograms, the round counter) and ``timer`` (the pending round timer).
     One value each rather than one per field because every state access crosses from Python
     into the JVM; the state is bounded (see ``DeviceState``). Both expire ``state_ttl_ms`` of
@@ -169,6 +197,10 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
             .set_state_visibility(StateTtlConfig.StateVisibility.NeverReturnExpired)
             .build()
         )
+        # The device's state as compact bytes (streaming.flink_codec) rather than the pickled
+        # DeviceState: pickling a bytes object is a copy. Declared as pickled bytes still: for
+        # keyed state PyFlink converts a PRIMITIVE_ARRAY byte by byte (and fails on None), and
+        # a checkpoint from before (a pickled DeviceState under this name) restores unchanged.
         device = ValueStateDescriptor("device-ttl", Types.PICKLED_BYTE_ARRAY())
         device.enable_time_to_live(ttl)
         timer = ValueStateDescriptor("timer-ttl", Types.LONG())
@@ -181,6 +213,12 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         self.detectors: dict[int, Detector] = {0: Detector(None, self.config)}
         self.newest: int | None = None
 
+    def _state(self) -> DeviceState | None:
+        stored = self.device.value()
+        if stored is None or isinstance(stored, DeviceState):  # none, or from an older job
+            return stored
+        return decode_state(stored)
+
     def _trains(self, device_id: str) -> bool:
         if device_id not in self.trains:
             self.trains[device_id] = not learner.is_held_out(
@@ -190,6 +228,10 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
 
     def _detector(self, ctx) -> Detector:
         """The Detector of the newest global version (version 0: the z-score rule)."""
+        if self.newest is not None:  # the usual case: no call into the JVM for the state
+            detector = self.detectors.get(self.newest)
+            if detector is not None:
+                return detector
         models = ctx.get_broadcast_state(GLOBAL_MODEL)
         if self.newest is None:  # first element after a start or a restore
             self.newest = int(models.get(VERSION)) if models.contains(VERSION) else 0
@@ -203,22 +245,18 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
         return detector
 
     def process_element(self, value, ctx: KeyedBroadcastProcessFunction.ReadOnlyContext):
-        device_id, readings = value
-        state = self.device.value() or DeviceState()
+        device_id, packed = value
+        state = self._state() or DeviceState()
         trains = self._trains(device_id)
         detector = self._detector(ctx)
         try:
-            anomalies = learner.observe(state, device_id, readings, detector, self.config, trains)
+            channels, values, labels, times = unpack(packed)
+            anomalies = learner.observe_arrays(
+                state, device_id, channels, values, labels, times, detector, self.config, trains
+            )
         except Exception as exc:  # ChannelMismatch, or anything a reading may still provoke
             # The state is not written back: the device goes on as if the readings never came.
-            try:
-                payload = (
-                    encode_reading(readings[0])
-                    if len(readings) == 1
-                    else encode_reading_batch(readings)
-                )
-            except Exception:  # not re-encodable (e.g. a non-finite value): keep the reason
-                payload = None
+            payload = _encode(unpacked_readings(device_id, packed))
             reason = _reason(exc)
             if not isinstance(exc, ChannelMismatch):
                 reason = f"the learner failed on these readings: {type(exc).__name__}: {reason}"
@@ -232,15 +270,15 @@ class EdgeLearner(KeyedBroadcastProcessFunction):
             due = ctx.timer_service().current_processing_time() + self.train_interval_ms
             ctx.timer_service().register_processing_time_timer(due)
             self.timer.update(due)
-        self.device.update(state)
+        self.device.update(encode_state(state))
 
     def on_timer(self, timestamp: int, ctx: KeyedBroadcastProcessFunction.OnTimerContext):
         self.timer.clear()
-        state = self.device.value()
+        state = self._state()
         if state is None or not state.buffered:
             return
         yield from self._round(state, ctx.get_current_key(), self._detector(ctx).model, ctx)
-        self.device.update(state)
+        self.device.update(encode_state(state))
 
     def _round(self, state: DeviceState, device_id: str, model: GlobalParams | None, ctx):
         now_ms = ctx.timer_service().current_processing_time()
@@ -362,7 +400,9 @@ def build(env: StreamExecutionEnvironment, settings: Settings) -> None:
         "readings",
         type_info=RAW,
     )
-    readings = raw.process(ParseReadings(topics.readings)).name("parse readings")
+    readings = raw.process(ParseReadings(topics.readings), output_type=DEVICE_READINGS).name(
+        "parse readings"
+    )
     raw_models = env.from_source(
         kafka_source(settings, topics.global_updates, settings.consumer_group("edge-models")),
         no_watermarks,

@@ -507,13 +507,39 @@ def observe(
     channels = readings[0].channels
     if any(r.channels != channels for r in readings):
         raise ChannelMismatch(f"one message of {device_id!r} mixes channel sets")
-    X = readings_matrix(state, channels, [r.values for r in readings])
+    labels = np.fromiter(
+        (-1 if r.label is None else r.label for r in readings), np.int64, len(readings)
+    )
+    return observe_arrays(
+        state,
+        device_id,
+        channels,
+        [r.values for r in readings],
+        labels,
+        [r.timestamp_ms for r in readings],
+        detector,
+        config,
+        trains,
+    )
+
+
+def observe_arrays(
+    state: DeviceState,
+    device_id: str,
+    channels: tuple[str, ...],
+    values,
+    labels: np.ndarray,
+    timestamps_ms,
+    detector: Detector,
+    config: LearnerConfig,
+    trains: bool,
+) -> list[Anomaly]:
+    """:func:`observe` on columns rather than ``Reading`` objects (the Flink job's form: no
+    per-reading objects between its operators): ``values`` n × C in ``channels`` order,
+    ``labels`` 1/0, -1 where the stream has none, ``timestamps_ms`` epoch milliseconds."""
+    X = readings_matrix(state, channels, values)
     scored = score(state, X, config)
     decision = detector.decide(scored)
     if trains:
-        labels = np.fromiter(
-            (-1 if r.label is None else r.label for r in readings), np.int64, len(readings)
-        )
         record(state, scored, labels, detector, config)
-    timestamps = [r.timestamp_ms for r in readings]
-    return anomalies(device_id, timestamps, X, channels, scored, decision, config)
+    return anomalies(device_id, timestamps_ms, X, channels, scored, decision, config)

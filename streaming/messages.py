@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import numpy as np
+import orjson
 
 from streaming.learner import Anomaly, GlobalParams, LocalRound
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
@@ -639,32 +640,60 @@ def _normal_from(obj: Any, name: str) -> NormalStats:
     return NormalStats(count, mean, comoment)
 
 
+def _orjson_safe(*arrays: np.ndarray) -> bool:
+    """Whether orjson writes these floats byte for byte as ``json`` does: it does for 0 and for
+    1e-4 <= |x| < 1e16 (both print the shortest round-trip digits; checked on 8 million random
+    floats), not below (``0.00001`` vs ``1e-05``), and not for NaN or the infinities."""
+    for a in arrays:
+        magnitude = np.abs(a)
+        if not np.all(((magnitude >= 1e-4) & (magnitude < 1e16)) | (a == 0)):
+            return False
+    return True
+
+
 def encode_local_round(update: LocalRound) -> bytes:
     c = update.prequential
-    return _dumps(
-        {
-            "device_id": update.device_id,
-            "model_version": update.round,
-            "base_global_version": update.base_version,
-            "weights": update.params.tolist(),
-            "samples_processed": update.samples,
-            "label_source": update.label_source,
-            "loss": update.loss,
-            "accuracy": update.accuracy,
-            "normal": _normal_dict(update.normal),
-            "scores": {
-                "version": update.scored_version,
-                "positives": update.hist_pos.tolist(),
-                "negatives": update.hist_neg.tolist(),
-                "normal": update.hist_normal.tolist(),
-                "normal_positives": update.hist_normal_pos.tolist(),
-                "normal_negatives": update.hist_normal_neg.tolist(),
-                "prequential": _confusion_dict(c),
-                "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
-            },
-            "timestamp": format_timestamp(update.timestamp_ms),
-        }
+    # The profile of the Flink job: json's float formatting was ~15 % of its Python time (a
+    # round carries ~700 floats). orjson is ~20x faster and gives the same bytes whenever
+    # _orjson_safe holds (ASCII strings too: json escapes the rest); json writes the others.
+    fast = (
+        update.device_id.isascii()
+        and all(k.isascii() for k in update.candidates)
+        and _orjson_safe(
+            update.params,
+            update.normal.mean,
+            update.normal.comoment,
+            np.array([update.loss, update.accuracy, float(update.normal.count)]),
+        )
     )
+    message = {
+        "device_id": update.device_id,
+        "model_version": update.round,
+        "base_global_version": update.base_version,
+        "weights": update.params.tolist(),
+        "samples_processed": update.samples,
+        "label_source": update.label_source,
+        "loss": update.loss,
+        "accuracy": update.accuracy,
+        "normal": _normal_dict(update.normal),
+        "scores": {
+            "version": update.scored_version,
+            "positives": update.hist_pos.tolist(),
+            "negatives": update.hist_neg.tolist(),
+            "normal": update.hist_normal.tolist(),
+            "normal_positives": update.hist_normal_pos.tolist(),
+            "normal_negatives": update.hist_normal_neg.tolist(),
+            "prequential": _confusion_dict(c),
+            "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
+        },
+        "timestamp": format_timestamp(update.timestamp_ms),
+    }
+    if fast:
+        try:
+            return orjson.dumps(message)
+        except orjson.JSONEncodeError:  # e.g. a type orjson does not take: json's bytes, then
+            pass
+    return _dumps(message)
 
 
 def _device_id(obj: dict[str, Any]) -> str:

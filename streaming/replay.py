@@ -3,11 +3,16 @@
 The producer is idempotent with ``acks=all`` so a retried batch is neither lost nor doubled,
 and one key's readings stay ordered in one partition. Three pacing modes: as fast as possible,
 a fixed rate in readings/s, or event time compressed by a factor.
+
+Batching, as a gateway does it: a device's readings go out in one message when it holds
+``batch`` of them or when the oldest has waited ``linger_ms`` (wall clock), whichever comes
+first, so a slow device's reading never waits for ``batch - 1`` more.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -28,6 +33,7 @@ class ReplayError(RuntimeError):
 class ReplayResult:
     readings: int
     seconds: float
+    messages: int = 0
 
     @property
     def rate(self) -> float:
@@ -46,20 +52,60 @@ class _Pacer:
         self.wall_start = time.monotonic()
         self.event_start_ms: int | None = None
 
-    def wait(self, index: int, reading: Reading) -> None:
+    def due(self, index: int, reading: Reading) -> float | None:
+        """The monotonic time ``reading`` (the ``index``-th) is due; None: no pacing."""
         if self.rate:
-            due = self.wall_start + index / self.rate
-        elif self.speedup:
+            return self.wall_start + index / self.rate
+        if self.speedup:
             if self.event_start_ms is None:
                 self.event_start_ms = reading.timestamp_ms
-            due = (
+            return (
                 self.wall_start + (reading.timestamp_ms - self.event_start_ms) / 1000 / self.speedup
             )
-        else:
-            return
-        delay = due - time.monotonic()
-        if delay > 0.001:
-            time.sleep(delay)
+        return None
+
+
+class _Batcher:
+    """Each device's readings held until ``batch`` of them or until the oldest has waited
+    ``linger_s`` (0 = no time limit), then sent as one message."""
+
+    def __init__(self, producer: Producer, topic: str, batch: int, linger_s: float, on_delivery):
+        self.producer, self.topic, self.on_delivery = producer, topic, on_delivery
+        self.batch, self.linger_s = batch, linger_s
+        # Insertion order is the order of each device's oldest held reading (a device is
+        # removed when sent), so the first entry is always the next to expire.
+        self.held: dict[str, tuple[float, list[Reading]]] = {}
+        self.messages = 0
+
+    def add(self, reading: Reading, now: float) -> None:
+        entry = self.held.get(reading.device_id)
+        if entry is None:
+            entry = self.held[reading.device_id] = (now, [])
+        entry[1].append(reading)
+        if len(entry[1]) >= self.batch:
+            self.send(reading.device_id)
+
+    def next_deadline(self) -> float:
+        if not self.linger_s or not self.held:
+            return math.inf
+        return next(iter(self.held.values()))[0] + self.linger_s
+
+    def send_expired(self, now: float) -> None:
+        while self.next_deadline() <= now:
+            self.send(next(iter(self.held)))
+
+    def send(self, device_id: str) -> None:
+        _, held = self.held.pop(device_id)
+        value = encode_reading(held[0]) if len(held) == 1 else encode_reading_batch(held)
+        # The message carries the newest reading's time: a batch is complete at that moment.
+        produce(
+            self.producer, self.topic, device_id, value, held[-1].timestamp_ms, self.on_delivery
+        )
+        self.messages += 1
+
+    def send_all(self) -> None:
+        while self.held:
+            self.send(next(iter(self.held)))
 
 
 def replay(
@@ -72,14 +118,20 @@ def replay(
     total: int | None = None,
     progress: bool = True,
     batch: int = 1,
+    linger_ms: float = 0.0,
 ) -> ReplayResult:
     """Produce every reading to ``topic``; return once the broker acknowledged all of them.
 
     ``batch`` > 1 sends up to that many consecutive readings of one device per message (the
-    batched form of the contract), which is what lets the Flink job go past per-record costs.
+    batched form of the contract), which is what lets the Flink job go past per-record costs;
+    ``linger_ms`` > 0 sends a device's held readings once the oldest has waited that long
+    (a message then holds what the device sent within ``linger_ms``; one reading goes in the
+    single-reading form). 0: no time limit.
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
+    if linger_ms < 0:
+        raise ValueError(f"linger_ms must be >= 0, got {linger_ms}")
     producer = Producer(producer_config)
     failures: list[KafkaError] = []
 
@@ -88,6 +140,7 @@ def replay(
             failures.append(error)
 
     pacer = _Pacer(rate, speedup)
+    batcher = _Batcher(producer, topic, batch, linger_ms / 1000, on_delivery)
     bar = tqdm(
         total=total,
         unit=" readings",
@@ -98,27 +151,20 @@ def replay(
     )
     started = time.monotonic()
     count = 0
-    pending: dict[str, list[Reading]] = {}
     for count, reading in enumerate(readings, start=1):
-        pacer.wait(count - 1, reading)
-        if batch == 1:
-            produce(
-                producer,
-                topic,
-                reading.device_id,
-                encode_reading(reading),
-                reading.timestamp_ms,
-                on_delivery,
-            )
-        else:
-            held = pending.setdefault(reading.device_id, [])
-            held.append(reading)
-            if len(held) == batch:
-                _produce_batch(producer, topic, pending.pop(reading.device_id), on_delivery)
+        due = pacer.due(count - 1, reading)
+        now = time.monotonic()
+        batcher.send_expired(now)
+        # Until the reading is due, send what expires meanwhile (a lingering device's readings
+        # must not wait for the next reading of the whole fleet).
+        while due is not None and due - now > 0.001:
+            time.sleep(max(min(due, batcher.next_deadline()) - now, 0.0))
+            now = time.monotonic()
+            batcher.send_expired(now)
+        batcher.add(reading, now)
         if count % 10_000 == 0:
             bar.update(10_000)
-    for held in pending.values():
-        _produce_batch(producer, topic, held, on_delivery)
+    batcher.send_all()
     bar.update(count % 10_000)
     unsent = producer.flush(60)
     seconds = time.monotonic() - started
@@ -128,19 +174,7 @@ def replay(
         raise ReplayError(
             f"{len(failures) + unsent} of {count} readings not delivered to {topic}: {reason}"
         )
-    return ReplayResult(count, seconds)
-
-
-def _produce_batch(producer: Producer, topic: str, held: list[Reading], on_delivery) -> None:
-    # The message carries the newest reading's time: a batch is complete at that moment.
-    produce(
-        producer,
-        topic,
-        held[0].device_id,
-        encode_reading_batch(held),
-        held[-1].timestamp_ms,
-        on_delivery,
-    )
+    return ReplayResult(count, seconds, batcher.messages)
 
 
 def produce(

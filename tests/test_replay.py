@@ -8,7 +8,7 @@ from typing import ClassVar
 import pytest
 
 import streaming.replay as replay_module
-from streaming.messages import Reading, decode_readings, single_reading
+from streaming.messages import Reading, decode_readings, encode_reading, single_reading
 
 
 class FakeProducer:
@@ -65,3 +65,82 @@ def test_replay_keys_by_device_and_stamps_event_time(producer, batch):
         ]
     if batch == 1:
         assert received == READINGS
+
+
+class FakeClock:
+    """The replay's clock, advanced only by its sleeps: the linger's timing is exact."""
+
+    def __init__(self) -> None:
+        self.now = 1_000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        assert seconds >= 0
+        self.now += seconds
+
+
+@pytest.fixture
+def clock(monkeypatch, producer) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(replay_module.time, "monotonic", fake.monotonic)
+    monkeypatch.setattr(replay_module.time, "sleep", fake.sleep)
+    # Each message with the (fake) moment it was produced.
+    original = FakeProducer.produce
+
+    def produce(self, topic, key, value, timestamp, on_delivery=None) -> None:
+        original(self, topic, key, value, timestamp, on_delivery)
+        self.sent[-1] = (*self.sent[-1], fake.now)
+
+    monkeypatch.setattr(FakeProducer, "produce", produce)
+    return fake
+
+
+def two_devices(seconds: int) -> list[Reading]:
+    """ "a" reads every second on the second, "pump" every second at the half (two channels)."""
+    out = []
+    for k in range(seconds):
+        out.append(single_reading("a", 1_000_000 + k * 1000, float(k), k % 2))
+        out.append(Reading("pump", 1_000_500 + k * 1000, (k, -k), None, ("pressure", "temp")))
+    return out
+
+
+def test_linger_sends_what_a_device_sent_within_linger_ms(producer, clock):
+    readings = two_devices(10)
+    result = replay_module.replay(
+        readings, {}, "t", speedup=1.0, progress=False, batch=50, linger_ms=2_500
+    )
+    [fake] = producer
+    assert result.readings == 20 and result.messages == len(fake.sent)
+    start = clock.now - result.seconds
+    messages = []
+    for _, key, value, timestamp, sent_at in fake.sent:
+        decoded = decode_readings(value)
+        assert {r.device_id for r in decoded} == {key.decode()}
+        assert timestamp == decoded[-1].timestamp_ms
+        first_due = start + (decoded[0].timestamp_ms - 1_000_000) / 1000
+        # Sent when the oldest had waited the linger, not later (the rest at the end).
+        assert sent_at == pytest.approx(min(first_due + 2.5, clock.now))
+        messages.append([r.timestamp_ms for r in decoded])
+    # Readings 1 s apart, a linger of 2.5 s: three per message, the last one what is left.
+    expected = [[1_000_000 + k * 1000 for k in range(i, min(i + 3, 10))] for i in range(0, 10, 3)]
+    assert sorted(m for m in messages if m[0] % 1000 == 0) == expected
+    assert sorted(m for m in messages if m[0] % 1000 == 500) == [
+        [t + 500 for t in m] for m in expected
+    ]
+    received = [r for _, _, v, _, _ in fake.sent for r in decode_readings(v)]
+    assert sorted(received, key=lambda r: r.timestamp_ms) == readings
+
+
+def test_linger_keeps_the_count_limit_and_the_single_reading_form(producer, clock):
+    readings = two_devices(5)
+    replay_module.replay(readings, {}, "t", speedup=1.0, progress=False, batch=2, linger_ms=60_000)
+    [fake] = producer
+    sizes = sorted(len(decode_readings(v)) for _, _, v, _, _ in fake.sent)
+    assert sizes == [1, 1, 2, 2, 2, 2]  # 5 readings per device: 2 + 2 + 1
+    # A linger shorter than the gap between a device's readings: single-reading messages.
+    FakeProducer.instances.clear()
+    replay_module.replay(readings, {}, "t", speedup=1.0, progress=False, batch=50, linger_ms=1)
+    [fake] = producer
+    assert [v for _, _, v, _, _ in fake.sent] == [encode_reading(r) for r in readings]

@@ -1,0 +1,122 @@
+"""The Flink job's byte formats (streaming.flink_codec): readings packed across the key_by and
+the keyed state as bytes give the learner exactly what the objects gave it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from streaming import learner
+from streaming.flink_codec import decode_state, encode_state, pack, unpack, unpacked_readings
+from streaming.messages import Reading, encode_anomaly, encode_local_round, single_reading
+from streaming.sources import synthetic_fleet
+
+
+def test_pack_round_trips_single_and_multichannel_readings() -> None:
+    single = [
+        single_reading("a", 1_000, 1.5, 0),
+        single_reading("a", 2_000, -2.25),
+        single_reading("a", 3_000, 1e15, 1),
+    ]
+    multi = [
+        Reading("pump", 5, (1.0, 2.0, -0.0), None, ("p", "q", "t")),
+        Reading("pump", 6, (3.0, 4.0, 5e-300), 1, ("p", "q", "t")),
+    ]
+    assert unpacked_readings("a", pack(single)) == single
+    assert unpacked_readings("pump", pack(multi)) == multi
+    channels, values, labels, times = unpack(pack(multi))
+    assert channels == ("p", "q", "t") and values.shape == (2, 3)
+    assert labels.tolist() == [-1, 1] and times.tolist() == [5, 6]
+
+
+def run(readings: list[Reading], through_bytes: bool, detector: learner.Detector):
+    """Every output of the learner over ``readings`` in messages of up to 7 readings per device,
+    the state kept as objects or, as the job keeps it, as bytes between messages."""
+    config = detector.config
+    states: dict[str, object] = {}
+    out: list[bytes] = []
+    held: dict[str, list[Reading]] = {}
+
+    def message(device: str, batch: list[Reading]) -> None:
+        stored = states.get(device)
+        if through_bytes:
+            state = decode_state(stored) if stored is not None else learner.DeviceState()
+        else:
+            state = stored if stored is not None else learner.DeviceState()
+        channels, values, labels, times = unpack(pack(batch))
+        found = learner.observe_arrays(
+            state, device, channels, values, labels, times, detector, config, True
+        )
+        out.extend(encode_anomaly(a) for a in found)
+        while learner.round_due(state, config):
+            update = learner.train_round(state, device, detector.model, config, 7)
+            out.append(encode_local_round(update))
+        if len(out) % 3 == 0:  # a timer's round on a partial buffer, now and then
+            update = learner.train_round(state, device, detector.model, config, 9)
+            if update is not None:
+                out.append(encode_local_round(update))
+        if through_bytes:
+            raw = encode_state(state)
+            assert encode_state(decode_state(raw)) == raw
+            states[device] = raw
+        else:
+            states[device] = state
+
+    for reading in readings:
+        batch = held.setdefault(reading.device_id, [])
+        batch.append(reading)
+        if len(batch) == 7:
+            message(reading.device_id, held.pop(reading.device_id))
+    for device, batch in held.items():
+        message(device, batch)
+    return out
+
+
+def multichannel(devices: int = 3, n: int = 240) -> list[Reading]:
+    rng = np.random.default_rng(5)
+    out = []
+    for k in range(n):
+        for d in range(devices):
+            v = rng.normal([20.0, 1e5, 0.5], [1.0, 50.0, 0.01])
+            if rng.random() < 0.03:
+                v = v * 1.5
+            out.append(
+                Reading(
+                    f"plc_{d}",
+                    1_000 * k + d,
+                    tuple(v.tolist()),
+                    int(k % 17 == 0),
+                    ("humidity", "pressure", "vibration"),
+                )
+            )
+    return out
+
+
+@pytest.mark.parametrize("kind", ["zscore", "model"])
+def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -> None:
+    config = dataclasses.replace(learner.LearnerConfig(), train_every=20, positive_memory=4)
+    readings = list(synthetic_fleet(num_devices=6, readings_per_device=150, seed=9))
+    readings += multichannel()
+    model = None
+    if kind == "model":  # a version with both detectors ready, so every counter moves
+        from streaming.model.detectors import NormalStats
+
+        rng = np.random.default_rng(1)
+        network = config.network
+        rows = rng.normal(size=(200, network.n_features))
+        model = learner.GlobalParams(
+            version=3,
+            hidden=config.hidden,
+            params=network.initial(),
+            threshold=0.0,
+            normal=NormalStats.of(rows),
+            normal_threshold=3.0,
+            label_source="ground_truth",
+            detector="supervised",
+        )
+    detector = learner.Detector(model, config)
+    objects = run(readings, False, detector)
+    assert len(objects) > 50
+    assert run(readings, True, detector) == objects
