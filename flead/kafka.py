@@ -411,3 +411,44 @@ def consumer_lag(settings: Settings, group: str, topic: str, timeout: float = 10
     commit on a partition that holds messages."""
     offsets = group_offsets(settings, group, topic, timeout)
     return None if offsets is None else offsets[1] - offsets[0]
+
+
+class DeadLetters:
+    """A consumer's refused records on their way to the dead-letter topic.
+
+    :meth:`send` produces a record's bytes with the reason (:func:`streaming.messages.dead_letter`);
+    :meth:`confirm` waits until Kafka acknowledged every one, and raises otherwise: a consumer
+    commits the offset of a refused record only after that (``flush`` alone also counts a failed
+    delivery as gone, hence the delivery reports).
+    """
+
+    def __init__(self, producer, topic: str) -> None:
+        self.producer = producer
+        self.topic = topic
+        self.count = 0
+        self.errors: list[str] = []
+
+    def send(self, message, reason: str) -> None:
+        from streaming.messages import dead_letter
+
+        self.count += 1
+        log.warning(
+            "dead letter from %s [%d] @%d: %s",
+            message.topic(),
+            message.partition(),
+            message.offset(),
+            reason,
+        )
+        self.producer.produce(
+            self.topic,
+            dead_letter(message.topic(), message.value(), reason),
+            on_delivery=self._delivered,
+        )
+
+    def confirm(self, timeout_s: float = 30.0) -> None:
+        if self.producer.flush(timeout_s) or self.errors:
+            raise RuntimeError(f"dead letters were not acknowledged by Kafka: {self.errors[:3]}")
+
+    def _delivered(self, error, _message) -> None:
+        if error is not None:
+            self.errors.append(str(error))

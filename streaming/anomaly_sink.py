@@ -20,12 +20,12 @@ import signal
 from datetime import UTC, datetime, timedelta
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, Producer
+from confluent_kafka import Consumer, Message, Producer
 
 from flead.config import Settings, load_settings
-from flead.kafka import client_config, producer_config
+from flead.kafka import DeadLetters, client_config, producer_config
 from streaming.learner import Anomaly
-from streaming.messages import dead_letter, decode_anomaly
+from streaming.messages import decode_anomaly
 
 log = logging.getLogger("flead.anomaly_sink")
 
@@ -99,10 +99,9 @@ class AnomalySink:
             )
         )
         self.producer = Producer(producer_config(settings, "sink"))
+        self.refused = DeadLetters(self.producer, settings.topics.dead_letter)
         self.running = True
         self.written = 0
-        self.dead_letters = 0
-        self.delivery_errors: list[str] = []
 
     def run(self) -> None:
         topic = self.settings.topics.anomalies
@@ -141,31 +140,16 @@ class AnomalySink:
             anomalies = [a for i, a in enumerate(anomalies) if i not in refused]
         # Offsets move only once every dead letter of the poll is acknowledged (flush() also
         # counts failed deliveries as gone, hence the delivery reports).
-        if self.producer.flush(30) or self.delivery_errors:
-            raise RuntimeError(
-                f"dead letters were not acknowledged by Kafka: {self.delivery_errors[:3]}"
-            )
+        self.refused.confirm()
         self.consumer.commit(asynchronous=False)
         self.written += len(anomalies)
 
     def _refuse(self, message: Message, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning(
-            "dead letter from %s [%d] @%d: %s",
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            reason,
-        )
-        self.producer.produce(
-            self.settings.topics.dead_letter,
-            dead_letter(message.topic(), message.value(), reason),
-            on_delivery=self._delivered,
-        )
+        self.refused.send(message, reason)
 
-    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            self.delivery_errors.append(str(error))
+    @property
+    def dead_letters(self) -> int:
+        return self.refused.count
 
     def stop(self, *_: object) -> None:
         self.running = False

@@ -46,11 +46,11 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from psycopg.types.json import Jsonb
 
 from flead.config import Settings, load_settings
-from flead.kafka import client_config, producer_config
+from flead.kafka import DeadLetters, client_config, producer_config
 from flead.secrets import secret
 from streaming.federation import Federation, FederationConfig, ServerState, Version
 from streaming.learner import GlobalParams, LocalRound
-from streaming.messages import dead_letter, decode_local_round, encode_global_params
+from streaming.messages import decode_local_round, encode_global_params
 from streaming.model.detectors import NormalStats
 
 log = logging.getLogger("flead.fedavg")
@@ -347,14 +347,13 @@ class FedAvgService:
             )
         )
         self.producer = Producer(producer_config(settings, "fedavg", **{"linger.ms": 5}))
+        self.refused = DeadLetters(self.producer, settings.topics.dead_letter)
         # Taken once: the same state folder (or FLEAD_MODEL_SIGNING_KEY) gives the Flink job
         # the same key to verify with.
         self.signing_key = secret(settings.state_dir, "model_signing_key")
-        self.delivery_errors: list[str] = []
         self.offsets = Offsets()
         self.buffered: list[_Pending] = []  # the offsets of the rounds in the open round
         self.keys: set[tuple[str, int]] = set()  # (device, round) in the open round
-        self.dead_letters = 0
         self.skipped = 0
         self.versions = 0
         self.running = True
@@ -424,24 +423,8 @@ class FedAvgService:
         self._commit()
 
     def _refuse(self, message: Message, reason: str) -> None:
-        self.dead_letters += 1
-        log.warning(
-            "dead letter from %s [%d] @%d: %s",
-            message.topic(),
-            message.partition(),
-            message.offset(),
-            reason,
-        )
-        self.producer.produce(
-            self.topics.dead_letter,
-            dead_letter(message.topic(), message.value(), reason),
-            on_delivery=self._delivered,
-        )
+        self.refused.send(message, reason)
         self.offsets.consumed(message, done=True)
-
-    def _delivered(self, error: KafkaError | None, _message: Message) -> None:
-        if error is not None:
-            self.delivery_errors.append(str(error))
 
     def _close_if_due(self, stored: set[tuple[str, int]]) -> None:
         now = self.clock()
@@ -481,10 +464,7 @@ class FedAvgService:
         # The dead letters of refused messages first: a refused message's offset is committed
         # only once its dead letter is in Kafka (flush() also counts failed deliveries as
         # gone, hence the delivery reports).
-        if self.producer.flush(30) or self.delivery_errors:
-            raise RuntimeError(
-                f"dead letters were not acknowledged by Kafka: {self.delivery_errors[:3]}"
-            )
+        self.refused.confirm()
         self.consumer.commit(offsets=offsets, asynchronous=False)
 
     def _publish(
@@ -506,6 +486,10 @@ class FedAvgService:
         self.producer.produce(self.topics.global_updates, payload, key=str(model.version).encode())
         if self.producer.flush(30):
             raise RuntimeError(f"global version {model.version} was not acknowledged by Kafka")
+
+    @property
+    def dead_letters(self) -> int:
+        return self.refused.count
 
     def stop(self, *_: object) -> None:
         self.running = False
