@@ -27,7 +27,7 @@ import signal
 import threading
 import time
 import uuid
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Iterator
 
 import pytest
@@ -36,14 +36,12 @@ from confluent_kafka import Producer
 from benchmarks.streaming_throughput import batched_messages
 from flead import cluster, db, kafka, services
 from flead.config import Settings, load_settings, namespaced
-from streaming import learner
 from streaming.learner import LearnerConfig
-from streaming.messages import decode_local_round, decode_readings
 from streaming.replay import produce
 from streaming.sources import synthetic_fleet
 from tests.conftest import fresh_database, table_counts, wait_until_consumed
-from tests.streaming_harness import query, read_topic, settled, stop, wait_for
-from tests.test_streaming import assert_versions_are_weighted_means
+from tests.exactly_once import assert_exactly_once, reference
+from tests.streaming_harness import settled, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
 
@@ -114,43 +112,6 @@ def pipeline_settings(
         yield settings
 
 
-def reference(messages: list[tuple[bytes, bytes, int]], config: LearnerConfig):
-    """What the job computes, in-process: each message's readings grouped by device (the job's
-    parse step), then :func:`learner.observe` and the local rounds (its keyed operator)."""
-    states: dict[str, learner.DeviceState] = defaultdict(learner.DeviceState)
-    detector = learner.Detector(None, config)
-    anomalies: Counter = Counter()
-    rounds: dict[str, int] = defaultdict(int)
-    for _, value, _ in messages:
-        by_device: dict[str, list] = {}
-        for reading in decode_readings(value):
-            by_device.setdefault(reading.device_id, []).append(reading)
-        for device, readings in by_device.items():
-            state = states[device]
-            for a in learner.observe(state, device, readings, detector, config, True):
-                anomalies[
-                    anomaly_key(a.device_id, a.timestamp_ms, a.severity, a.z_score, a.value)
-                ] += 1
-            while learner.round_due(state, config):
-                if learner.train_round(state, device, None, config, 0) is not None:
-                    rounds[device] += 1
-    return anomalies, dict(rounds)
-
-
-def anomaly_key(device: str, ms: int, severity: str, z: float, value: float) -> tuple:
-    return device, int(ms), severity, round(float(z), 6), round(float(value), 6)
-
-
-def stored_anomalies(settings: Settings) -> Counter:
-    rows = query(
-        settings,
-        "SELECT device_id, (extract(epoch FROM timestamp) * 1000)::bigint, severity, z_score,"
-        " value, detector FROM anomalies",
-    )
-    assert {row[5] for row in rows} <= {"zscore"}
-    return Counter(anomaly_key(*row[:5]) for row in rows)
-
-
 def paced_replay(settings: Settings, messages, done: threading.Event) -> None:
     """Produce the messages at ~RATE readings/s as the replay user (acks=all, idempotent)."""
     producer = Producer(kafka.producer_config(settings, "replay", **{"linger.ms": 5}))
@@ -210,46 +171,6 @@ def run_with_failure(settings: Settings, kill) -> tuple[Counter, dict[str, int],
             stop(settings, name)
     assert_exactly_once(settings, expected_anomalies, expected_rounds)
     return expected_anomalies, expected_rounds, job_id
-
-
-def assert_exactly_once(
-    settings: Settings, expected_anomalies: Counter, expected_rounds: dict[str, int]
-) -> None:
-    # Every reading scored exactly once: the stored rows are the reference's, as multisets.
-    stored = stored_anomalies(settings)
-    assert sum(stored.values()) == sum(expected_anomalies.values())
-    assert stored == expected_anomalies
-    # Re-sent after a restore (at-least-once sinks) is allowed on the topic; anything else not.
-    on_topic = Counter(
-        (a["device_id"], a["timestamp"])
-        for a in map(_json, read_topic(settings, settings.topics.anomalies))
-    )
-    assert len(on_topic) == sum(expected_anomalies.values())
-    # Every local round: 1..n per device as the reference makes them, each stored once.
-    sent = [decode_local_round(v) for v in read_topic(settings, settings.topics.local_updates)]
-    rounds_sent: dict[str, set[int]] = defaultdict(set)
-    for update in sent:
-        rounds_sent[update.device_id].add(update.round)
-    assert {d: sorted(r) for d, r in rounds_sent.items()} == {
-        d: list(range(1, n + 1)) for d, n in expected_rounds.items()
-    }
-    rows = Counter(query(settings, "SELECT device_id, model_version FROM local_models"))
-    assert max(rows.values()) == 1, "a local round stored twice"
-    expected_keys = {(d, r) for d, n in expected_rounds.items() for r in range(1, n + 1)}
-    pending = expected_keys - set(rows)
-    assert set(rows) <= expected_keys
-    # What no version holds is the open round: fewer than fedavg_min_devices devices.
-    assert len({device for device, _ in pending}) < settings.fedavg_min_devices, pending
-    aggregated = Counter(v for (v,) in query(settings, "SELECT aggregated_into FROM local_models"))
-    assert None not in aggregated, "a stored round in no version"
-    versions = assert_versions_are_weighted_means(settings)  # 1..v, no gap, each exact
-    assert set(aggregated) == set(range(1, versions + 1))
-
-
-def _json(value: bytes) -> dict:
-    import json
-
-    return json.loads(value)
 
 
 def test_job_recovers_from_its_checkpoint_when_a_taskmanager_is_killed(

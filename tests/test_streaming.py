@@ -21,13 +21,13 @@ from flead.config import Settings
 from streaming import learner
 from streaming.learner import LearnerConfig, LocalRound
 from streaming.messages import Reading, decode_local_round, encode_local_round
-from streaming.model import aggregation
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import N_FEATURES
 from streaming.model.metrics import Confusion
 from streaming.replay import replay
 from streaming.sources import synthetic_fleet
 from tests.conftest import MALFORMED, isolated, table_counts, wait_until_consumed
+from tests.exactly_once import assert_versions_are_weighted_means
 from tests.streaming_harness import (
     dead_letters,
     query,
@@ -41,66 +41,6 @@ from tests.streaming_harness import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-def assert_versions_are_weighted_means(settings: Settings) -> int:
-    """From the stored rows alone: versions 1..n, each the weighted FedAvg step from the
-    previous version (the network's initial parameters before version 1) over the local rounds
-    it was built from. Returns n.
-
-    Needs ``fedavg_strategy=fedavg`` and ``fedavg_server_momentum=0``: then version v is
-    ``reference + share · Σ W·clip(p − reference) / Σ W`` over the devices of the round (share:
-    the round's devices over min(min_devices, devices heard of so far), at most 1), where a device's
-    rounds merged within one version count as their weighted mean ``p`` with the summed
-    weight ``W = min(samples, train_every + positive_memory) · (1 + staleness)^-alpha``.
-    """
-    assert settings.fedavg_strategy == "fedavg" and settings.fedavg_server_momentum == 0
-    versions = [
-        v
-        for (v,) in query(
-            settings, "SELECT global_version FROM federated_models ORDER BY global_version"
-        )
-    ]
-    assert versions == list(range(1, len(versions) + 1)), "versions have a gap or repeat"
-    stored = dict(query(settings, "SELECT global_version, weights FROM federated_models"))
-    rule = aggregation.make_rule("fedavg")
-    cap = settings.train_every + settings.positive_memory
-    alpha = settings.fedavg_staleness_alpha
-    reference = Network(N_FEATURES, settings.hidden_units).initial()
-    known: set[str] = set()
-    for version in versions:
-        rows = query(
-            settings,
-            "SELECT device_id, weights, aggregation_weight, samples_processed, global_version"
-            " FROM local_models WHERE aggregated_into = %s",
-            (version,),
-        )
-        assert rows, f"version {version} has no local rounds"
-        by_device = defaultdict(list)
-        for device, weights, weight, samples, base in rows:
-            by_device[device].append((np.asarray(weights), weight, samples, base))
-        deltas, totals = [], []
-        for device, rounds in by_device.items():
-            total = sum(w for _, w, _, _ in rounds)
-            staleness = version - 1 - max(base for *_, base in rounds)
-            expected = min(sum(s for _, _, s, _ in rounds), cap) * (1 + staleness) ** -alpha
-            assert total == pytest.approx(expected, rel=1e-9), (version, device)
-            params = sum(w * p for p, w, _, _ in rounds) / total
-            delta = params - reference
-            norm = float(np.linalg.norm(delta))
-            if rule.max_update_norm > 0 and norm > rule.max_update_norm:
-                delta = delta * (rule.max_update_norm / norm)
-            deltas.append(delta)
-            totals.append(total)
-        # A round of fewer devices than the fleet's full round takes that share of the step:
-        # the fleet is every device heard of so far (all within fleet_memory here).
-        known.update(by_device)
-        full_round = min(settings.fedavg_min_devices, len(known))
-        share = min(1.0, len(by_device) / full_round)
-        step = np.average(np.vstack(deltas), axis=0, weights=totals)
-        np.testing.assert_allclose(stored[version], reference + share * step, rtol=1e-9, atol=1e-9)
-        reference = np.asarray(stored[version])
-    return len(versions)
 
 
 def assert_anomaly_rows_are_complete(settings: Settings) -> None:
