@@ -48,7 +48,7 @@ up: install
 	$(FLEAD) up
 
 replay: up
-	$(FLEAD) replay --unless-present
+	$(FLEAD) replay --resume
 
 # The main job's end: every reading scored, every global version evaluated (with progress).
 wait:

@@ -14,7 +14,7 @@ from flead import db, kafka, services, status, supervision
 from flead.config import Settings, load_settings
 from flead.secrets import redact_url
 from streaming import sources
-from streaming.replay import ReplayError, replay
+from streaming.replay import ReplayError, delivered_counts, replay, skip_delivered
 
 
 def _recorded_deploy(settings: Settings) -> str | None:
@@ -124,6 +124,16 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
     if args.limit:
         readings = (r for i, r in zip(range(args.limit), readings, strict=False))
         total = min(total or args.limit, args.limit)
+    if args.resume:
+        try:
+            delivered = delivered_counts(kafka.client_config(settings, "admin"), topic)
+        except ReplayError as exc:
+            print(f"replay failed: {exc}", file=sys.stderr)
+            return 1
+        readings = skip_delivered(readings, delivered)
+        skipped = sum(delivered.values())
+        total = None if total is None else max(total - skipped, 0)
+        print(f"Resuming: {topic} already holds {skipped:,} readings of {len(delivered):,} devices")
     try:
         result = replay(
             readings,
@@ -309,6 +319,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--unless-present",
         action="store_true",
         help="do nothing if the topic already holds messages (make run)",
+    )
+    replay_cmd.add_argument(
+        "--resume",
+        action="store_true",
+        help="skip each device's readings the topic already holds (after a killed replay)",
     )
     evaluate_cmd = commands.add_parser(
         "evaluate",

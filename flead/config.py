@@ -145,6 +145,8 @@ class Settings:
     lag_stall_s: float = 300.0  # lag > 0 and no committed progress this long: unhealthy
     log_max_bytes: int = 50_000_000  # a service's log is rotated past this size ...
     log_backups: int = 3  # ... keeping this many old files (<name>.log.1 is the newest)
+    # Chaos tests only: services honour the crash points a test arms (flead/faults.py)
+    fault_injection: bool = False
     # Spark (through dagster-pyspark): any master; the Kafka source's jars are local files
     spark_master: str = "local[*]"
     # Cluster mode: a spark:// master on this host that does not answer is started (Master and

@@ -46,6 +46,7 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer, TopicPartit
 from psycopg.types.json import Jsonb
 
 from flead.config import Settings, load_settings
+from flead.faults import FEDAVG_AFTER_DB_COMMIT, crash_point
 from flead.kafka import DeadLetters, client_config, producer_config
 from flead.secrets import secret
 from streaming.federation import Federation, FederationConfig, ServerState, Version
@@ -441,6 +442,9 @@ class FedAvgService:
             self.config.rule,
             now,
         )
+        # The version's rows are committed, its rounds' offsets not yet: a crash here must
+        # neither lose nor double a round (the restarted service skips what is stored).
+        crash_point(self.settings, FEDAVG_AFTER_DB_COMMIT)
         stored |= self.keys  # a copy of a stored round later in this poll is skipped too
         self._publish(model, version.num_devices, self.config.rule, version.accuracy, now)
         for entry in self.buffered:

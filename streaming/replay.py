@@ -7,20 +7,33 @@ a fixed rate in readings/s, or event time compressed by a factor.
 Batching, as a gateway does it: a device's readings go out in one message when it holds
 ``batch`` of them or when the oldest has waited ``linger_ms`` (wall clock), whichever comes
 first, so a slow device's reading never waits for ``batch - 1`` more.
+
+Resuming a killed replay: what reached the topic is, for each device, a prefix of its readings
+(one partition per device, and an idempotent producer never leaves a gap in a partition), so
+counting each device's readings in the topic says exactly which readings to skip
+(:func:`delivered_counts`, :func:`skip_delivered`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, Producer
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
 from tqdm import tqdm
 
-from streaming.messages import Reading, encode_reading, encode_reading_batch
+from streaming.messages import (
+    InvalidMessage,
+    Reading,
+    decode_readings,
+    encode_reading,
+    encode_reading_batch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -201,3 +214,51 @@ def produce(
         except BufferError:
             # The local queue is full: serve delivery reports until there is room again.
             producer.poll(0.05)
+
+
+def delivered_counts(consumer_config: dict[str, object], topic: str) -> Counter[str]:
+    """How many readings of each device ``topic`` holds now (messages that are not readings,
+    such as a stranger's bytes, count for no device)."""
+    consumer = Consumer(
+        {
+            **consumer_config,
+            "group.id": "flead-replay-resume",  # assigned, never joined nor committed
+            "enable.auto.commit": False,
+            "enable.partition.eof": True,
+        }
+    )
+    counts: Counter[str] = Counter()
+    try:
+        metadata = consumer.list_topics(topic, timeout=30)
+        if metadata.topics[topic].error is not None:
+            raise ReplayError(f"cannot read {topic}: {metadata.topics[topic].error}")
+        assigned = []
+        for partition in metadata.topics[topic].partitions:
+            low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), 30)
+            if high > low:
+                assigned.append(TopicPartition(topic, partition, OFFSET_BEGINNING))
+        consumer.assign(assigned)
+        remaining = {tp.partition for tp in assigned}
+        while remaining:
+            for message in consumer.consume(10_000, timeout=5.0):
+                error = message.error()
+                if error is not None:
+                    if error.code() != KafkaError._PARTITION_EOF:
+                        raise ReplayError(f"cannot read {topic}: {error}")
+                    remaining.discard(message.partition())
+                    continue
+                with contextlib.suppress(InvalidMessage):
+                    counts.update(r.device_id for r in decode_readings(message.value()))
+    finally:
+        consumer.close()
+    return counts
+
+
+def skip_delivered(readings: Iterable[Reading], delivered: Counter[str]) -> Iterator[Reading]:
+    """``readings`` without the first ``delivered[device]`` readings of each device."""
+    left = Counter(delivered)
+    for reading in readings:
+        if left[reading.device_id] > 0:
+            left[reading.device_id] -= 1
+        else:
+            yield reading

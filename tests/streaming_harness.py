@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
 from flead import kafka, services
 from flead.config import Settings
@@ -50,8 +50,8 @@ def group_lag(settings: Settings, group: str, topic: str) -> int | None:
     return kafka.consumer_lag(settings, group, topic)
 
 
-def read_topic(settings: Settings, topic: str) -> list[bytes]:
-    """Every message now in ``topic``, as raw values."""
+def read_records(settings: Settings, topic: str) -> list[tuple[int, int, bytes]]:
+    """Every message now in ``topic`` as (partition, offset, value), each partition in order."""
     expected = topic_count(settings, topic)
     consumer = Consumer(
         kafka.client_config(
@@ -65,14 +65,34 @@ def read_topic(settings: Settings, topic: str) -> list[bytes]:
         )
     )
     consumer.subscribe([topic])
-    values: list[bytes] = []
+    records: list[tuple[int, int, bytes]] = []
     deadline = time.monotonic() + 60
     try:
-        while len(values) < expected and time.monotonic() < deadline:
-            values.extend(m.value() for m in consumer.consume(10_000, 1.0) if m.error() is None)
+        while len(records) < expected and time.monotonic() < deadline:
+            records.extend(
+                (m.partition(), m.offset(), m.value())
+                for m in consumer.consume(10_000, 1.0)
+                if m.error() is None
+            )
     finally:
         consumer.close()
-    return values
+    return records
+
+
+def read_topic(settings: Settings, topic: str) -> list[bytes]:
+    """Every message now in ``topic``, as raw values."""
+    return [value for _, _, value in read_records(settings, topic)]
+
+
+def committed_offsets(settings: Settings, group: str, topic: str) -> dict[int, int]:
+    """``group``'s committed offset per partition of ``topic`` (-1001: none yet)."""
+    consumer = Consumer(kafka.client_config(settings, "admin", **{"group.id": group}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = consumer.committed([TopicPartition(topic, p) for p in partitions], timeout=10)
+        return {tp.partition: tp.offset for tp in committed}
+    finally:
+        consumer.close()
 
 
 def produce_raw(settings: Settings, topic: str, values: list[bytes]) -> None:

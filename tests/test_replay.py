@@ -3,6 +3,7 @@ batched form, with single- and multichannel readings."""
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import ClassVar
 
 import pytest
@@ -144,3 +145,21 @@ def test_linger_keeps_the_count_limit_and_the_single_reading_form(producer, cloc
     replay_module.replay(readings, {}, "t", speedup=1.0, progress=False, batch=50, linger_ms=1)
     [fake] = producer
     assert [v for _, _, v, _, _ in fake.sent] == [encode_reading(r) for r in readings]
+
+
+def test_resume_skips_each_devices_first_delivered_readings() -> None:
+    readings = [
+        single_reading("a", 1_000, 1.0),
+        single_reading("b", 1_000, 2.0),
+        single_reading("a", 2_000, 3.0),
+        single_reading("b", 2_000, 4.0),
+        single_reading("a", 3_000, 5.0),
+    ]
+    delivered = Counter({"a": 2, "c": 7})  # c: a device of another data set, never seen here
+    rest = list(replay_module.skip_delivered(readings, delivered))
+    assert [(r.device_id, r.timestamp_ms) for r in rest] == [
+        ("b", 1_000),
+        ("b", 2_000),
+        ("a", 3_000),
+    ]
+    assert delivered == Counter({"a": 2, "c": 7})  # the caller's counts are left as they were
