@@ -157,23 +157,32 @@ def restore(conn: psycopg.Connection, config: FederationConfig) -> tuple[Federat
     return federation, row
 
 
-def stored_keys(conn: psycopg.Connection, keys: list[tuple[str, int]]) -> set[tuple[str, int]]:
-    """Which ``(device_id, model_version)`` of ``keys`` are already in ``local_models``."""
+RoundKey = tuple[str, int, int]
+"""A local round's identity: device, the event time its device state began, round."""
+
+
+def round_key(update: LocalRound) -> RoundKey:
+    return update.device_id, update.since_ms, update.round
+
+
+def stored_keys(conn: psycopg.Connection, keys: list[RoundKey]) -> set[RoundKey]:
+    """Which of ``keys`` are already in ``local_models``."""
     if not keys:
         return set()
     rows = conn.execute(
-        "SELECT device_id, model_version FROM local_models"
-        " WHERE (device_id, model_version) IN (SELECT * FROM unnest(%s::text[], %s::int[]))",
-        ([d for d, _ in keys], [v for _, v in keys]),
+        "SELECT device_id, state_since_ms, model_version FROM local_models"
+        " WHERE (device_id, state_since_ms, model_version)"
+        " IN (SELECT * FROM unnest(%s::text[], %s::bigint[], %s::int[]))",
+        ([d for d, _, _ in keys], [s for _, s, _ in keys], [v for _, _, v in keys]),
     ).fetchall()
-    return {(device, version) for device, version in rows}
+    return {(device, since, version) for device, since, version in rows}
 
 
 _INSERT_LOCAL = (
     "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
     " loss, samples_processed, weights, bias, aggregated_into, aggregation_weight,"
-    " label_source, created_at)"
-    " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s)"
+    " label_source, created_at, state_since_ms)"
+    " VALUES (%s, %s, %s, %s, %s, %s, %s, 0, %s, %s, %s, %s, %s)"
 )
 
 
@@ -190,6 +199,7 @@ def _row(r: LocalRound, version: int, weight: float) -> tuple:
         weight,
         r.label_source,
         datetime.fromtimestamp(r.timestamp_ms / 1000, UTC),
+        r.since_ms,
     )
 
 
@@ -354,7 +364,7 @@ class FedAvgService:
         self.signing_key = secret(settings.state_dir, "model_signing_key")
         self.offsets = Offsets()
         self.buffered: list[_Pending] = []  # the offsets of the rounds in the open round
-        self.keys: set[tuple[str, int]] = set()  # (device, round) in the open round
+        self.keys: set[RoundKey] = set()  # the rounds in the open round
         self.skipped = 0
         self.versions = 0
         self.running = True
@@ -397,17 +407,15 @@ class FedAvgService:
         for j, reason in refused.items():
             message = decoded[positions[j]][0]
             decoded[positions[j]] = (message, None, reason)
-        stored = stored_keys(
-            self.conn, [(u.device_id, u.round) for _, u, _ in decoded if u is not None]
-        )
+        stored = stored_keys(self.conn, [round_key(u) for _, u, _ in decoded if u is not None])
         for message, update, problem in decoded:
             if max_versions is not None and self.versions >= max_versions:
                 break  # the rest stays uncommitted: read again by the next run
             if update is not None:
-                key = (update.device_id, update.round)
+                key = round_key(update)
                 if key in stored or key in self.keys:
                     self.skipped += 1
-                    log.info("skipping %s round %d: already received", *key)
+                    log.info("skipping %s (state since %d) round %d: already received", *key)
                     self.offsets.consumed(message, done=True)
                     continue
                 try:
@@ -427,7 +435,7 @@ class FedAvgService:
         self.refused.send(message, reason)
         self.offsets.consumed(message, done=True)
 
-    def _close_if_due(self, stored: set[tuple[str, int]]) -> None:
+    def _close_if_due(self, stored: set[RoundKey]) -> None:
         now = self.clock()
         if not self.federation.due(now):
             return

@@ -112,7 +112,7 @@ def encode_state(state: DeviceState) -> bytes:
         len(names),
         state.hist_pos.size,
         state.hist_normal.size,
-        0,  # reserved
+        state.since_ms,  # 0 in states written before it had a slot
     ]
     floats = [rows.ravel(), state.positives, state.local_params]
     if f is not None:
@@ -164,7 +164,7 @@ def decode_state(payload: bytes) -> DeviceState:
         n_names,
         logit_bins,
         normal_bins,
-        _,
+        since_ms,
     ) = header
     if fmt != _STATE_FORMAT:
         raise ValueError(f"keyed state of format {fmt}, this job reads {_STATE_FORMAT}")
@@ -219,6 +219,7 @@ def decode_state(payload: bytes) -> DeviceState:
         buffered=buffered,
         positives=kept,
         rounds=rounds,
+        since_ms=since_ms,
         local_params=local_params,
         hist_pos=hists[0],
         hist_neg=hists[1],

@@ -206,6 +206,10 @@ class DeviceState:
     buffered: int = 0
     positives: np.ndarray | None = None  # remembered anomalous rows, replayed in each round
     rounds: int = 0
+    # Event time of the first reading this state holds. A device whose state expired (or a
+    # fresh job) numbers its rounds from 1 again; (since_ms, round) stays unique, and a
+    # round recomputed after a restore keeps both.
+    since_ms: int = 0
     local_params: np.ndarray | None = None
     hist_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64))
     hist_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64))
@@ -325,7 +329,7 @@ class LocalRound:
     """The transport-free form of a ``local-model-updates`` message."""
 
     device_id: str
-    round: int  # the device's round counter, 1, 2, ...
+    round: int  # the device's round counter, 1, 2, ... within the state begun at since_ms
     base_version: int  # the global version the round started from (0 = none yet)
     params: np.ndarray
     samples: int
@@ -342,6 +346,7 @@ class LocalRound:
     candidates: dict[str, Confusion] = field(default_factory=dict)
     hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
+    since_ms: int = 0  # DeviceState.since_ms: with device_id and round, the round's identity
 
 
 def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -414,6 +419,7 @@ def train_round(
         prequential=state.prequential,
         timestamp_ms=now_ms,
         candidates=dict(state.candidates),
+        since_ms=state.since_ms,
     )
     state.rounds = version
     state.local_params = result.params
@@ -537,6 +543,8 @@ def observe_arrays(
     """:func:`observe` on columns rather than ``Reading`` objects (the Flink job's form: no
     per-reading objects between its operators): ``values`` n × C in ``channels`` order,
     ``labels`` 1/0, -1 where the stream has none, ``timestamps_ms`` epoch milliseconds."""
+    if state.features is None:
+        state.since_ms = int(timestamps_ms[0])
     X = readings_matrix(state, channels, values)
     scored = score(state, X, config)
     decision = detector.decide(scored)

@@ -669,6 +669,7 @@ def encode_local_round(update: LocalRound) -> bytes:
     message = {
         "device_id": update.device_id,
         "model_version": update.round,
+        "state_since_ms": update.since_ms,
         "base_global_version": update.base_version,
         "weights": update.params.tolist(),
         "samples_processed": update.samples,
@@ -735,6 +736,9 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         prequential=_confusion_from(preq, "scores.prequential"),
         timestamp_ms=parse_timestamp_ms(obj.get("timestamp")),
         candidates=_candidates_from(scores.get("candidates", {})),
+        since_ms=_integer(obj, "state_since_ms", 0, MAX_TIMESTAMP_MS)
+        if "state_since_ms" in obj
+        else 0,
     )
 
 

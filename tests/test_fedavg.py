@@ -224,6 +224,33 @@ def test_a_fleet_gets_versions_with_every_round_in_exactly_one(fedavg_settings: 
     assert kafka.consumer_lag(s, s.consumer_group("fedavg"), s.topics.local_updates) == 0
 
 
+def test_a_device_whose_state_began_again_is_not_taken_for_a_replay(fedavg_settings: Settings):
+    """A device silent past the state TTL (or any device after a fresh job) numbers its rounds
+    from 1 again, from a state that began later: those rounds are new, while a second copy of
+    a stored round (what a restored job re-sends) is skipped."""
+    s = fedavg_settings
+    first_life = [
+        dataclasses.replace(local_round("dev_a", n, n - 1, seed=n), since_ms=1_000) for n in (1, 2)
+    ]
+    resent = dataclasses.replace(local_round("dev_a", 2, 1, seed=9), since_ms=1_000)
+    second_life = dataclasses.replace(local_round("dev_a", 1, 2, seed=3), since_ms=9_000)
+    with running(s) as (service, thread):
+        for expected, update in enumerate(first_life, 1):
+            send_rounds(s, [update])
+            wait_versions(s, expected)
+        send_rounds(s, [resent])
+        wait_for(lambda: service.skipped == 1, 30, "the copy to be skipped", every=0.2)
+        send_rounds(s, [second_life])
+        wait_versions(s, 3)
+        assert thread.is_alive() and service.dead_letters == 0
+    assert Counter(
+        rows(
+            s, "SELECT device_id, state_since_ms, model_version, aggregated_into FROM local_models"
+        )
+    ) == Counter({("dev_a", 1_000, 1, 1): 1, ("dev_a", 1_000, 2, 2): 1, ("dev_a", 9_000, 1, 3): 1})
+    check_fedavg(s)
+
+
 def test_invalid_rounds_go_to_the_dead_letter_topic_and_the_service_goes_on(
     fedavg_settings: Settings,
 ):

@@ -22,6 +22,7 @@ from streaming.learner import (
     score,
     train_round,
 )
+from streaming.messages import single_reading
 from streaming.model.detectors import INPUT_SCALE, LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import N_FEATURES, WARMUP
 from streaming.model.metrics import Confusion
@@ -488,3 +489,16 @@ def test_is_held_out_is_a_deterministic_fraction():
     assert [is_held_out(d, 0.1, seed=1) for d in ids] != held
     # Nested: a device held out at 10 % is held out at 20 %.
     assert all(is_held_out(d, 0.2, seed=42) for d, h in zip(ids, held, strict=True) if h)
+
+
+def test_a_state_remembers_the_event_time_it_began_and_its_rounds_carry_it() -> None:
+    config = LearnerConfig(train_every=4, min_round_samples=4)
+    state = DeviceState()
+    detector = Detector(None, config)
+    first = [single_reading("d", 5_000 + 10 * i, float(i % 3)) for i in range(WARMUP + 5)]
+    later = [single_reading("d", 9_000 + 10 * i, float(i % 3)) for i in range(WARMUP + 5)]
+    L.observe(state, "d", first, detector, config, True)
+    L.observe(state, "d", later, detector, config, True)
+    assert state.since_ms == 5_000
+    update = train_round(state, "d", None, config, 0)
+    assert (update.round, update.since_ms) == (1, 5_000)

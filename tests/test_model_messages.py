@@ -97,6 +97,7 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         "prequential",
         "timestamp_ms",
         "candidates",
+        "since_ms",
     ):
         assert getattr(a, name) == getattr(b, name), name
     for name in (
@@ -130,6 +131,7 @@ def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
         {"base_version": 0, "scored_version": 0, "candidates": {}, "label_source": "ground_truth"},
         {"params": np.zeros(N_FEATURES + 1), "normal": NormalStats.empty()},
         {"timestamp_ms": 0, "device_id": "é-ü-device"},
+        {"since_ms": 1_762_473_600_123},
     ],
 )
 def test_local_round_round_trip(overrides):
@@ -138,6 +140,18 @@ def test_local_round_round_trip(overrides):
     assert isinstance(payload, bytes)
     assert_local_equal(decode_local_round(payload), original)
     assert_local_equal(decode_local_round(payload.decode()), original)
+
+
+def test_a_local_round_without_its_state_start_decodes_with_zero():
+    # state_since_ms joined the contract later: an older learner's round is still valid.
+    payload = json.loads(encode_local_round(local_round(since_ms=5)))
+    assert payload["state_since_ms"] == 5
+    del payload["state_since_ms"]
+    assert decode_local_round(json.dumps(payload)).since_ms == 0
+    for bad in (-1, 1.5, "5", None):
+        payload["state_since_ms"] = bad
+        with pytest.raises(InvalidMessage, match="state_since_ms"):
+            decode_local_round(json.dumps(payload))
 
 
 def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():

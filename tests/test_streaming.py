@@ -410,8 +410,9 @@ def test_keyed_state_of_a_silent_device_expires(
     kafka_broker: Settings, database: str, tmp_path
 ) -> None:
     """With a TTL of 4 s: a device silent for longer starts a fresh learner (its next round is
-    numbered 1 again), while a device that kept sending continues its numbering. (With the
-    default of 7 days the same happens after a week.)"""
+    numbered 1 again, from a state that began later), while a device that kept sending
+    continues its numbering; FedAvg stores the returning device's rounds as the new rounds they
+    are, not as replays. (With the default of 7 days the same happens after a week.)"""
     from confluent_kafka import Producer
 
     from streaming.messages import encode_reading_batch, single_reading
@@ -425,6 +426,7 @@ def test_keyed_state_of_a_silent_device_expires(
         train_interval_s=3600.0,
         checkpoint_interval_ms=1000,
         device_state_ttl_s=4.0,
+        fedavg_min_devices=1,
     )
     producer = Producer(kafka.producer_config(settings, "replay"))
     sent: dict[str, int] = defaultdict(int)
@@ -445,6 +447,7 @@ def test_keyed_state_of_a_silent_device_expires(
             out[update.device_id].append(update.round)
         return {d: sorted(r) for d, r in out.items()}
 
+    start(settings, "fedavg")
     start(settings, "flink-job")
     try:
         send("silent", 30)  # 10 readings of warm-up, then one round
@@ -457,6 +460,22 @@ def test_keyed_state_of_a_silent_device_expires(
         send("busy", 16)  # round 3
         wait_for(lambda: sum(map(len, rounds().values())) >= 5, 120, "the later rounds")
         time.sleep(3)  # a round too many would show now
+        wait_for(
+            lambda: scalar(settings, "SELECT count(*) FROM local_models") >= 5,
+            60,
+            "FedAvg to store the rounds",
+        )
     finally:
         stop(settings, "flink-job")
+        stop(settings, "fedavg")
     assert rounds() == {"silent": [1, 1], "busy": [1, 2, 3]}
+    stored = query(settings, "SELECT device_id, state_since_ms, model_version FROM local_models")
+    assert sorted((d, r) for d, _, r in stored) == [
+        ("busy", 1),
+        ("busy", 2),
+        ("busy", 3),
+        ("silent", 1),
+        ("silent", 1),
+    ]
+    assert len({since for d, since, _ in stored if d == "busy"}) == 1
+    assert len({since for d, since, _ in stored if d == "silent"}) == 2
