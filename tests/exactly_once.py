@@ -20,6 +20,21 @@ from streaming.model.detectors import Network
 from streaming.model.features import N_FEATURES
 from tests.streaming_harness import query, read_topic
 
+#: What makes a run's outputs computable in-process: devices score with the z-score rule, so
+#: which global version a device held when it scored a reading (a matter of timing) cannot change
+#: the verdicts; rounds train every ``train_every`` readings only (no timer); versions close at
+#: ``fedavg_min_devices`` distinct devices only, never by the clock, each the full weighted step
+#: over its rows (:func:`assert_versions_are_weighted_means`); checkpoints every 2 s.
+ORACLE_SETTINGS: dict[str, object] = {
+    "detector": "zscore",
+    "holdout_fraction": 0.0,
+    "train_interval_s": 3600.0,
+    "checkpoint_interval_ms": 2000,
+    "fedavg_strategy": "fedavg",
+    "fedavg_server_momentum": 0.0,
+    "fedavg_round_window_s": 3600.0,
+}
+
 
 def assert_versions_are_weighted_means(settings: Settings) -> int:
     """From the stored rows alone: versions 1..n, each the weighted FedAvg step from the

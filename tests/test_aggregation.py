@@ -381,7 +381,10 @@ def test_bucketing_lets_a_robust_rule_keep_rare_informative_updates() -> None:
     plain = make_rule("median", max_update_norm=0.0).combine(updates, np.zeros(3))
     bucketed = make_rule("median", bucket_size=4, max_update_norm=0.0).combine(updates, np.zeros(3))
     assert abs(plain[0]) < 0.05
-    assert bucketed[0] > 0.5
+    # Three buckets hold k1 + k2 + k3 = 3 of the movers, so the median bucket mean is about 1.0
+    # (one mover in it: 4.0 / 4) unless all three share a bucket (about 0.0); jitter is below
+    # 0.01 per coordinate. This batch's seeded shuffle does not put the movers together.
+    assert abs(bucketed[0] - 1.0) < 0.02
 
 
 @pytest.mark.parametrize("name", sorted(RULES))

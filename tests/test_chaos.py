@@ -15,8 +15,8 @@ once; the stored anomaly rows equal an in-process run of the learner over the me
 read; every local round (1..n per device) is stored once, in exactly one version, or pending;
 versions are 1..v without gaps or duplicates, each the weighted mean of its rounds.
 
-Devices score with the z-score rule and train every ``train_every`` readings only (no timer),
-so that timing (which global version a device held) cannot change what the oracle predicts.
+The run uses ``tests.exactly_once.ORACLE_SETTINGS``, so that timing cannot change what the
+oracle predicts.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from streaming.learner import LearnerConfig
 from streaming.messages import decode_local_round, decode_readings
 from streaming.sources import synthetic_fleet
 from tests.conftest import isolated, table_counts, wait_until_consumed
-from tests.exactly_once import assert_exactly_once, reference
+from tests.exactly_once import ORACLE_SETTINGS, assert_exactly_once, reference
 from tests.streaming_harness import (
     committed_offsets,
     group_lag,
@@ -62,19 +62,7 @@ SERVICES = ("fedavg", "anomaly-sink", "flink-job")
 @pytest.fixture
 def chaos_settings(kafka_broker: Settings, database: str, tmp_path: Path) -> Settings:
     return isolated(
-        kafka_broker,
-        database,
-        state_dir=tmp_path,
-        detector="zscore",
-        holdout_fraction=0.0,
-        train_interval_s=3600.0,
-        checkpoint_interval_ms=2000,
-        fedavg_strategy="fedavg",
-        fedavg_server_momentum=0.0,
-        # Versions close at fedavg_min_devices distinct devices only, never by the clock, so
-        # each is the full weighted step over its rows (assert_versions_are_weighted_means).
-        fedavg_round_window_s=3600.0,
-        fault_injection=True,
+        kafka_broker, database, state_dir=tmp_path, fault_injection=True, **ORACLE_SETTINGS
     )
 
 
@@ -142,6 +130,10 @@ def committed(settings: Settings) -> int:
     return 0 if offsets is None else offsets[0]
 
 
+def versions(settings: Settings) -> int:
+    return query(settings, "SELECT count(*) FROM federated_models")[0][0]
+
+
 def kill_service(settings: Settings, name: str) -> None:
     pid = services.recorded_pid(settings, name)
     assert pid is not None, f"{name} died before its kill"
@@ -155,7 +147,7 @@ class Chaos:
         self.killed: Counter[str] = Counter()
         self.flink_lag_at_kill: list[int] = []
         self.flink_progress = committed(settings)
-        self.stored_but_uncommitted = 0
+        self.fault_version = (0, 0)
 
     def kill(self, victim: str) -> None:
         if victim == "replay":
@@ -170,13 +162,16 @@ class Chaos:
         self.killed[victim] += 1
 
     def kill_fedavg_between_commits(self) -> None:
+        # Past the first versions (made of the few devices heard of so far): a version of a
+        # full round of devices.
+        wait_for(lambda: versions(self.settings) >= 3, 300, "three versions")
         pid = services.recorded_pid(self.settings, "fedavg")
         assert pid is not None
         armed = faults.arm(self.settings, faults.FEDAVG_AFTER_DB_COMMIT)
         # It dies by its own SIGKILL at its next version, after the version's rows committed.
         wait_for(lambda: not services.pid_alive(pid), 300, "FedAvg to reach its fault point")
         assert not armed.exists()
-        self.stored_but_uncommitted = stored_but_uncommitted(self.settings)
+        self.fault_version = fault_point_version(self.settings)
         start(self.settings, "fedavg")
 
     def kill_flink_job(self) -> None:
@@ -193,9 +188,11 @@ class Chaos:
         start(self.settings, "flink-job")
 
 
-def stored_but_uncommitted(settings: Settings) -> int:
-    """Local rounds of the newest stored version whose every copy on the topic lies at or
-    after FedAvg's committed offset of its partition."""
+def fault_point_version(settings: Settings) -> tuple[int, int]:
+    """(rounds of the newest stored version, how many of them have a copy on the topic at or
+    after FedAvg's committed offset of its partition, i.e. not yet committed): equal when the
+    kill landed between the database commit and the offset commit. (A round the Flink job sent
+    twice may have its other copy, skipped, committed already in another partition.)"""
     committed = committed_offsets(
         settings, settings.consumer_group("fedavg"), settings.topics.local_updates
     )
@@ -203,18 +200,21 @@ def stored_but_uncommitted(settings: Settings) -> int:
     in_version = set(
         query(
             settings,
-            "SELECT device_id, model_version FROM local_models WHERE aggregated_into = %s",
+            "SELECT device_id, state_since_ms, model_version FROM local_models"
+            " WHERE aggregated_into = %s",
             (newest,),
         )
     )
-    positions: dict[tuple[str, int], list[tuple[int, int]]] = {}
+    positions: dict[tuple[str, int, int], list[tuple[int, int]]] = {}
     for partition, offset, value in read_records(settings, settings.topics.local_updates):
         update = decode_local_round(value)
-        positions.setdefault((update.device_id, update.round), []).append((partition, offset))
-    return sum(
-        all(offset >= committed[partition] for partition, offset in positions[key])
+        key = (update.device_id, update.since_ms, update.round)
+        positions.setdefault(key, []).append((partition, offset))
+    uncommitted = sum(
+        any(offset >= committed[partition] for partition, offset in positions[key])
         for key in in_version
     )
+    return len(in_version), uncommitted
 
 
 @pytest.fixture
@@ -265,20 +265,21 @@ def test_twenty_kills_lose_and_double_nothing(running: Settings) -> None:
         assert services.recorded_pid(settings, name) is not None, f"{name} is not running"
     # The fault point's kill landed where it hurts: rounds of a version in the database whose
     # offsets Kafka did not have yet (the restarted service read them again and skipped them).
-    assert chaos.stored_but_uncommitted > 0
+    in_version, uncommitted = chaos.fault_version
+    assert in_version > 1 and uncommitted == in_version, chaos.fault_version
 
     expected_anomalies, expected_rounds = reference(
         [(b"", value, 0) for value in messages], LearnerConfig.from_settings(settings)
     )
     assert sum(expected_anomalies.values()) > 0 and sum(expected_rounds.values()) > 0
     assert_exactly_once(settings, expected_anomalies, expected_rounds)
-    versions = query(settings, "SELECT count(*) FROM federated_models")[0][0]
     stored = query(settings, "SELECT count(*) FROM local_models")[0][0]
     print(  # the figures README's Guarantees section quotes
         f"\nchaos: {sum(chaos.killed.values())} kills {dict(chaos.killed)};"
         f" Flink lag at its kills {chaos.flink_lag_at_kill};"
-        f" {chaos.stored_but_uncommitted} stored-but-uncommitted rounds at the fault point;"
+        f" at the fault point {chaos.fault_version[1]} of {chaos.fault_version[0]} rounds of a"
+        " stored version not committed in Kafka;"
         f" {sum(in_topic.values())} readings, {sum(expected_anomalies.values())} anomalies,"
-        f" {sum(expected_rounds.values())} local rounds ({stored} in {versions} versions,"
+        f" {sum(expected_rounds.values())} local rounds ({stored} in {versions(settings)} versions,"
         " the rest pending); lost 0, duplicated 0"
     )
