@@ -95,9 +95,18 @@ def test_killed_service_is_restarted_and_counted(settings: Settings, tmp_path) -
             return pid if pid not in (None, victim) else None
 
         new_pid = wait_for(restarted, 60, "fedavg to be restarted")
-        wait_for(lambda: _record(settings, "fedavg").get("restarts") == 1, 30, "the count")
-        record = _record(settings, "fedavg")
-        assert record["alive"] and record["pid"] == new_pid
+
+        # The cycle that restarts it reports the dead pid; the next one the new, alive one.
+        def counted() -> bool:
+            record = _record(settings, "fedavg")
+            return (record.get("restarts"), record.get("alive"), record.get("pid")) == (
+                1,
+                True,
+                new_pid,
+            )
+
+        wait_for(counted, 30, "the count and the new pid")
+        assert _record(settings, "fedavg")["restarts"] == 1
         assert _record(settings, "anomaly-sink").get("restarts", 0) == 0  # untouched
         # Lag is measured for the streaming services (nothing to consume here: 0).
         wait_for(lambda: _record(settings, "fedavg").get("lag") == 0, 30, "a lag measurement")
