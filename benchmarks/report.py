@@ -33,7 +33,7 @@ def _streaming(r: dict) -> list[str]:
         if s["latency_p50_s"] is not None
         else "no anomalies read"
     )
-    return [
+    lines = [
         f"Streaming (Flink parallelism {r['parallelism']}, {r['batch']} readings per message, "
         f"measured {r['measured_at']}):",
         f"- capacity: {c['readings_per_s']:,.0f} readings/s scored and trained on "
@@ -46,6 +46,36 @@ def _streaming(r: dict) -> list[str]:
         f"{s['produce_seconds']:.0f} s: mean lag {s['lag_readings_first_half_mean']:,.0f} "
         f"readings in the first half, {s['lag_readings_second_half_mean']:,.0f} in the second; "
         f"produce → anomaly record latency {latency} (includes waiting for the batch to fill).",
+    ]
+    high = r.get("sustained_high")
+    if high:
+        lags = [lag for _, lag in high["lag_samples"]]
+        verdict = "held" if lags[-1] <= max(lags[: len(lags) // 2] or [0]) else "not held"
+        lines.append(
+            f"- sustained {high['offered_readings_per_s']:,.0f} readings/s offered for "
+            f"{high['produce_seconds']:.0f} s: {high['consumed_readings_per_s']:,.0f} readings/s "
+            f"consumed, lag {lags[0]:,.0f} → {lags[-1]:,.0f} readings ({verdict})."
+        )
+    return lines
+
+
+def _cluster(r: dict) -> list[str]:
+    rates, c, plan = r["rates"], r["cluster"], r["capacity_plan"]
+
+    def rate(name: str) -> str:
+        return f"{rates[name]['median']:,.0f}"
+
+    return [
+        f"Cluster mode beside local mode (same {r['readings']:,} readings in messages of "
+        f"{r['batch']}, median of {r['rounds']} interleaved runs, start-up excluded, measured "
+        f"{r['measured_at']}): local mode (mini-cluster, one broker) {rate('local_p2')} readings/s "
+        f"at parallelism 2, {rate('local_p1')} at 1; cluster mode (session cluster of "
+        f"{c['taskmanagers']} TaskManagers × {c['slots_per_taskmanager']} slots, {c['brokers']} "
+        f"brokers, replication {c['replication']}) {rate('cluster_p2')} readings/s at "
+        f"parallelism 2, {rate('cluster_p1')} at 1; ratio cluster/local "
+        f"{r['ratio_cluster_to_local']:.2f}. Per slot: {r['per_slot_readings_per_s']:,.0f} "
+        f"readings/s, so {plan['devices']:,} devices at 1 reading/s × {plan['headroom']} need "
+        f"{plan['slots']} slots.",
     ]
 
 
@@ -72,6 +102,7 @@ def render() -> str:
     for name, part in (
         ("replay_throughput", _replay),
         ("streaming_throughput", _streaming),
+        ("cluster_throughput", _cluster),
         ("evaluation_throughput", _evaluation),
     ):
         result = _load(name)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 
 from benchmarks import (
+    cluster_throughput,
     detection_quality,
     evaluation_throughput,
     replay_throughput,
@@ -18,6 +19,8 @@ BENCHMARKS = {
     "detection_quality": detection_quality.main,
     "streaming_throughput": streaming_throughput.main,
     "evaluation_throughput": evaluation_throughput.main,
+    # Starts three brokers and a Flink session cluster of its own beside the shared services.
+    "cluster_throughput": cluster_throughput.main,
 }
 
 

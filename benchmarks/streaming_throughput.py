@@ -20,6 +20,7 @@ stopped after it (flead/cluster.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,7 +28,10 @@ import statistics
 import tempfile
 import threading
 import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from confluent_kafka import Consumer, Producer, TopicPartition
@@ -67,13 +71,25 @@ CLUSTER_PORTS = {
 }
 
 
-def cluster_capacity(base: Settings, state: Path, messages, per_message: float) -> dict:
-    """:func:`capacity` of the same messages with the job on a session cluster."""
+def clean_env() -> dict[str, str]:
+    """This process's environment without Kafka and Flink settings: a benchmark's cluster is
+    its own, whatever the developer's shell points at (Kafka passwords exported by the caller
+    stay: every broker the benchmark starts is formatted with them)."""
+    return {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("FLEAD_KAFKA", "FLEAD_FLINK")) or k.endswith("_PASSWORD")
+    }
+
+
+@contextlib.contextmanager
+def session_cluster(base: Settings, state: Path) -> Iterator[Settings]:
+    """Three brokers and a Flink session cluster (flead/cluster.py, the cluster-mode defaults)
+    on :data:`CLUSTER_PORTS`, in ``state/cluster``, for the duration of the block."""
     from flead import cluster
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEAD_KAFKA", "FLEAD_FLINK"))}
     cluster_base = dataclasses.replace(
-        load_settings({**env, "FLEAD_DEPLOY": "cluster"}),
+        load_settings({**clean_env(), "FLEAD_DEPLOY": "cluster"}),
         state_dir=state / "cluster",
         database_url=base.database_url,
         kafka_heap="512m",
@@ -82,30 +98,38 @@ def cluster_capacity(base: Settings, state: Path, messages, per_message: float) 
     try:
         services.ensure_kafka(cluster_base)
         cluster.ensure_flink_cluster(cluster_base)
+        yield cluster_base
+    finally:
+        cluster.stop_flink_cluster(cluster_base)
+        services.stop_kafka(cluster_base)
+
+
+def on_cluster(cluster_base: Settings, state_dir: Path, **overrides: Any) -> Settings:
+    """A private copy of the pipeline (own topics, groups, state folder) whose job is submitted
+    to the running session cluster of ``cluster_base``."""
+    settings = dataclasses.replace(
+        namespaced(cluster_base, f"bench-cluster-{uuid.uuid4().hex[:8]}"),
+        state_dir=state_dir,
+        train_interval_s=3600.0,
+        checkpoint_interval_ms=2000,
+        flink_jobmanager=f"127.0.0.1:{cluster_base.flink_rest_port}",
+        **overrides,
+    )
+    kafka.ensure_topics(settings)
+    return settings
+
+
+def cluster_capacity(base: Settings, state: Path, messages, per_message: float) -> dict:
+    """:func:`capacity` of the same messages with the job on a session cluster."""
+    with session_cluster(base, state) as cluster_base:
         kafka.export_credentials(cluster_base)  # the private copy's state folder is another
-        # The database as in local mode (created by the administrator of `base`), the topics
-        # on the cluster's brokers.
-        db.drop_database(base, BENCH_DATABASE)
-        db.create_database(base, BENCH_DATABASE)
-        settings = dataclasses.replace(
-            namespaced(cluster_base, f"bench-cluster-{int(time.time())}"),
-            database_url=base.database_url.rsplit("/", 1)[0] + f"/{BENCH_DATABASE}",
-            state_dir=state / "cluster-capacity",
-            train_interval_s=3600.0,
-            checkpoint_interval_ms=2000,
-            flink_jobmanager=f"127.0.0.1:{cluster_base.flink_rest_port}",
-        )
-        db.apply_schema(settings.database_url)
-        kafka.ensure_topics(settings)
+        settings = on_cluster(cluster_base, state / "cluster-capacity")
         result = capacity(settings, messages, per_message)
         result["taskmanagers"] = cluster_base.flink_taskmanagers
         result["slots_per_taskmanager"] = cluster_base.flink_taskmanager_slots
         result["brokers"] = len(services.kafka_endpoints(cluster_base))
         result["replication"] = cluster_base.kafka_replication
         return result
-    finally:
-        cluster.stop_flink_cluster(cluster_base)
-        services.stop_kafka(cluster_base)
 
 
 def batched_messages(readings: list[Reading], batch: int) -> list[tuple[bytes, bytes, int]]:

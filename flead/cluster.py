@@ -119,6 +119,13 @@ def flink_config(settings: Settings, java_opts: str) -> dict[str, str]:
             f"{int(settings.flink_restart_window_s * 1000)} ms"
         ),
         "restart-strategy.failure-rate.delay": f"{ms} ms",
+        # PyFlink's thread mode runs Python through pemja, whose native libraries a JVM loads
+        # into one class loader only (a second one fails: NoSuchFieldException
+        # loadedLibraryNames on JDK 17). Loaded child-first from each job's jar, they would
+        # let a TaskManager run Python for its first job only, so a resubmitted job (after a
+        # cancel, or the supervisor's resubmission) failed on every TaskManager that had run
+        # one. From the cluster's own lib (lib_dir), parent-first, they load once per JVM.
+        "classloader.parent-first-patterns.additional": "pemja.",
         "io.tmp.dirs": str(settings.state_dir / "flink" / "tmp"),
         "env.java.opts.all": java_opts,
     }
@@ -143,6 +150,24 @@ def write_flink_conf(settings: Settings) -> Path:
         + "".join(f"{key}: {json.dumps(value)}\n" for key, value in config.items())
     )
     (settings.state_dir / "flink" / "tmp").mkdir(parents=True, exist_ok=True)
+    return target
+
+
+def lib_dir(settings: Settings) -> Path:
+    """``<state>/flink/lib``: links to the distribution's ``lib`` jars plus ``flink-python``
+    from its ``opt`` (so pemja comes from the cluster's class path, see :func:`flink_config`),
+    made here rather than in the installed package; the cluster processes' ``FLINK_LIB_DIR``."""
+    home = pyflink_home(settings)
+    target = settings.state_dir / "flink" / "lib"
+    target.mkdir(parents=True, exist_ok=True)
+    python_jars = sorted((home / "opt").glob("flink-python-*.jar"))
+    if not python_jars:
+        raise services.ServiceError(f"no flink-python jar in {home / 'opt'}")
+    for jar in [*sorted((home / "lib").glob("*.jar")), python_jars[-1]]:
+        link = target / jar.name
+        # Only missing links: running TaskManagers read their jars from here.
+        if not link.is_symlink():
+            link.symlink_to(jar)
     return target
 
 
@@ -198,7 +223,7 @@ def ensure_flink_cluster(settings: Settings) -> dict[str, str]:
             )
         return {"flink-cluster": f"existing {settings.flink_jobmanager}"}
     write_flink_conf(settings)
-    env = flink_process_env(settings)
+    env = {**flink_process_env(settings), "FLINK_LIB_DIR": str(lib_dir(settings))}
     bin_dir = pyflink_home(settings) / "bin"
     outcome: dict[str, str] = {}
     if services.recorded_pid(settings, JOBMANAGER) is None:

@@ -433,12 +433,22 @@ def _write_private(path: Path, text: str) -> None:
         out.write(text)
 
 
+def new_kafka_cluster_id() -> str:
+    """A random KRaft cluster id as Kafka's own ``Uuid.randomUuid`` makes it: URL-safe base64
+    of 16 bytes, never starting with ``-`` (the storage tool would read that as an option;
+    one id in 64 did, and formatting failed)."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
+
+
 def _kafka_cluster_id(settings: Settings) -> str:
     """The KRaft cluster id every node of the state folder's brokers is formatted with (kept in
     a file: a node formatted again later must join the same cluster)."""
     path = settings.state_dir / "kafka-cluster-id"
     if len(kafka_endpoints(settings)) == 1 or not path.exists():
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = new_kafka_cluster_id()
         if len(kafka_endpoints(settings)) == 1:
             return cluster_id
         path.write_text(cluster_id + "\n")

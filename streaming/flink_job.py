@@ -380,7 +380,11 @@ def environment(settings: Settings, restore_from: Path | None) -> StreamExecutio
     )
     env = StreamExecutionEnvironment.get_execution_environment(config)
     env.set_parallelism(settings.flink_parallelism)
-    env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.AT_LEAST_ONCE)
+    # Exactly-once state: the learner has several input channels (the parse subtasks and the
+    # broadcast models), and an at-least-once checkpoint does not align their barriers, so a
+    # snapshot could hold readings read after the barrier on one channel, which a restore then
+    # replays into the same state a second time. The sinks stay at-least-once (natural keys).
+    env.enable_checkpointing(settings.checkpoint_interval_ms, CheckpointingMode.EXACTLY_ONCE)
     env.get_checkpoint_config().set_externalized_checkpoint_retention(
         ExternalizedCheckpointRetention.RETAIN_ON_CANCELLATION
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import psycopg
 import pytest
 from confluent_kafka import Consumer
 
-from flead import db, kafka
+from flead import db, kafka, services
 from flead.config import Settings, to_env
 from streaming import sources
 from streaming.messages import decode_readings
@@ -213,3 +214,10 @@ def test_batched_replay_keeps_every_reading_in_order(settings: Settings) -> None
         batch = decode_readings(message.value())
         assert {r.device_id for r in batch} == {message.key().decode()}
         assert message.timestamp()[1] == batch[-1].timestamp_ms
+
+
+def test_kafka_cluster_ids_never_look_like_an_option() -> None:
+    # 1 in 64 random ids starts with "-"; 2,000 draws miss that with probability (63/64)^2000.
+    ids = [services.new_kafka_cluster_id() for _ in range(2_000)]
+    assert not any(i.startswith("-") for i in ids)
+    assert all(len(i) == 22 and base64.urlsafe_b64decode(i + "==") for i in ids)
