@@ -40,7 +40,7 @@ from streaming.learner import LearnerConfig
 from streaming.replay import produce
 from streaming.sources import synthetic_fleet
 from tests.conftest import fresh_database, table_counts, wait_until_consumed
-from tests.exactly_once import assert_exactly_once, reference, stored_anomalies
+from tests.exactly_once import ORACLE_SETTINGS, assert_exactly_once, reference, stored_anomalies
 from tests.streaming_harness import settled, stop, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.cluster]
@@ -97,16 +97,8 @@ def pipeline_settings(
             database_url=url,
             state_dir=tmp_path,
             flink_jobmanager=f"127.0.0.1:{FLINK_REST}",
-            detector="zscore",
-            holdout_fraction=0.0,
-            train_interval_s=3600.0,
-            checkpoint_interval_ms=2000,
-            fedavg_strategy="fedavg",
-            fedavg_server_momentum=0.0,
-            # Versions close at 20 distinct devices only (never by the clock), so each is the
-            # full weighted step over its rows (tests/test_streaming.py's check); the rounds of
-            # fewer than 20 devices stay pending at the end.
-            fedavg_round_window_s=3600.0,
+            # Outputs computable in-process; the rounds of fewer than 20 devices stay pending.
+            **ORACLE_SETTINGS,
         )
         kafka.ensure_topics(settings)
         yield settings
