@@ -103,7 +103,7 @@ class Settings:
     critical_z: float = 4.0
     # The detection learner (streaming/learner.py; `flead evaluate` runs it in-process).
     # Chosen by measurement with `flead evaluate` on the synthetic fleet, SKAB and WSN (README).
-    detector: str = "auto"  # auto | supervised | label_free | zscore
+    detector: str = "auto"  # auto | supervised | discriminant | label_free | zscore
     hidden_units: int = 16  # the supervised network's tanh units; 0 = logistic regression
     learning_rate: float = 0.2  # local SGD step
     local_epochs: int = 5  # local passes over a round's rows (README: why 5 at 0.2)
@@ -118,7 +118,9 @@ class Settings:
     fedavg_fleet_memory_s: float = 86_400.0  # a version from fewer devices than usual moves less
     fedavg_server_momentum: float = 0.7  # FedAvgM: damps the version-to-version swing
     fedavg_calibration_decay: float = 0.99  # how fast old score histograms fade per version
-    fedavg_selection_decay: float = 0.8  # fading of the detectors' comparison counts
+    # fading of the detectors' comparison counts; 0.95 (was 0.8): with 0.8 the choice followed
+    # the last few versions' devices and swung between detectors (README, detection quality)
+    fedavg_selection_decay: float = 0.95
     # fedavg | trimmed_mean | median | clipped_fedavg | geometric_median (model/aggregation.py)
     fedavg_strategy: str = "fedavg"
     fedavg_trim_fraction: float = 0.2  # trimmed_mean: share of updates cut at each end

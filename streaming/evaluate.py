@@ -10,10 +10,10 @@ devices, and its newest global version scores the held-out devices' readings it 
 Methods, all scored on the same rows, every reading of the held-out devices:
 
 - ``majority``: the majority class of all those rows; ``zscore``: the plain rule |z| > 2.5;
-- ``federated``: the default detector (``auto``: supervised when the fleet is labelled);
-- ``supervised`` / ``linear`` / ``label_free``: each model family of the federation
-  (``linear`` is its own federation with no hidden layer; ``label_free`` trains with the labels
-  stripped, so it shows what an unlabelled fleet would get);
+- ``federated``: the default detector (``auto``: the one the server chose for the version);
+- ``supervised`` / ``linear`` / ``discriminant`` / ``label_free``: each model family of the
+  federation (``linear`` is its own federation with no hidden layer; ``label_free`` trains
+  with the labels stripped, so it shows what an unlabelled fleet would get);
 - ``local_only``: each held-out device learns alone from its own labelled stream,
   test-then-train (each reading scored before the device trains on it);
 - ``central``: one network trained on all training devices' rows pooled (what federation
@@ -46,6 +46,7 @@ METHODS = (
     "federated",
     "supervised",
     "linear",
+    "discriminant",
     "label_free",
     "local_only",
     "central",
@@ -458,6 +459,7 @@ def _detectors(runs: dict[str, FederationRun], config: LearnerConfig) -> dict[st
     found = {
         "federated": Detector(main.model, config),
         "supervised": Detector(main.model, replace(config, detector="supervised")),
+        "discriminant": Detector(main.model, replace(config, detector="discriminant")),
     }
     if "linear" in runs:
         found["linear"] = Detector(

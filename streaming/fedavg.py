@@ -83,6 +83,16 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
         "hist_normal": s.hist_normal.tolist(),
         "hist_normal_pos": s.hist_normal_pos.tolist(),
         "hist_normal_neg": s.hist_normal_neg.tolist(),
+        "anomalous": {
+            "count": float(s.anomalous.count),
+            "mean": s.anomalous.mean.tolist(),
+            "comoment": s.anomalous.comoment.tolist(),
+        },
+        "hist_disc_pos": s.hist_disc_pos.tolist(),
+        "hist_disc_neg": s.hist_disc_neg.tolist(),
+        # The version's discriminant rides here rather than in columns of its own: only the
+        # service (restarting) and the evaluations read it, and both read this state.
+        "discriminant": discriminant_json(s.current),
         "candidates": {kind: counts.tolist() for kind, counts in sorted(s.candidates.items())},
         "velocity": None if s.velocity is None else s.velocity.tolist(),
         # When each device was last heard of (its own clock), for "devices active recently";
@@ -93,6 +103,22 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
 
 def _array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
+
+
+def discriminant_json(model: GlobalParams | None) -> dict[str, Any] | None:
+    if model is None or model.discriminant is None:
+        return None
+    return {"params": model.discriminant.tolist(), "threshold": model.discriminant_threshold}
+
+
+def discriminant_from(saved: Any) -> tuple[np.ndarray | None, float | None]:
+    """The discriminant and its threshold from a saved state (absent before the discriminant
+    existed: none)."""
+    found = saved.get("discriminant") if isinstance(saved, dict) else None
+    if not found:
+        return None, None
+    threshold = found.get("threshold")
+    return _array(found["params"]), None if threshold is None else float(threshold)
 
 
 def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
@@ -107,6 +133,14 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         )
     n = saved["normal"]
     normal = NormalStats(float(n["count"]), _array(n["mean"]), _array(n["comoment"]))
+    a = saved.get("anomalous")  # absent from the state of a service before the discriminant
+    anomalous = (
+        NormalStats.empty()
+        if a is None
+        else NormalStats(float(a["count"]), _array(a["mean"]), _array(a["comoment"]))
+    )
+    discriminant, discriminant_threshold = discriminant_from(saved)
+    no_hist = np.zeros_like(saved["hist_pos"])
     current = GlobalParams(
         version=version,
         hidden=hidden,
@@ -116,6 +150,8 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         normal_threshold=normal_threshold,
         label_source=label_source,
         detector=detector,
+        discriminant=discriminant,
+        discriminant_threshold=discriminant_threshold,
     )
     state = ServerState(
         current=current,
@@ -127,6 +163,9 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         hist_normal_pos=_array(saved.get("hist_normal_pos", np.zeros_like(saved["hist_normal"]))),
         hist_normal_neg=_array(saved.get("hist_normal_neg", np.zeros_like(saved["hist_normal"]))),
         normal=normal,
+        anomalous=anomalous,
+        hist_disc_pos=_array(saved.get("hist_disc_pos", no_hist)),
+        hist_disc_neg=_array(saved.get("hist_disc_neg", no_hist)),
         candidates={kind: _array(c) for kind, c in saved["candidates"].items()},
     )
     return state, {d: int(t) for d, t in saved.get("last_seen", {}).items()}

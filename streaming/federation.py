@@ -51,7 +51,7 @@ class FederationConfig:
     server_momentum: float = 0.7
     server_lr: float = 1.0
     calibration_decay: float = 0.99
-    selection_decay: float = 0.8  # fading of the detectors' comparison counts per version
+    selection_decay: float = 0.95  # fading of the detectors' comparison counts per version
     normal_decay: float = 1.0
     contamination: float = 0.02
     hidden: int = 16
@@ -118,6 +118,9 @@ class ServerState:
     hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     normal: NormalStats = field(default_factory=NormalStats.empty)
+    anomalous: NormalStats = field(default_factory=NormalStats.empty)
+    hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
+    hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     candidates: dict[str, np.ndarray] = field(default_factory=dict)  # kind → faded tp,fp,tn,fn
 
 
@@ -144,6 +147,7 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
         params=params,
         samples=total,
         normal=a.normal + b.normal,
+        anomalous=a.anomalous + b.anomalous,
         loss=(a.loss * a.samples + b.loss * b.samples) / total,
         accuracy=(a.accuracy * a.samples + b.accuracy * b.samples) / total,
         hist_pos=a.hist_pos + b.hist_pos if same_scores else b.hist_pos,
@@ -151,6 +155,8 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
         hist_normal=a.hist_normal + b.hist_normal if same_scores else b.hist_normal,
         hist_normal_pos=a.hist_normal_pos + b.hist_normal_pos if same_scores else b.hist_normal_pos,
         hist_normal_neg=a.hist_normal_neg + b.hist_normal_neg if same_scores else b.hist_normal_neg,
+        hist_disc_pos=a.hist_disc_pos + b.hist_disc_pos if same_scores else b.hist_disc_pos,
+        hist_disc_neg=a.hist_disc_neg + b.hist_disc_neg if same_scores else b.hist_disc_neg,
         prequential=a.prequential + b.prequential if same_scores else b.prequential,
         candidates={
             k: a.candidates.get(k, Confusion(0, 0, 0, 0))
@@ -240,6 +246,8 @@ class Federation:
         ground_truth = samples[[u.label_source == "ground_truth" for u in updates]].sum()
         threshold = self._supervised_threshold()
         normal_threshold = self._label_free_threshold()
+        discriminant = detectors.discriminant(state.normal, state.anomalous)
+        discriminant_threshold = self._discriminant_threshold()
         new = GlobalParams(
             version=self.version + 1,
             hidden=self.config.hidden,
@@ -248,7 +256,13 @@ class Federation:
             normal=state.normal,
             normal_threshold=normal_threshold,
             label_source="ground_truth" if ground_truth * 2 >= samples.sum() else "pseudo",
-            detector=self._choose(threshold is not None, normal_threshold is not None),
+            detector=self._choose(
+                threshold is not None,
+                normal_threshold is not None,
+                discriminant is not None and discriminant_threshold is not None,
+            ),
+            discriminant=discriminant,
+            discriminant_threshold=discriminant_threshold,
         )
         version = Version(
             model=new,
@@ -282,10 +296,19 @@ class Federation:
         s.hist_normal_neg = s.hist_normal_neg * c.calibration_decay + sum(
             u.hist_normal_neg for u in updates
         )
+        s.hist_disc_pos = s.hist_disc_pos * c.calibration_decay + sum(
+            u.hist_disc_pos for u in updates
+        )
+        s.hist_disc_neg = s.hist_disc_neg * c.calibration_decay + sum(
+            u.hist_disc_neg for u in updates
+        )
         fresh = NormalStats.empty(N_FEATURES)
+        fresh_anomalous = NormalStats.empty(N_FEATURES)
         for u in updates:
             fresh = fresh + u.normal
+            fresh_anomalous = fresh_anomalous + u.anomalous
         s.normal = s.normal.scaled(c.normal_decay) + fresh
+        s.anomalous = s.anomalous.scaled(c.normal_decay) + fresh_anomalous
         faded = {k: v * c.selection_decay for k, v in s.candidates.items()}
         for u in updates:
             for kind, counts in u.candidates.items():
@@ -293,13 +316,20 @@ class Federation:
                 faded[kind] = faded.get(kind, np.zeros(4)) + row
         s.candidates = faded
 
-    def _choose(self, supervised: bool, label_free: bool) -> str:
+    def _choose(self, supervised: bool, label_free: bool, discriminant: bool = False) -> str:
         """The detector ``auto`` devices use next: the one whose decisions on the devices'
         fresh labelled readings had the best Matthews correlation (faded over versions); with
         no labels, the label-free model once calibrated, else the z-score rule."""
-        available = {"zscore": True, "supervised": supervised, "label_free": label_free}
+        available = {
+            "zscore": True,
+            "supervised": supervised,
+            "discriminant": discriminant,
+            "label_free": label_free,
+        }
+        # The faded counts as they are: rounded, a fleet whose recent rounds saw no anomaly
+        # would tie every detector at MCC 0 and pick the first name, whatever came before.
         scored = {
-            kind: Confusion(*(round(v) for v in counts)).mcc
+            kind: Confusion(*counts).mcc
             for kind, counts in self.state.candidates.items()
             if available.get(kind) and counts[0] + counts[3] > 0
         }
@@ -318,6 +348,15 @@ class Federation:
         if not s.hist_normal.sum():
             return None
         return detectors.quantile_threshold(s.hist_normal, NORMAL_EDGES, self.config.contamination)
+
+    def _discriminant_threshold(self) -> float | None:
+        """The MCC-best edge of the discriminant's fresh scores; until devices have reported
+        any, the last one (None before the first)."""
+        s = self.state
+        found = detectors.best_mcc_threshold(s.hist_disc_pos, s.hist_disc_neg, LOGIT_EDGES)
+        if found is not None:
+            return found
+        return detectors.discriminant_boundary(s.normal, s.anomalous)
 
     def _supervised_threshold(self) -> float | None:
         found = detectors.best_mcc_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)

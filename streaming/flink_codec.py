@@ -78,7 +78,8 @@ def unpacked_readings(device_id: str, payload: bytes) -> list[Reading]:
 # time. These bytes are one int64 header, the float64 arrays back to back, the int64 arrays,
 # the bool array and the names: a few numpy calls each way.
 
-_STATE_FORMAT = 1  # first header field: a later layout gets a new number (and reads this one)
+_STATE_FORMAT = 2  # first header field: a later layout gets a new number (and reads this one)
+_READABLE_FORMATS = (1, 2)  # 1: before the discriminant's histograms
 _HEADER_FIELDS = 22
 
 
@@ -126,6 +127,8 @@ def encode_state(state: DeviceState) -> bytes:
         state.hist_normal,
         state.hist_normal_pos,
         state.hist_normal_neg,
+        state.hist_disc_pos,
+        state.hist_disc_neg,
         np.asarray(
             [n for v in state.candidates.values() for n in (v.tp, v.fp, v.tn, v.fn)], np.int64
         ),
@@ -166,8 +169,8 @@ def decode_state(payload: bytes) -> DeviceState:
         normal_bins,
         since_ms,
     ) = header
-    if fmt != _STATE_FORMAT:
-        raise ValueError(f"keyed state of format {fmt}, this job reads {_STATE_FORMAT}")
+    if fmt not in _READABLE_FORMATS:
+        raise ValueError(f"keyed state of format {fmt}, this job reads {_READABLE_FORMATS}")
     at = 8 * _HEADER_FIELDS
 
     def take(dtype, n: int) -> np.ndarray:
@@ -180,6 +183,10 @@ def decode_state(payload: bytes) -> DeviceState:
     hists = [
         take(np.int64, n) for n in (logit_bins, logit_bins, normal_bins, normal_bins, normal_bins)
     ]
+    if fmt >= 2:
+        hists += [take(np.int64, logit_bins), take(np.int64, logit_bins)]
+    else:
+        hists += [np.zeros(logit_bins, np.int64), np.zeros(logit_bins, np.int64)]
     candidate_counts = take(np.int64, 4 * n_candidates).tolist()
     features = None
     if c >= 0:
@@ -226,6 +233,8 @@ def decode_state(payload: bytes) -> DeviceState:
         hist_normal=hists[2],
         hist_normal_pos=hists[3],
         hist_normal_neg=hists[4],
+        hist_disc_pos=hists[5],
+        hist_disc_neg=hists[6],
         prequential=Confusion(tp, fp, tn, fn),
         candidates={
             kind: Confusion(*candidate_counts[4 * i : 4 * i + 4]) for i, kind in enumerate(kinds)

@@ -32,8 +32,9 @@ from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, Normal
 from streaming.model.features import FeatureState, Scored
 from streaming.model.metrics import Confusion
 
-DETECTORS = ("auto", "supervised", "label_free", "zscore")
-"""``auto``: supervised where the fleet has labels, label-free where it has not."""
+DETECTORS = ("auto", "supervised", "discriminant", "label_free", "zscore")
+"""``auto``: the detector the server chose for the version (see
+:meth:`streaming.federation.Federation._choose`)."""
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class GlobalParams:
     normal_threshold: float | None  # label-free score threshold; None: not calibrated
     label_source: str  # "ground_truth" or "pseudo": what most of its training labels were
     detector: str = "zscore"  # what ``auto`` devices score with (chosen by the server)
+    discriminant: np.ndarray | None = None  # [w, b] of the linear discriminant; None: not yet
+    discriminant_threshold: float | None = None  # its score threshold; None: not calibrated
 
 
 @dataclass(frozen=True)
@@ -145,12 +148,21 @@ class Detector:
         m, wanted = self.model, self.config.detector
         supervised_ready = m is not None and m.threshold is not None
         label_free_ready = m is not None and m.normal_threshold is not None and m.normal.count >= 2
+        discriminant_ready = (
+            m is not None and m.discriminant is not None and m.discriminant_threshold is not None
+        )
         if wanted == "supervised":
             return "supervised" if supervised_ready else "zscore"
+        if wanted == "discriminant":
+            return "discriminant" if discriminant_ready else "zscore"
         if wanted == "label_free":
             return "label_free" if label_free_ready else "zscore"
         if wanted == "auto" and m is not None:
-            ready = {"supervised": supervised_ready, "label_free": label_free_ready}
+            ready = {
+                "supervised": supervised_ready,
+                "discriminant": discriminant_ready,
+                "label_free": label_free_ready,
+            }
             return m.detector if ready.get(m.detector) else "zscore"
         return "zscore"
 
@@ -162,6 +174,11 @@ class Detector:
         if self.model is None or self.model.params.size != self.network.size:
             return None
         return self.network.logits(self.model.params, X)
+
+    def discriminant_scores(self, X: np.ndarray) -> np.ndarray | None:
+        if self.model is None or self.model.discriminant is None:
+            return None
+        return detectors.discriminant_scores(self.model.discriminant, X)
 
     def normal_scores(self, X: np.ndarray) -> np.ndarray | None:
         if self.precision is None:
@@ -175,6 +192,9 @@ class Detector:
         elif self.kind == "label_free":
             score = self.normal_scores(scored.features)
             threshold = float(self.model.normal_threshold)
+        elif self.kind == "discriminant":
+            score = self.discriminant_scores(scored.features)
+            threshold = float(self.model.discriminant_threshold)
         else:
             score = features.max_abs_z(scored)
             threshold = self.config.anomaly_z
@@ -223,6 +243,13 @@ class DeviceState:
     hist_normal_neg: np.ndarray = field(
         default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1, np.int64)
     )
+    # The discriminant's scores of fresh readings, by label (its calibration)
+    hist_disc_pos: np.ndarray = field(
+        default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64)
+    )
+    hist_disc_neg: np.ndarray = field(
+        default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64)
+    )
     prequential: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
     candidates: dict[str, Confusion] = field(default_factory=dict)  # per detector, see record
     scored_version: int = 0  # the global version the histograms and counts belong to
@@ -267,7 +294,7 @@ def record(
     y = np.where(truth >= 0, truth, rule)
     if detector.version and detector.version != state.scored_version:
         _reset_scores(state, detector.version)
-    logits = normal = None
+    logits = normal = disc = None
     if detector.version:
         logits = detector.supervised_scores(X)
         if logits is not None:
@@ -278,6 +305,10 @@ def record(
             state.hist_normal += detectors.histogram(normal, NORMAL_EDGES)
             state.hist_normal_pos += detectors.histogram(normal[truth == 1], NORMAL_EDGES)
             state.hist_normal_neg += detectors.histogram(normal[truth == 0], NORMAL_EDGES)
+        disc = detector.discriminant_scores(X)
+        if disc is not None:
+            state.hist_disc_pos += detectors.histogram(disc[y == 1], LOGIT_EDGES)
+            state.hist_disc_neg += detectors.histogram(disc[y == 0], LOGIT_EDGES)
     labelled = truth >= 0
     if labelled.any():
         actual = truth[labelled] == 1
@@ -291,6 +322,8 @@ def record(
             candidates["supervised"] = logits[labelled] >= detector.model.threshold
         if normal is not None and detector.model.normal_threshold is not None:
             candidates["label_free"] = normal[labelled] >= detector.model.normal_threshold
+        if disc is not None and detector.model.discriminant_threshold is not None:
+            candidates["discriminant"] = disc[labelled] >= detector.model.discriminant_threshold
         for kind, flagged in candidates.items():
             before = state.candidates.get(kind, Confusion(0, 0, 0, 0))
             state.candidates[kind] = before + _counts(flagged, actual)
@@ -315,6 +348,8 @@ def _reset_scores(state: DeviceState, version: int) -> None:
     state.hist_normal = np.zeros_like(state.hist_normal)
     state.hist_normal_pos = np.zeros_like(state.hist_normal_pos)
     state.hist_normal_neg = np.zeros_like(state.hist_normal_neg)
+    state.hist_disc_pos = np.zeros_like(state.hist_disc_pos)
+    state.hist_disc_neg = np.zeros_like(state.hist_disc_neg)
     state.prequential = Confusion(0, 0, 0, 0)
     state.candidates = {}
     state.scored_version = version
@@ -347,6 +382,9 @@ class LocalRound:
     hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     since_ms: int = 0  # DeviceState.since_ms: with device_id and round, the round's identity
+    anomalous: NormalStats = field(default_factory=NormalStats.empty)  # of the anomalous rows
+    hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
+    hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
 
 def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
@@ -410,11 +448,15 @@ def train_round(
         loss=result.loss,
         accuracy=result.accuracy,
         normal=NormalStats.of(X[y == 0]),
+        # The round's own anomalous rows only: the replayed ones were counted when they came.
+        anomalous=NormalStats.of(X[y == 1]) if y.any() else _NO_ROWS,
         hist_pos=state.hist_pos,
         hist_neg=state.hist_neg,
         hist_normal=state.hist_normal,
         hist_normal_pos=state.hist_normal_pos,
         hist_normal_neg=state.hist_normal_neg,
+        hist_disc_pos=state.hist_disc_pos,
+        hist_disc_neg=state.hist_disc_neg,
         scored_version=state.scored_version,
         prequential=state.prequential,
         timestamp_ms=now_ms,
@@ -425,6 +467,16 @@ def train_round(
     state.local_params = result.params
     _reset_scores(state, state.scored_version)
     return update
+
+
+def _empty_stats() -> NormalStats:
+    stats = NormalStats.empty()
+    stats.mean.flags.writeable = stats.comoment.flags.writeable = False  # shared by rounds
+    return stats
+
+
+_NO_ROWS = _empty_stats()
+"""The statistics of no rows (most rounds see no anomaly): one shared, read-only instance."""
 
 
 def _remember_positives(state: DeviceState, rows: np.ndarray, memory: int) -> None:

@@ -663,7 +663,16 @@ def encode_local_round(update: LocalRound) -> bytes:
             update.params,
             update.normal.mean,
             update.normal.comoment,
-            np.array([update.loss, update.accuracy, float(update.normal.count)]),
+            update.anomalous.mean,
+            update.anomalous.comoment,
+            np.array(
+                [
+                    update.loss,
+                    update.accuracy,
+                    float(update.normal.count),
+                    float(update.anomalous.count),
+                ]
+            ),
         )
     )
     message = {
@@ -684,11 +693,15 @@ def encode_local_round(update: LocalRound) -> bytes:
             "normal": update.hist_normal.tolist(),
             "normal_positives": update.hist_normal_pos.tolist(),
             "normal_negatives": update.hist_normal_neg.tolist(),
+            "discriminant_positives": update.hist_disc_pos.tolist(),
+            "discriminant_negatives": update.hist_disc_neg.tolist(),
             "prequential": _confusion_dict(c),
             "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
         },
         "timestamp": format_timestamp(update.timestamp_ms),
     }
+    if update.anomalous.count:  # most rounds see no anomaly: absent means none (decode)
+        message["anomalous"] = _normal_dict(update.anomalous)
     if fast:
         try:
             return orjson.dumps(message)
@@ -739,6 +752,14 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         since_ms=_integer(obj, "state_since_ms", 0, MAX_TIMESTAMP_MS)
         if "state_since_ms" in obj
         else 0,
+        # Added to the contract later: an older learner's round has no anomalous statistics.
+        anomalous=(
+            _normal_from(obj["anomalous"], "anomalous")
+            if "anomalous" in obj
+            else NormalStats.empty(N_FEATURES)
+        ),
+        hist_disc_pos=_optional_counts(scores, "discriminant_positives", bins),
+        hist_disc_neg=_optional_counts(scores, "discriminant_negatives", bins),
     )
 
 
@@ -765,7 +786,7 @@ def _candidates_from(obj: Any) -> dict[str, Confusion]:
     return {k: _confusion_from(v, f"scores.candidates.{k}") for k, v in obj.items()}
 
 
-DETECTOR_KINDS = ("supervised", "label_free", "zscore")
+DETECTOR_KINDS = ("supervised", "discriminant", "label_free", "zscore")
 
 
 #: The field of a global version that carries its HMAC, and the algorithm's label in it.
@@ -801,6 +822,10 @@ def _signed_content(model: GlobalParams) -> bytes:
         None if model.normal_threshold is None else float(model.normal_threshold),
         str(model.label_source),
         str(model.detector),
+        None
+        if model.discriminant is None
+        else np.asarray(model.discriminant, dtype=np.float64).ravel().tolist(),
+        None if model.discriminant_threshold is None else float(model.discriminant_threshold),
     ]
     return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
 
@@ -830,6 +855,8 @@ def encode_global_params(
             "normal_threshold": model.normal_threshold,
             "label_source": model.label_source,
             "detector": model.detector,
+            "discriminant": None if model.discriminant is None else model.discriminant.tolist(),
+            "discriminant_threshold": model.discriminant_threshold,
             "timestamp": format_timestamp(timestamp_ms),
             **extra,
             SIGNATURE_FIELD: sign_global_params(model, key),
@@ -849,6 +876,12 @@ def _global_from(obj: dict[str, Any]) -> GlobalParams:
         normal_threshold=_finite(obj, "normal_threshold", optional=True),
         label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
         detector=_choice(obj, "detector", DETECTOR_KINDS),
+        discriminant=(
+            None
+            if obj.get("discriminant") is None
+            else _floats(obj, "discriminant", N_FEATURES + 1)
+        ),
+        discriminant_threshold=_finite(obj, "discriminant_threshold", optional=True),
     )
 
 

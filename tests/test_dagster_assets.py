@@ -354,3 +354,32 @@ def test_backfill_beyond_retention_keeps_rows_of_the_newest_versions(fleet_env) 
     }
     checks = list(check_results(FleadResource.for_settings(settings), range(1, 7)))
     assert checks and all(c.passed for c in checks), [c.metadata for c in checks]
+
+
+def test_a_stored_version_brings_its_discriminant_to_the_evaluation() -> None:
+    from streaming.model.detectors import Network
+    from streaming.model.features import N_FEATURES
+
+    w = np.arange(N_FEATURES + 1, dtype=np.float64) / 10
+    normal = {"count": 0.0, "mean": [0.0] * N_FEATURES, "comoment": [0.0] * N_FEATURES**2}
+    row = {
+        "global_version": 4,
+        "hidden": 0,
+        "weights": [0.0] * Network(N_FEATURES, 0).size,
+        "threshold": None,
+        "normal_threshold": None,
+        "label_source": "ground_truth",
+        "detector": "discriminant",
+        "server_state": {
+            "normal": normal,
+            "discriminant": {"params": w.tolist(), "threshold": 1.5},
+        },
+    }
+    model = evaluation.global_params(row)
+    np.testing.assert_array_equal(model.discriminant, w)
+    assert model.discriminant_threshold == 1.5 and model.detector == "discriminant"
+    row["server_state"] = {"normal": normal}  # made before the discriminant existed
+    assert evaluation.global_params(row).discriminant is None
+    row["server_state"] = {"normal": normal, "discriminant": {"params": [1.0]}}
+    with pytest.raises(evaluation.NotEvaluable, match="discriminant"):
+        evaluation.global_params(row)

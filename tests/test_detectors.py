@@ -357,3 +357,73 @@ def test_quantile_threshold_hand_computed():
     assert quantile_threshold(np.zeros(5), edges, 0.1) is None
     # Counts may be faded (non-integer) sums.
     assert quantile_threshold(counts * 0.9, edges, 0.2) == 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# The discriminant
+# --------------------------------------------------------------------------------------------
+
+
+def test_discriminant_of_uncorrelated_classes_is_hand_computed():
+    # Two classes on symmetric grids: the pooled covariance is exactly diagonal, so the shrink
+    # towards the diagonal does nothing and Fisher's direction is gap / variance per feature.
+    grid = np.array([[x, y] for x in (-1.0, 1.0) for y in (-2.0, 2.0)])
+    normal = NormalStats.of(grid)  # mean (0, 0)
+    anomalous = NormalStats.of(grid + np.array([3.0, 4.0]))  # mean (3, 4)
+    # Pooled covariance: comoments (4, 16) per class summed, over 4 + 4 - 2 rows: (8/6, 32/6).
+    var = np.array([8.0 / 6.0, 32.0 / 6.0])
+    w = np.array([3.0, 4.0]) / var
+    distance = np.sqrt(np.array([3.0, 4.0]) @ w)
+    found = D.discriminant(normal, anomalous)
+    np.testing.assert_allclose(found[:-1], w / distance)
+    np.testing.assert_allclose(found[-1], -0.5 * (np.array([3.0, 4.0]) @ (w / distance)))
+    # The score is 0 midway, ±D/2 at the class means.
+    scores = D.discriminant_scores(found, np.array([[0.0, 0.0], [1.5, 2.0], [3.0, 4.0]]))
+    np.testing.assert_allclose(scores, [-distance / 2, 0.0, distance / 2], atol=1e-12)
+    # Equal class sizes: the Bayes boundary is the midpoint; 3× more normal rows: ln 3 / D.
+    assert D.discriminant_boundary(normal, anomalous) == pytest.approx(0.0)
+    triple = NormalStats.of(np.vstack((grid, grid, grid)))
+    assert D.discriminant_boundary(triple, anomalous) == pytest.approx(
+        np.log(3.0) / D._fisher(triple, anomalous)[1]
+    )
+
+
+class _ShrunkCovariance:
+    """scikit-learn's covariance-estimator protocol with the documented shrink (SHRINK towards
+    the diagonal), so LinearDiscriminantAnalysis fits the model the module means to compute."""
+
+    def fit(self, X):
+        cov = np.cov(X, rowvar=False, bias=True)
+        self.covariance_ = (1 - D.SHRINK) * cov + D.SHRINK * np.diag(np.diag(cov))
+        return self
+
+
+def test_discriminant_agrees_with_sklearn_lda():
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+
+    rng = np.random.default_rng(3)
+    mix = rng.normal(size=(5, 5))
+    X0 = rng.normal(size=(3000, 5)) @ mix
+    X1 = rng.normal(size=(1000, 5)) @ mix + rng.normal(0, 2, 5)
+    found = D.discriminant(NormalStats.of(X0), NormalStats.of(X1))
+    boundary = D.discriminant_boundary(NormalStats.of(X0), NormalStats.of(X1))
+    X = np.vstack((X0, X1))
+    y = np.r_[np.zeros(len(X0)), np.ones(len(X1))]
+    lda = LinearDiscriminantAnalysis(solver="lsqr", covariance_estimator=_ShrunkCovariance())
+    lda.fit(X, y)
+    # Same direction (sklearn's covariance divides by n, this one by n - 2: scale only) ...
+    cosine = found[:-1] @ lda.coef_[0] / np.linalg.norm(found[:-1]) / np.linalg.norm(lda.coef_[0])
+    assert cosine == pytest.approx(1.0, abs=1e-9)
+    # ... and the same decisions at the Bayes boundary (sklearn: posterior log-odds > 0).
+    probe = rng.normal(size=(500, 5)) @ mix + rng.normal(0, 1, 5)
+    ours = D.discriminant_scores(found, probe) >= boundary
+    theirs = lda.decision_function(probe) >= 0
+    assert np.mean(ours == theirs) > 0.995
+
+
+def test_discriminant_needs_two_rows_per_class_and_distinct_means():
+    rows = np.random.default_rng(0).normal(size=(10, 3))
+    assert D.discriminant(NormalStats.of(rows), NormalStats.of(rows[:1])) is None
+    assert D.discriminant(NormalStats.empty(3), NormalStats.of(rows)) is None
+    assert D.discriminant(NormalStats.of(rows), NormalStats.of(rows)) is None  # same means
+    assert D.discriminant_boundary(NormalStats.of(rows), NormalStats.of(rows[:1])) is None

@@ -431,3 +431,47 @@ def test_settings_reach_the_rule():
     assert config.make_rule().max_samples == 50 + 32
     with pytest.raises(ValueError, match="FLEAD_FEDAVG"):
         FederationConfig.from_settings(load_settings({"FLEAD_FEDAVG_STRATEGY": "mean"}))
+
+
+def test_the_server_state_keeps_the_discriminant_across_a_restart():
+    from streaming.fedavg import state_from_row, state_to_json
+
+    rng = np.random.default_rng(5)
+    fed = Federation(FederationConfig(min_devices=1, hidden=HIDDEN))
+    round_ = LocalRound(
+        device_id="dev_a",
+        round=1,
+        base_version=0,
+        params=NETWORK.initial(),
+        samples=40,
+        label_source="ground_truth",
+        loss=0.5,
+        accuracy=0.9,
+        normal=NormalStats.of(rng.normal(0, 1, (34, N_FEATURES))),
+        hist_pos=np.zeros(LOGIT_EDGES.size + 1),
+        hist_neg=np.zeros(LOGIT_EDGES.size + 1),
+        hist_normal=np.zeros(NORMAL_EDGES.size + 1),
+        scored_version=0,
+        prequential=Confusion(0, 0, 0, 0),
+        timestamp_ms=0,
+        anomalous=NormalStats.of(rng.normal(2, 1, (6, N_FEATURES))),
+        hist_disc_pos=np.eye(LOGIT_EDGES.size + 1)[60] * 3,
+    )
+    fed.add(round_)
+    model = fed.close(0).model
+    assert model.discriminant is not None and model.discriminant_threshold is not None
+    saved = json.loads(json.dumps(state_to_json(fed)))  # as jsonb gives it back
+    row = (model.version, model.hidden, model.params.tolist(), model.threshold,
+           model.normal_threshold, model.label_source, model.detector, saved)  # fmt: skip
+    state, _ = state_from_row(row)
+    np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
+    assert state.current.discriminant_threshold == model.discriminant_threshold
+    assert state.anomalous.count == 6
+    np.testing.assert_array_equal(state.anomalous.comoment, fed.state.anomalous.comoment)
+    np.testing.assert_array_equal(state.hist_disc_pos, fed.state.hist_disc_pos)
+    # A state saved before the discriminant existed: none, and empty statistics.
+    for key in ("anomalous", "hist_disc_pos", "hist_disc_neg", "discriminant"):
+        del saved[key]
+    state, _ = state_from_row((*row[:-1], saved))
+    assert state.current.discriminant is None and state.anomalous.count == 0
+    assert state.hist_disc_neg.sum() == 0

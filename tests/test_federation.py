@@ -407,3 +407,90 @@ def test_a_version_from_part_of_the_fleet_takes_that_share_of_the_step():
     first = first_round(fed, ids, ts=0).model.params
     fed.add(update(ids[0], 2 * MINUTE, base=1, params=alone))
     np.testing.assert_allclose(fed.close(2 * MINUTE).model.params, alone, rtol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# The discriminant and the detector choice
+# --------------------------------------------------------------------------------------------
+
+
+def own_fisher(normal: np.ndarray, anomalous: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Fisher's discriminant by hand from the rows: pooled covariance (n0 + n1 - 2), shrunk 5 %
+    towards its diagonal, direction scaled to unit within-class spread; (w, b, D)."""
+    m0, m1 = normal.mean(0), anomalous.mean(0)
+    scatter = (normal - m0).T @ (normal - m0) + (anomalous - m1).T @ (anomalous - m1)
+    cov = scatter / (len(normal) + len(anomalous) - 2)
+    cov = 0.95 * cov + 0.05 * np.diag(np.diag(cov))
+    w = np.linalg.solve(cov, m1 - m0)
+    distance = np.sqrt((m1 - m0) @ w)
+    w = w / distance
+    return w, -0.5 * (m0 + m1) @ w, distance
+
+
+def test_the_discriminant_is_that_of_all_rows_pooled_whatever_the_grouping():
+    rng = np.random.default_rng(21)
+    normal = [rng.normal(0, 1, (40, N_FEATURES)) for _ in range(4)]
+    anomalous = [rng.normal(1.5, 1.2, (6, N_FEATURES)) for _ in range(4)]
+    w, b, distance = own_fisher(np.vstack(normal), np.vstack(anomalous))
+
+    def stats_update(i: int, ts: int) -> LocalRound:
+        return replace(
+            update(f"d{i}", ts, seed=i, rows=normal[i]), anomalous=NormalStats.of(anomalous[i])
+        )
+
+    together = Federation(fed_config(min_devices=4, normal_decay=1.0))
+    for i in range(4):
+        together.add(stats_update(i, 0))
+    model = together.close(0).model
+    np.testing.assert_allclose(model.discriminant, np.r_[w, b], rtol=1e-9, atol=1e-12)
+    # No score histogram yet: the Bayes boundary with the classes' shares as priors.
+    assert model.discriminant_threshold == pytest.approx(np.log(160 / 24) / distance)
+    # One device per version, in another order: the same discriminant (sums are exact).
+    one_by_one = Federation(fed_config(min_devices=1, normal_decay=1.0))
+    for i in (2, 0, 3, 1):
+        one_by_one.add(stats_update(i, 0))
+        last = one_by_one.close(0).model
+    np.testing.assert_allclose(last.discriminant, model.discriminant, rtol=1e-9, atol=1e-12)
+
+
+def test_the_discriminant_threshold_is_the_best_mcc_of_its_histograms():
+    rng = np.random.default_rng(22)
+    bins = LOGIT_EDGES.size + 1
+    pos = np.bincount(np.clip(rng.normal(50, 5, 30).astype(int), 0, bins - 1), minlength=bins)
+    neg = np.bincount(np.clip(rng.normal(38, 6, 400).astype(int), 0, bins - 1), minlength=bins)
+    fed = Federation(fed_config(min_devices=1))
+    first = replace(
+        update("a", 0, rows=rng.normal(0, 1, (30, N_FEATURES))),
+        anomalous=NormalStats.of(rng.normal(2, 1, (5, N_FEATURES))),
+        hist_disc_pos=pos.astype(float),
+        hist_disc_neg=neg.astype(float),
+    )
+    fed.add(first)
+    assert fed.close(0).model.discriminant_threshold == brute_force_mcc_threshold(pos, neg)
+    # Without anomalous rows anywhere there is no discriminant (and no threshold to use).
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(update("a", 0))
+    model = fed.close(0).model
+    assert model.discriminant is None and model.discriminant_threshold is None
+
+
+def test_the_choice_keeps_faded_evidence_instead_of_rounding_it_away():
+    # One version saw anomalies: the network caught them, the rule did not. Then 30 versions
+    # without a labelled anomaly: faded by 0.9 per version the counts drop far below 1, and
+    # their Matthews correlations still rank the network first.
+    fed = Federation(fed_config(min_devices=1, selection_decay=0.9))
+    fed.add(update("a", 0))
+    fed.close(0)
+    labelled = replace(
+        update("a", 0, base=1, scored_version=1),
+        candidates={"supervised": Confusion(4, 1, 40, 0), "zscore": Confusion(1, 6, 35, 3)},
+        hist_pos=np.eye(LOGIT_EDGES.size + 1)[50] * 4,
+        hist_neg=np.eye(LOGIT_EDGES.size + 1)[30] * 41,
+    )
+    fed.add(labelled)
+    assert fed.close(0).model.detector == "supervised"
+    for _ in range(30):
+        fed.add(update("a", 0, base=fed.version))
+        model = fed.close(0).model
+    assert fed.state.candidates["supervised"][0] < 0.5  # rounded, tp would be 0
+    assert model.detector == "supervised"

@@ -115,8 +115,28 @@ def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -
             normal_threshold=3.0,
             label_source="ground_truth",
             detector="supervised",
+            discriminant=rng.normal(size=network.n_features + 1),
+            discriminant_threshold=0.5,
         )
     detector = learner.Detector(model, config)
     objects = run(readings, False, detector)
     assert len(objects) > 50
     assert run(readings, True, detector) == objects
+
+
+def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None:
+    # Format 1 had no discriminant histograms: its bytes are format 2's without those two arrays.
+    state = learner.DeviceState()
+    state.hist_pos[3], state.hist_normal_neg[5], state.hist_disc_pos[7] = 2, 4, 9
+    payload = encode_state(state)
+    header = np.frombuffer(payload, np.int64, 22).copy()
+    bins = state.hist_pos.size
+    start = 8 * (22 + 2 * bins + 3 * state.hist_normal.size)  # no buffered rows: no labels
+    assert header[0] == 2
+    header[0] = 1
+    old = header.tobytes() + payload[8 * 22 : start] + payload[start + 8 * 2 * bins :]
+    decoded = decode_state(old)
+    assert decoded.hist_pos[3] == 2 and decoded.hist_normal_neg[5] == 4
+    assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
+    again = decode_state(payload)
+    assert again.hist_disc_pos[7] == 9

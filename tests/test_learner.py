@@ -183,6 +183,16 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         rows, labels = X[taken : taken + n], y[taken : taken + n]
         normal = rows[labels == 0]
         assert update.normal.count == normal.shape[0]
+        anomalous = rows[labels == 1]  # the round's own: none is replayed (positive_memory 0)
+        assert update.anomalous.count == anomalous.shape[0]
+        if anomalous.shape[0]:
+            np.testing.assert_allclose(update.anomalous.mean, anomalous.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(
+                update.anomalous.comoment,
+                np.cov(anomalous, rowvar=False, ddof=0) * anomalous.shape[0],
+                rtol=1e-9,
+                atol=1e-9,
+            )
         np.testing.assert_allclose(update.normal.mean, normal.mean(0), rtol=1e-12, atol=1e-12)
         np.testing.assert_allclose(
             update.normal.comoment,
@@ -195,6 +205,7 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         assert update.round == len(sizes) and update.timestamp_ms == 1_000
         assert update.device_id == "dev-1" and update.base_version == 0
     assert sizes == [50, 50, 30]  # the last: all that waits (>= min_round_samples)
+    assert (y == 1).any()  # the anomalous statistics were checked on some round
     assert state.rounds == 3
 
 
@@ -301,8 +312,17 @@ def normal_stats(seed: int = 4) -> NormalStats:
     return NormalStats.of(rng.uniform(0, 3, size=(200, N_FEATURES)))
 
 
+def test_a_round_without_anomalies_reports_no_anomalous_statistics():
+    cfg = config()
+    n = 140
+    state, _ = buffered_state(cfg, n, labels=np.zeros(n, np.int64))
+    update = train_round(state, "dev", None, cfg, 0)
+    assert update.anomalous.count == 0
+    np.testing.assert_array_equal(update.anomalous.comoment, np.zeros((N_FEATURES, N_FEATURES)))
+
+
 def test_detector_before_any_model_is_the_zscore_rule():
-    for wanted in ("auto", "supervised", "label_free", "zscore"):
+    for wanted in ("auto", "supervised", "discriminant", "label_free", "zscore"):
         det = Detector(None, config(detector=wanted))
         assert det.kind == "zscore" and det.version == 0
     cfg = config()
@@ -325,6 +345,9 @@ def test_detector_before_any_model_is_the_zscore_rule():
         ("zscore", None, 1.0, "supervised", "zscore"),
         ("supervised", 0.5, 1.0, "label_free", "label_free"),
         ("supervised", 0.5, 1.0, "zscore", "zscore"),
+        ("discriminant", 0.5, 1.0, "auto", "discriminant"),
+        ("discriminant", None, 1.0, "auto", "zscore"),  # its threshold not calibrated
+        ("supervised", 0.5, 1.0, "discriminant", "discriminant"),
     ],
 )
 def test_detector_kind(model_detector, threshold, normal_threshold, wanted, expected):
@@ -336,6 +359,8 @@ def test_detector_kind(model_detector, threshold, normal_threshold, wanted, expe
         normal=normal_stats(),
         normal_threshold=normal_threshold,
         detector=model_detector,
+        discriminant=np.ones(N_FEATURES + 1),
+        discriminant_threshold=threshold,
     )
     det = Detector(model, cfg)
     assert det.kind == expected
@@ -369,6 +394,7 @@ def calibrated_model(cfg: LearnerConfig, features: np.ndarray, version: int = 1)
     params = np.random.default_rng(11).normal(size=N_FEATURES + 1)
     logits = own_logits(params, features)
     stats = normal_stats()
+    w = np.random.default_rng(13).normal(size=N_FEATURES + 1)
     return global_model(
         cfg,
         params,
@@ -377,6 +403,8 @@ def calibrated_model(cfg: LearnerConfig, features: np.ndarray, version: int = 1)
         normal=stats,
         normal_threshold=float(np.quantile(own_normal_scores(stats, features), 0.7)),
         detector="supervised",
+        discriminant=w,
+        discriminant_threshold=float(np.quantile(features @ w[:-1] + w[-1], 0.75)),
     )
 
 
@@ -389,6 +417,21 @@ def test_supervised_decisions_are_the_logit_rule():
     np.testing.assert_allclose(decision.score, logits, rtol=1e-12)
     np.testing.assert_array_equal(decision.flagged, scored.warm & (logits >= model.threshold))
     assert decision.kind == "supervised" and decision.version == 1
+
+
+def test_discriminant_decisions_are_the_linear_rule():
+    cfg = config(detector="discriminant")
+    _, scored = scored_batch(cfg)
+    w = np.random.default_rng(12).normal(size=N_FEATURES + 1)
+    own = scored.features @ w[:-1] + w[-1]
+    threshold = float(np.quantile(own[scored.warm], 0.75))
+    model = global_model(
+        cfg, np.zeros(N_FEATURES + 1), discriminant=w, discriminant_threshold=threshold
+    )
+    decision = Detector(model, cfg).decide(scored)
+    np.testing.assert_allclose(decision.score, own, rtol=1e-12)
+    np.testing.assert_array_equal(decision.flagged, scored.warm & (own >= threshold))
+    assert decision.kind == "discriminant" and decision.version == 3
 
 
 def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
@@ -408,12 +451,16 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
     logits = own_logits(model.params, scored.features[warm])
     supervised = (logits >= model.threshold).astype(np.int64)
     label_free = own_normal_scores(model.normal, scored.features[warm]) >= model.normal_threshold
+    disc = scored.features[warm] @ model.discriminant[:-1] + model.discriminant[-1]
     rule = rule_of(scored, cfg)[warm]
     expected_preq = sk_confusion(actual, supervised[labelled])
     expected_candidates = {
         "zscore": sk_confusion(actual, rule[labelled]),
         "supervised": expected_preq,
         "label_free": sk_confusion(actual, label_free[labelled].astype(np.int64)),
+        "discriminant": sk_confusion(
+            actual, (disc[labelled] >= model.discriminant_threshold).astype(np.int64)
+        ),
     }
     assert state.prequential == expected_preq
     assert state.candidates == expected_candidates
@@ -431,6 +478,10 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
         bins = np.searchsorted(NORMAL_EDGES, normal[truth == label], side="right")
         np.testing.assert_array_equal(hist, np.bincount(bins, minlength=NORMAL_EDGES.size + 1))
     assert state.hist_normal_pos.sum() == np.count_nonzero(truth == 1) > 0
+    # The discriminant's scores of all warm rows, by the round's labels (like the network's).
+    for hist, label in ((state.hist_disc_pos, 1), (state.hist_disc_neg, 0)):
+        bins = np.searchsorted(LOGIT_EDGES, disc[y == label], side="right")
+        np.testing.assert_array_equal(hist, np.bincount(bins, minlength=LOGIT_EDGES.size + 1))
 
     update = train_round(state, "dev", model, cfg, 0)
     assert update.scored_version == 1
@@ -438,9 +489,11 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
     assert update.candidates == expected_candidates
     assert update.hist_pos.sum() == np.count_nonzero(y == 1)
     assert update.hist_normal_neg.sum() == np.count_nonzero(truth == 0)
+    assert update.hist_disc_pos.sum() == np.count_nonzero(y == 1)
     # The counts went with the update: the next round starts from zero.
     assert state.prequential == Confusion(0, 0, 0, 0) and state.candidates == {}
     assert state.hist_pos.sum() == 0 == state.hist_normal_pos.sum() == state.hist_normal_neg.sum()
+    assert state.hist_disc_pos.sum() == 0 == state.hist_disc_neg.sum()
 
 
 def test_a_new_version_resets_the_counts():

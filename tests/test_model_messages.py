@@ -51,6 +51,9 @@ def local_round(**overrides) -> LocalRound:
         "prequential": Confusion(3, 1, 40, 2),
         "timestamp_ms": TS,
         "candidates": {"zscore": Confusion(2, 5, 36, 3), "supervised": Confusion(3, 1, 40, 2)},
+        "anomalous": NormalStats.of(rng.uniform(2, 9, size=(6, N_FEATURES))),
+        "hist_disc_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
+        "hist_disc_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
     }
     fields.update(overrides)
     return LocalRound(**fields)
@@ -68,6 +71,8 @@ def global_params(**overrides) -> GlobalParams:
         "normal_threshold": 2.5,
         "label_source": "ground_truth",
         "detector": "label_free",
+        "discriminant": rng.normal(size=N_FEATURES + 1),
+        "discriminant_threshold": 0.75,
     }
     fields.update(overrides)
     return GlobalParams(**fields)
@@ -107,15 +112,30 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         "hist_normal",
         "hist_normal_pos",
         "hist_normal_neg",
+        "hist_disc_pos",
+        "hist_disc_neg",
     ):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert_normal_equal(a.normal, b.normal)
+    assert_normal_equal(a.anomalous, b.anomalous)
 
 
 def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
-    for name in ("version", "hidden", "threshold", "normal_threshold", "label_source", "detector"):
+    for name in (
+        "version",
+        "hidden",
+        "threshold",
+        "normal_threshold",
+        "label_source",
+        "detector",
+        "discriminant_threshold",
+    ):
         assert getattr(a, name) == getattr(b, name), name
     np.testing.assert_array_equal(a.params, b.params)
+    if a.discriminant is None or b.discriminant is None:
+        assert a.discriminant is None and b.discriminant is None
+    else:
+        np.testing.assert_array_equal(a.discriminant, b.discriminant)
     assert_normal_equal(a.normal, b.normal)
 
 
@@ -132,6 +152,7 @@ def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
         {"params": np.zeros(N_FEATURES + 1), "normal": NormalStats.empty()},
         {"timestamp_ms": 0, "device_id": "é-ü-device"},
         {"since_ms": 1_762_473_600_123},
+        {"anomalous": NormalStats.empty(), "candidates": {"discriminant": Confusion(1, 2, 3, 4)}},
     ],
 )
 def test_local_round_round_trip(overrides):
@@ -152,6 +173,26 @@ def test_a_local_round_without_its_state_start_decodes_with_zero():
         payload["state_since_ms"] = bad
         with pytest.raises(InvalidMessage, match="state_since_ms"):
             decode_local_round(json.dumps(payload))
+
+
+def test_a_round_without_anomalies_leaves_their_statistics_out():
+    # Most rounds see no anomaly: 342 zeros per round would be wire for nothing.
+    assert "anomalous" not in json.loads(
+        encode_local_round(local_round(anomalous=NormalStats.empty()))
+    )
+    assert json.loads(encode_local_round(local_round()))["anomalous"]["count"] == 6.0
+
+
+def test_a_local_round_of_an_older_learner_decodes_without_the_discriminant_fields():
+    payload = json.loads(encode_local_round(local_round()))
+    del payload["anomalous"]
+    del payload["scores"]["discriminant_positives"], payload["scores"]["discriminant_negatives"]
+    decoded = decode_local_round(json.dumps(payload))
+    assert decoded.anomalous.count == 0
+    assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
+    payload["anomalous"] = {"count": 1.0, "mean": [0.0]}  # present, it must be whole
+    with pytest.raises(InvalidMessage, match="mean must have 18 numbers"):
+        decode_local_round(json.dumps(payload))
 
 
 def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():
@@ -176,6 +217,8 @@ def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():
             "label_source": "pseudo",
         },
         {"hidden": 0, "normal": NormalStats.empty(), "detector": "supervised"},
+        {"discriminant": None, "discriminant_threshold": None},
+        {"detector": "discriminant"},
     ],
 )
 def test_global_params_round_trip(overrides):
@@ -240,6 +283,9 @@ def test_a_version_signed_with_another_key_is_refused():
         (("normal", "comoment", 7), 4.0),
         (("label_source",), "pseudo"),
         (("detector",), "zscore"),
+        (("discriminant", 2), 5.0),
+        (("discriminant",), None),
+        (("discriminant_threshold",), -0.5),
     ],
 )
 def test_changing_anything_a_device_uses_breaks_the_signature(path, value):

@@ -109,12 +109,13 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
             f"version {version}: {params.size} weights, a network with {hidden} hidden units"
             f" has {size}"
         )
+    state = row.get("server_state")
+    if isinstance(state, str):
+        state = json.loads(state)
     normal = row.get("normal")
     if normal is None:
-        state = row.get("server_state")
-        if isinstance(state, str):
-            state = json.loads(state)
         normal = state.get("normal") if isinstance(state, Mapping) else None
+    discriminant, discriminant_threshold = _discriminant(state, version)
 
     def optional(name: str) -> float | None:
         value = row.get(name)
@@ -129,7 +130,23 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
         normal_threshold=optional("normal_threshold"),
         label_source=str(row.get("label_source") or "ground_truth"),
         detector=str(row.get("detector") or "zscore"),
+        discriminant=discriminant,
+        discriminant_threshold=discriminant_threshold,
     )
+
+
+def _discriminant(state: object, version: int) -> tuple[np.ndarray | None, float | None]:
+    """The version's discriminant from ``server_state -> 'discriminant'`` (none in rows made
+    before it existed)."""
+    found = state.get("discriminant") if isinstance(state, Mapping) else None
+    if not found:
+        return None, None
+    try:
+        params = np.asarray(found["params"], dtype=np.float64).reshape(N_FEATURES + 1)
+        threshold = found.get("threshold")
+        return params, None if threshold is None else float(threshold)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise NotEvaluable(f"version {version}: malformed discriminant ({exc})") from None
 
 
 def load_global_params(conn: psycopg.Connection, versions: Sequence[int]) -> list[GlobalParams]:

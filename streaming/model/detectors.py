@@ -4,6 +4,12 @@
   logistic regression) on the features of :mod:`streaming.model.features`, trained by each
   device with minibatch SGD on the class-weighted log-loss; its parameters are what FedAvg
   averages. Scores are logits.
+- **Discriminant**: Fisher's linear discriminant between the normal and the anomalous feature
+  vectors, computed by the server from the two classes' summed sufficient statistics (the same
+  ones the label-free model adds up, plus those of the anomalous rows). Summing is exact, so
+  the federated discriminant *is* the central one, whatever order or grouping devices report
+  in: unlike averaged SGD steps, it cannot drift towards the latest devices (measured on SKAB,
+  whose experiments run one after another).
 - **Label-free**: a Gaussian model of *normal* feature vectors whose sufficient statistics
   (count, mean, co-moments) devices send and the server simply adds up, exactly. A reading's
   score is its Mahalanobis length ``sqrt(d² / F)`` under that model: what is unlike the
@@ -292,6 +298,63 @@ def normal_scores(mean: np.ndarray, precision: np.ndarray, X: np.ndarray) -> np.
     d = np.asarray(X, dtype=np.float64) - mean
     q = np.einsum("ni,ij,nj->n", d, precision, d) / d.shape[1]
     return np.minimum(np.sqrt(np.maximum(q, 0.0)), NORMAL_EDGES[-1])
+
+
+# --------------------------------------------------------------------------------------------
+# Discriminant: Fisher's linear discriminant from both classes' statistics
+# --------------------------------------------------------------------------------------------
+
+MIN_CLASS_ROWS = 2.0
+"""Rows each class needs before a discriminant is made (a covariance needs two)."""
+
+
+def discriminant(normal: NormalStats, anomalous: NormalStats) -> np.ndarray | None:
+    """``[w (F), b]`` of the score ``X @ w + b``: Fisher's direction ``Σ⁻¹(μ₁ − μ₀)`` under the
+    classes' pooled within-class covariance (shrunk like :func:`normal_precision`), scaled so
+    that the score is in within-class standard deviations and 0 midway between the classes'
+    means; None until each class has :data:`MIN_CLASS_ROWS` rows.
+
+    The scale makes thresholds comparable from version to version and lets the score share
+    :data:`LOGIT_EDGES` for its calibration histograms."""
+    fisher = _fisher(normal, anomalous)
+    if fisher is None:
+        return None
+    w, distance = fisher
+    w = w / distance
+    return np.concatenate((w, [-0.5 * float((normal.mean + anomalous.mean) @ w)]))
+
+
+def discriminant_boundary(normal: NormalStats, anomalous: NormalStats) -> float | None:
+    """The discriminant's Bayes threshold: where two Gaussians with the pooled covariance and
+    the classes' shares as priors are equally likely, ``ln(n₀ / n₁) / D`` (``D``: the
+    Mahalanobis distance between the class means; the log-likelihood ratio is ``D·score``).
+    What devices use until their fresh scores have calibrated a threshold (a fleet whose
+    anomalies all came before the first discriminant never reports a fresh positive)."""
+    fisher = _fisher(normal, anomalous)
+    if fisher is None:
+        return None
+    return math.log(normal.count / anomalous.count) / fisher[1]
+
+
+def _fisher(normal: NormalStats, anomalous: NormalStats) -> tuple[np.ndarray, float] | None:
+    """``Σ⁻¹(μ₁ − μ₀)`` and the Mahalanobis distance ``D`` between the means; None without
+    :data:`MIN_CLASS_ROWS` rows per class or with coinciding means."""
+    if normal.count < MIN_CLASS_ROWS or anomalous.count < MIN_CLASS_ROWS:
+        return None
+    pooled = NormalStats(
+        normal.count + anomalous.count - 1.0, normal.mean, normal.comoment + anomalous.comoment
+    )  # normal_precision divides by count - 1: the pooled (n₀ + n₁ - 2)
+    gap = anomalous.mean - normal.mean
+    w = normal_precision(pooled) @ gap
+    spread = float(gap @ w)  # D² = wᵀΣw: the unscaled score's within-class variance
+    if not spread > 0.0 or not math.isfinite(spread):
+        return None
+    return w, math.sqrt(spread)
+
+
+def discriminant_scores(params: np.ndarray, X: np.ndarray) -> np.ndarray:
+    """The discriminant's score of each feature row (see :func:`discriminant`)."""
+    return np.asarray(X, dtype=np.float64) @ params[:-1] + params[-1]
 
 
 # --------------------------------------------------------------------------------------------
