@@ -159,7 +159,15 @@ def detection_tables(r: dict) -> list[str]:
             "",
             f"The learner alone (decode, score, train; no Flink, no broker), "
             f"{alone['readings_per_message']} readings per message of {alone['devices']} devices:"
-            f" {alone['readings_per_s']:,.0f} readings/s (best of {len(alone['passes'])} passes).",
+            f" {alone['readings_per_s']:,.0f} readings/s of wall time"
+            + (
+                f", {alone['readings_per_cpu_s']:,.0f} per second of its own CPU time"
+                if "readings_per_cpu_s" in alone
+                else ""
+            )
+            + f" (best of {len(alone['passes'])} passes"
+            + (f", measured {alone['measured_at']}" if "measured_at" in alone else "")
+            + "; the machine is shared, and CPU time leaves out what other processes took).",
         ]
     return lines
 

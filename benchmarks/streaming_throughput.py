@@ -339,7 +339,7 @@ def python_learner(settings: Settings, messages) -> dict:
     detector = learner.Detector(None, config)  # the job's detector before any global version
     states: dict[str, learner.DeviceState] = {}
     readings = 0
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     for _, value, _ in messages:
         batch = decode_readings(value)
         by_device: dict[str, list] = {}
@@ -352,7 +352,12 @@ def python_learner(settings: Settings, messages) -> dict:
             while trains and learner.round_due(state, config):
                 learner.train_round(state, device, None, config, int(time.time() * 1000))
         readings += len(batch)
-    return {"readings_per_s": readings / (time.perf_counter() - started)}
+    # CPU time beside wall time: on a shared machine the wall clock also counts the time other
+    # processes held the core, the CPU time only what the learner cost.
+    return {
+        "readings_per_s": readings / (time.perf_counter() - started),
+        "readings_per_cpu_s": readings / (time.process_time() - cpu_started),
+    }
 
 
 def bare_consume(settings: Settings, topic: str, messages: int) -> dict:
