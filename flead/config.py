@@ -118,9 +118,6 @@ class Settings:
     fedavg_fleet_memory_s: float = 86_400.0  # a version from fewer devices than usual moves less
     fedavg_server_momentum: float = 0.7  # FedAvgM: damps the version-to-version swing
     fedavg_calibration_decay: float = 0.99  # how fast old score histograms fade per version
-    # fading of the detectors' comparison counts; 0.95 (was 0.8): with 0.8 the choice followed
-    # the last few versions' devices and swung between detectors (README, detection quality)
-    fedavg_selection_decay: float = 0.95
     # fedavg | trimmed_mean | median | clipped_fedavg | geometric_median (model/aggregation.py)
     fedavg_strategy: str = "fedavg"
     fedavg_trim_fraction: float = 0.2  # trimmed_mean: share of updates cut at each end

@@ -93,7 +93,6 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
         # The version's discriminant rides here rather than in columns of its own: only the
         # service (restarting) and the evaluations read it, and both read this state.
         "discriminant": discriminant_json(s.current),
-        "candidates": {kind: counts.tolist() for kind, counts in sorted(s.candidates.items())},
         "velocity": None if s.velocity is None else s.velocity.tolist(),
         # When each device was last heard of (its own clock), for "devices active recently";
         # devices silent for longer than the active window no longer count and are dropped.
@@ -166,7 +165,6 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         anomalous=anomalous,
         hist_disc_pos=_array(saved.get("hist_disc_pos", no_hist)),
         hist_disc_neg=_array(saved.get("hist_disc_neg", no_hist)),
-        candidates={kind: _array(c) for kind, c in saved["candidates"].items()},
     )
     return state, {d: int(t) for d, t in saved.get("last_seen", {}).items()}
 

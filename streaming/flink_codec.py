@@ -17,7 +17,7 @@ import numpy as np
 
 from streaming.learner import DeviceState
 from streaming.messages import Reading
-from streaming.model.features import N_FEATURES, FeatureState
+from streaming.model.features import N_FEATURES, N_POOLED, FeatureState
 from streaming.model.metrics import Confusion
 
 # Header: bytes of the channel names, readings. A format string, not a struct.Struct: the job's
@@ -78,9 +78,15 @@ def unpacked_readings(device_id: str, payload: bytes) -> list[Reading]:
 # time. These bytes are one int64 header, the float64 arrays back to back, the int64 arrays,
 # the bool array and the names: a few numpy calls each way.
 
-_STATE_FORMAT = 2  # first header field: a later layout gets a new number (and reads this one)
-_READABLE_FORMATS = (1, 2)  # 1: before the discriminant's histograms
+_STATE_FORMAT = 3  # first header field: a later layout gets a new number (and reads this one)
+_READABLE_FORMATS = (1, 2, 3)  # 1: before the discriminant's histograms; < 3: 18 features
 _HEADER_FIELDS = 22
+
+
+def _widened(rows: np.ndarray) -> np.ndarray:
+    if rows.shape[1] == N_FEATURES:
+        return rows
+    return np.hstack((rows, np.zeros((rows.shape[0], N_FEATURES - rows.shape[1]))))
 
 
 def encode_state(state: DeviceState) -> bytes:
@@ -92,7 +98,7 @@ def encode_state(state: DeviceState) -> bytes:
     pseudo = np.concatenate(state.pseudo) if state.pseudo else np.zeros(0, bool)
     positives = -1 if state.positives is None else state.positives.shape[0]
     params = -1 if state.local_params is None else state.local_params.size
-    names = "\x00".join((*(f.channels if f is not None else ()), *state.candidates)).encode()
+    names = "\x00".join(f.channels if f is not None else ()).encode()
     p = state.prequential
     header = [
         _STATE_FORMAT,
@@ -109,7 +115,7 @@ def encode_state(state: DeviceState) -> bytes:
         p.fp,
         p.tn,
         p.fn,
-        len(state.candidates),
+        0,  # formats < 3 kept per-detector counts here; none are written any more
         len(names),
         state.hist_pos.size,
         state.hist_normal.size,
@@ -129,9 +135,6 @@ def encode_state(state: DeviceState) -> bytes:
         state.hist_normal_neg,
         state.hist_disc_pos,
         state.hist_disc_neg,
-        np.asarray(
-            [n for v in state.candidates.values() for n in (v.tp, v.fp, v.tn, v.fn)], np.int64
-        ),
     ]
     return b"".join(
         [
@@ -187,17 +190,19 @@ def decode_state(payload: bytes) -> DeviceState:
         hists += [take(np.int64, logit_bins), take(np.int64, logit_bins)]
     else:
         hists += [np.zeros(logit_bins, np.int64), np.zeros(logit_bins, np.int64)]
-    candidate_counts = take(np.int64, 4 * n_candidates).tolist()
+    take(np.int64, 4 * n_candidates)  # an older job's per-detector counts: no longer used
     features = None
     if c >= 0:
         mean, m2 = take(np.float64, c), take(np.float64, c)
         comoment = take(np.float64, c * c).reshape(c, c)
         precision = take(np.float64, c * c).reshape(c, c)
         window_values = take(np.float64, window * c).reshape(window, c)
-    rows = take(np.float64, n_rows * N_FEATURES).reshape(n_rows, N_FEATURES)
-    kept = (
-        None if positives < 0 else take(np.float64, positives * N_FEATURES).reshape(-1, N_FEATURES)
-    )
+    # Rows an older job buffered have only the pooled features: their channel slots are 0.
+    width = N_FEATURES if fmt >= 3 else N_POOLED
+    rows = _widened(take(np.float64, n_rows * width).reshape(n_rows, width))
+    kept = None
+    if positives >= 0:
+        kept = _widened(take(np.float64, positives * width).reshape(-1, width))
     local_params = None if params < 0 else take(np.float64, params)
     if c >= 0:
         last_abs_z = take(np.float64, c)
@@ -217,7 +222,6 @@ def decode_state(payload: bytes) -> DeviceState:
             last_abs_z=last_abs_z,
             gated=gated,
         )
-    kinds = names[max(c, 0) :]
     return DeviceState(
         features=features,
         rows=[rows] if n_rows else [],
@@ -236,8 +240,5 @@ def decode_state(payload: bytes) -> DeviceState:
         hist_disc_pos=hists[5],
         hist_disc_neg=hists[6],
         prequential=Confusion(tp, fp, tn, fn),
-        candidates={
-            kind: Confusion(*candidate_counts[4 * i : 4 * i + 4]) for i, kind in enumerate(kinds)
-        },
         scored_version=scored_version,
     )

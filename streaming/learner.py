@@ -68,7 +68,7 @@ class LearnerConfig:
 
     @property
     def network(self) -> Network:
-        return Network(features.N_FEATURES, self.hidden)
+        return Network(features.N_POOLED, self.hidden)
 
     @classmethod
     def from_settings(cls, settings) -> LearnerConfig:
@@ -137,7 +137,7 @@ class Detector:
     def __init__(self, model: GlobalParams | None, config: LearnerConfig) -> None:
         self.model = model
         self.config = config
-        self.network = Network(features.N_FEATURES, model.hidden if model else config.hidden)
+        self.network = Network(features.N_POOLED, model.hidden if model else config.hidden)
         self.kind = self._kind()
         if model is not None and model.normal.count >= 2:
             self.precision = detectors.normal_precision(model.normal)
@@ -251,7 +251,6 @@ class DeviceState:
         default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1, np.int64)
     )
     prequential: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
-    candidates: dict[str, Confusion] = field(default_factory=dict)  # per detector, see record
     scored_version: int = 0  # the global version the histograms and counts belong to
 
 
@@ -307,26 +306,15 @@ def record(
             state.hist_normal_neg += detectors.histogram(normal[truth == 0], NORMAL_EDGES)
         disc = detector.discriminant_scores(X)
         if disc is not None:
-            state.hist_disc_pos += detectors.histogram(disc[y == 1], LOGIT_EDGES)
-            state.hist_disc_neg += detectors.histogram(disc[y == 0], LOGIT_EDGES)
+            # Labelled rows only, like the discriminant's anomalous statistics.
+            state.hist_disc_pos += detectors.histogram(disc[truth == 1], LOGIT_EDGES)
+            state.hist_disc_neg += detectors.histogram(disc[truth == 0], LOGIT_EDGES)
     labelled = truth >= 0
     if labelled.any():
         actual = truth[labelled] == 1
         if detector.kind != "zscore":
             flagged = detector.decide(scored).flagged[warm][labelled]
             state.prequential = state.prequential + _counts(flagged, actual)
-        # How each detector the version offers would have done on the same fresh readings:
-        # the server picks the fleet's detector from these (model selection without raw data).
-        candidates = {"zscore": rule[labelled] == 1}
-        if logits is not None and detector.model.threshold is not None:
-            candidates["supervised"] = logits[labelled] >= detector.model.threshold
-        if normal is not None and detector.model.normal_threshold is not None:
-            candidates["label_free"] = normal[labelled] >= detector.model.normal_threshold
-        if disc is not None and detector.model.discriminant_threshold is not None:
-            candidates["discriminant"] = disc[labelled] >= detector.model.discriminant_threshold
-        for kind, flagged in candidates.items():
-            before = state.candidates.get(kind, Confusion(0, 0, 0, 0))
-            state.candidates[kind] = before + _counts(flagged, actual)
     state.rows.append(X)
     state.labels.append(y)
     state.pseudo.append(truth < 0)
@@ -351,7 +339,6 @@ def _reset_scores(state: DeviceState, version: int) -> None:
     state.hist_disc_pos = np.zeros_like(state.hist_disc_pos)
     state.hist_disc_neg = np.zeros_like(state.hist_disc_neg)
     state.prequential = Confusion(0, 0, 0, 0)
-    state.candidates = {}
     state.scored_version = version
 
 
@@ -378,7 +365,6 @@ class LocalRound:
     scored_version: int  # the version the histograms and prequential counts belong to
     prequential: Confusion
     timestamp_ms: int
-    candidates: dict[str, Confusion] = field(default_factory=dict)
     hist_normal_pos: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     since_ms: int = 0  # DeviceState.since_ms: with device_id and round, the round's identity
@@ -387,8 +373,8 @@ class LocalRound:
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
 
-def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """The oldest ``n`` buffered rows, their labels and how many were pseudo-labelled."""
+def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The oldest ``n`` buffered rows, their labels and which of them were pseudo-labelled."""
     X = np.vstack(state.rows)
     y = np.concatenate(state.labels)
     pseudo = np.concatenate(state.pseudo)
@@ -397,7 +383,7 @@ def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, int]:
     state.labels = [y[rest]] if X.shape[0] > n else []
     state.pseudo = [pseudo[rest]] if X.shape[0] > n else []
     state.buffered = max(X.shape[0] - n, 0)
-    return X[:n], y[:n], int(np.count_nonzero(pseudo[:n]))
+    return X[:n], y[:n], pseudo[:n]
 
 
 def train_round(
@@ -438,18 +424,20 @@ def train_round(
         seed=seed,
     )
     _remember_positives(state, X[y == 1], config.positive_memory)
+    labelled_anomalies = (y == 1) & ~pseudo
     update = LocalRound(
         device_id=device_id,
         round=version,
         base_version=base,
         params=result.params,
         samples=n,
-        label_source="pseudo" if pseudo * 2 > n else "ground_truth",
+        label_source="pseudo" if np.count_nonzero(pseudo) * 2 > n else "ground_truth",
         loss=result.loss,
         accuracy=result.accuracy,
         normal=NormalStats.of(X[y == 0]),
-        # The round's own anomalous rows only: the replayed ones were counted when they came.
-        anomalous=NormalStats.of(X[y == 1]) if y.any() else _NO_ROWS,
+        # The round's own labelled anomalies only: the replayed ones were counted when they
+        # came, and the rule's pseudo-labels would only teach the discriminant the rule.
+        anomalous=NormalStats.of(X[labelled_anomalies]) if labelled_anomalies.any() else _NO_ROWS,
         hist_pos=state.hist_pos,
         hist_neg=state.hist_neg,
         hist_normal=state.hist_normal,
@@ -460,7 +448,6 @@ def train_round(
         scored_version=state.scored_version,
         prequential=state.prequential,
         timestamp_ms=now_ms,
-        candidates=dict(state.candidates),
         since_ms=state.since_ms,
     )
     state.rounds = version

@@ -20,7 +20,7 @@ import orjson
 
 from streaming.learner import Anomaly, GlobalParams, LocalRound
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 
 
@@ -656,24 +656,20 @@ def encode_local_round(update: LocalRound) -> bytes:
     # The profile of the Flink job: json's float formatting was ~15 % of its Python time (a
     # round carries ~700 floats). orjson is ~20x faster and gives the same bytes whenever
     # _orjson_safe holds (ASCII strings too: json escapes the rest); json writes the others.
-    fast = (
-        update.device_id.isascii()
-        and all(k.isascii() for k in update.candidates)
-        and _orjson_safe(
-            update.params,
-            update.normal.mean,
-            update.normal.comoment,
-            update.anomalous.mean,
-            update.anomalous.comoment,
-            np.array(
-                [
-                    update.loss,
-                    update.accuracy,
-                    float(update.normal.count),
-                    float(update.anomalous.count),
-                ]
-            ),
-        )
+    fast = update.device_id.isascii() and _orjson_safe(
+        update.params,
+        update.normal.mean,
+        update.normal.comoment,
+        update.anomalous.mean,
+        update.anomalous.comoment,
+        np.array(
+            [
+                update.loss,
+                update.accuracy,
+                float(update.normal.count),
+                float(update.anomalous.count),
+            ]
+        ),
     )
     message = {
         "device_id": update.device_id,
@@ -696,7 +692,6 @@ def encode_local_round(update: LocalRound) -> bytes:
             "discriminant_positives": update.hist_disc_pos.tolist(),
             "discriminant_negatives": update.hist_disc_neg.tolist(),
             "prequential": _confusion_dict(c),
-            "candidates": {k: _confusion_dict(v) for k, v in update.candidates.items()},
         },
         "timestamp": format_timestamp(update.timestamp_ms),
     }
@@ -748,7 +743,6 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         scored_version=_integer(scores, "version"),
         prequential=_confusion_from(preq, "scores.prequential"),
         timestamp_ms=parse_timestamp_ms(obj.get("timestamp")),
-        candidates=_candidates_from(scores.get("candidates", {})),
         since_ms=_integer(obj, "state_since_ms", 0, MAX_TIMESTAMP_MS)
         if "state_since_ms" in obj
         else 0,
@@ -778,12 +772,6 @@ def _confusion_from(obj: Any, name: str) -> Confusion:
     if type(obj) is not dict:
         raise InvalidMessage(f"{name} must be an object with tp, fp, tn, fn")
     return Confusion(*(_integer(obj, k, 0, MAX_ROUND_COUNT) for k in ("tp", "fp", "tn", "fn")))
-
-
-def _candidates_from(obj: Any) -> dict[str, Confusion]:
-    if type(obj) is not dict or not set(obj) <= set(DETECTOR_KINDS):
-        raise InvalidMessage(f"scores.candidates must map {', '.join(DETECTOR_KINDS)} to counts")
-    return {k: _confusion_from(v, f"scores.candidates.{k}") for k, v in obj.items()}
 
 
 DETECTOR_KINDS = ("supervised", "discriminant", "label_free", "zscore")
@@ -866,7 +854,7 @@ def encode_global_params(
 
 def _global_from(obj: dict[str, Any]) -> GlobalParams:
     hidden = _integer(obj, "hidden", 0, 1024)
-    size = Network(N_FEATURES, hidden).size
+    size = Network(N_POOLED, hidden).size
     return GlobalParams(
         version=_integer(obj, "version", 1),
         hidden=hidden,

@@ -17,7 +17,7 @@ from streaming.learner import LearnerConfig
 from streaming.messages import decode_local_round, decode_readings
 from streaming.model import aggregation
 from streaming.model.detectors import Network
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_POOLED
 from tests.streaming_harness import query, read_topic
 
 #: What makes a run's outputs computable in-process: devices score with the z-score rule, so
@@ -59,7 +59,7 @@ def assert_versions_are_weighted_means(settings: Settings) -> int:
     rule = aggregation.make_rule("fedavg")
     cap = settings.train_every + settings.positive_memory
     alpha = settings.fedavg_staleness_alpha
-    reference = Network(N_FEATURES, settings.hidden_units).initial()
+    reference = Network(N_POOLED, settings.hidden_units).initial()
     known: set[str] = set()
     for version in versions:
         rows = query(

@@ -358,14 +358,14 @@ def test_backfill_beyond_retention_keeps_rows_of_the_newest_versions(fleet_env) 
 
 def test_a_stored_version_brings_its_discriminant_to_the_evaluation() -> None:
     from streaming.model.detectors import Network
-    from streaming.model.features import N_FEATURES
+    from streaming.model.features import N_FEATURES, N_POOLED
 
     w = np.arange(N_FEATURES + 1, dtype=np.float64) / 10
     normal = {"count": 0.0, "mean": [0.0] * N_FEATURES, "comoment": [0.0] * N_FEATURES**2}
     row = {
         "global_version": 4,
         "hidden": 0,
-        "weights": [0.0] * Network(N_FEATURES, 0).size,
+        "weights": [0.0] * Network(N_POOLED, 0).size,
         "threshold": None,
         "normal_threshold": None,
         "label_source": "ground_truth",

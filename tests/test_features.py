@@ -23,8 +23,19 @@ from streaming.model.features import (
 
 NO_GATE = float("inf")
 MAHAL = [i for i, name in enumerate(FEATURE_NAMES) if name.startswith("mahal_")]
-VOL = [i for i, name in enumerate(FEATURE_NAMES) if name.startswith("vol")]
-Z_LIKE = [i for i in range(len(FEATURE_NAMES)) if i not in VOL]
+VOL = [i for i, name in enumerate(FEATURE_NAMES) if "vol" in name]
+SIGNED = [i for i, name in enumerate(FEATURE_NAMES) if name.startswith("ch") and "vol" not in name]
+Z_LIKE = [i for i in range(len(FEATURE_NAMES)) if i not in VOL and i not in SIGNED]
+
+
+def signs_of_slots(a: np.ndarray) -> np.ndarray:
+    """Per feature column, the sign a channel scaling by ``a`` gives it (channels ch0, ch1, ...
+    fill the slots in order): the signed slot features follow their channel's sign."""
+    signs = np.ones(len(FEATURE_NAMES))
+    for i in SIGNED:
+        slot = int(FEATURE_NAMES[i].split("_")[0][2:])
+        signs[i] = np.sign(a[slot]) if slot < a.size else 1.0
+    return signs
 
 
 def col(name: str) -> int:
@@ -197,9 +208,11 @@ def test_batch_invariance_with_gate_single_channel():
 
 def scale_inputs():
     X = random_series(n=260, seed=7)
-    a = np.array([-3.7, -3.7, -3.7])
     b = np.array([1e6, 1e6, 1e6])
-    return X, a * X + b
+    return X, SCALE * X + b
+
+
+SCALE = np.array([-3.7, -3.7, -3.7])
 
 
 def test_scale_invariance_affine_rtol_1e6():
@@ -207,7 +220,7 @@ def test_scale_invariance_affine_rtol_1e6():
     _, fx, zx, _ = run(X)
     _, fy, zy, _ = run(Y)
     np.testing.assert_allclose(np.abs(zy), np.abs(zx), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(fy, fx, rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(fy, fx * signs_of_slots(SCALE), rtol=1e-6, atol=1e-9)
 
 
 def test_scale_invariance_affine_within_documented_epsilon():
@@ -217,7 +230,7 @@ def test_scale_invariance_affine_within_documented_epsilon():
     _, fx, zx, _ = run(X)
     _, fy, zy, _ = run(Y)
     np.testing.assert_allclose(np.abs(zy), np.abs(zx), rtol=3e-3, atol=1e-6)
-    np.testing.assert_allclose(fy, fx, rtol=3e-3, atol=3e-3)
+    np.testing.assert_allclose(fy, fx * signs_of_slots(SCALE), rtol=3e-3, atol=3e-3)
 
 
 def test_scale_invariance_pure_scaling_and_sign_is_exact():
@@ -226,7 +239,8 @@ def test_scale_invariance_pure_scaling_and_sign_is_exact():
     _, fx, zx, _ = run(X)
     _, fy, zy, _ = run(a * X)
     np.testing.assert_allclose(zy, zx * np.sign(a), rtol=1e-6, atol=1e-9)
-    np.testing.assert_allclose(fy, fx, rtol=1e-6, atol=1e-7)  # atol: logs of ratios near 1
+    # atol: logs of ratios near 1
+    np.testing.assert_allclose(fy, fx * signs_of_slots(a), rtol=1e-6, atol=1e-7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -264,9 +278,30 @@ def test_hostile_inputs_give_finite_bounded_features(name, gate, batch):
     assert np.isfinite(feats).all() and np.isfinite(z).all()
     assert feats.shape == (X.shape[0], len(FEATURE_NAMES))
     assert feats[:, Z_LIKE].min() >= 0.0 and feats[:, Z_LIKE].max() <= CAP
+    assert np.abs(feats[:, SIGNED]).max() <= CAP
     assert feats[:, VOL].min() >= -VOL_CAP and feats[:, VOL].max() <= VOL_CAP
     assert np.abs(z).max() <= CAP
     assert not warm[:WARMUP].any() and warm[WARMUP:].all()
+
+
+def test_channel_slots_hold_each_channel_signed_in_the_order_of_the_names():
+    # Channels reported as (c, a, b): slot 0 is "a", slot 1 "b", slot 2 "c", the rest zeros.
+    X = random_series(n=120, seed=12)
+    X[60:, 1] += 10.0  # "a" rises by 4 of its standard deviations
+    X[60:, 2] -= 2.0  # "b" falls by 5 of its
+    state = new_state(("c", "a", "b"))
+    state, scored = advance(state, X, gate=NO_GATE)
+    feats, z = scored.features, scored.z
+    order = [1, 2, 0]
+    slot = {name: [col(f"ch{k}_{name}") for k in range(3)] for name in F.SLOT_NAMES}
+    np.testing.assert_array_equal(feats[:, slot["z"]], z[:, order])
+    # The slots' magnitudes are the channels' pooled ones (tested against pandas above).
+    level, vol = f"level{LONG}", f"vol{LONG}"
+    np.testing.assert_allclose(np.abs(feats[:, slot[level]]).max(1), feats[:, col(f"{level}_max")])
+    np.testing.assert_allclose(feats[:, slot[vol]].min(1), feats[:, col(f"{vol}_min")])
+    assert (feats[62:80, slot[level][0]] > 0.0).all() and (feats[62:80, slot[level][1]] < 0.0).all()
+    unused = [col(f"ch{k}_{name}") for k in range(3, F.SLOTS) for name in F.SLOT_NAMES]
+    assert not feats[:, unused].any()
 
 
 def test_constant_then_change_is_a_capped_z():

@@ -27,12 +27,12 @@ from streaming.federation import Federation, FederationConfig
 from streaming.learner import LocalRound
 from streaming.messages import InvalidMessage, decode_global_params, encode_local_round
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 from tests.streaming_harness import dead_letters, read_topic, scalar, wait_for
 
 HIDDEN = 2
-NETWORK = Network(N_FEATURES, HIDDEN)
+NETWORK = Network(N_POOLED, HIDDEN)
 FLEET = ["dev_a", "dev_b", "dev_c", "dev_d", "dev_e"]
 
 
@@ -71,11 +71,6 @@ def local_round(
         scored_version=scored_version,
         prequential=prequential or Confusion(0, 0, 0, 0),
         timestamp_ms=now_ms(),
-        candidates=(
-            {"zscore": Confusion(3, 2, 40, 5), "supervised": Confusion(4, 1, 41, 4)}
-            if calibration
-            else {}
-        ),
     )
 
 
@@ -461,6 +456,7 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     model = fed.close(0).model
     assert model.discriminant is not None and model.discriminant_threshold is not None
     saved = json.loads(json.dumps(state_to_json(fed)))  # as jsonb gives it back
+    assert "candidates" not in saved
     row = (model.version, model.hidden, model.params.tolist(), model.threshold,
            model.normal_threshold, model.label_source, model.detector, saved)  # fmt: skip
     state, _ = state_from_row(row)
@@ -469,6 +465,11 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     assert state.anomalous.count == 6
     np.testing.assert_array_equal(state.anomalous.comoment, fed.state.anomalous.comoment)
     np.testing.assert_array_equal(state.hist_disc_pos, fed.state.hist_disc_pos)
+    # A state saved while per-detector counts were kept: they are ignored.
+    saved["candidates"] = {"supervised": [4.0, 1.0, 40.0, 0.0], "zscore": [1.0, 6.0, 35.0, 3.0]}
+    state, _ = state_from_row((*row[:-1], saved))
+    np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
+    assert state.anomalous.count == 6
     # A state saved before the discriminant existed: none, and empty statistics.
     for key in ("anomalous", "hist_disc_pos", "hist_disc_neg", "discriminant"):
         del saved[key]

@@ -12,11 +12,11 @@ from sklearn.metrics import matthews_corrcoef
 from streaming.federation import Federation, FederationConfig
 from streaming.learner import LocalRound
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 
 HIDDEN = 2
-SIZE = Network(N_FEATURES, HIDDEN).size
+SIZE = Network(N_POOLED, HIDDEN).size
 MINUTE = 60_000
 
 
@@ -366,7 +366,7 @@ def test_the_normal_model_is_the_sum_of_the_devices_statistics():
 def test_server_momentum_accumulates_the_deltas():
     beta = 0.5
     fed = Federation(fed_config(min_devices=1, server_momentum=beta))
-    reference = Network(N_FEATURES, HIDDEN).initial()
+    reference = Network(N_POOLED, HIDDEN).initial()
     p1 = reference + 1.0
     fed.add(update("a", 0, params=p1))
     v1 = fed.close(0).model.params
@@ -474,23 +474,55 @@ def test_the_discriminant_threshold_is_the_best_mcc_of_its_histograms():
     assert model.discriminant is None and model.discriminant_threshold is None
 
 
-def test_the_choice_keeps_faded_evidence_instead_of_rounding_it_away():
-    # One version saw anomalies: the network caught them, the rule did not. Then 30 versions
-    # without a labelled anomaly: faded by 0.9 per version the counts drop far below 1, and
-    # their Matthews correlations still rank the network first.
-    fed = Federation(fed_config(min_devices=1, selection_decay=0.9))
+def test_the_choice_is_a_fixed_preference_not_the_labelled_counts():
+    logit_bins, normal_bins = LOGIT_EDGES.size + 1, NORMAL_EDGES.size + 1
+    # The network's scores split the labelled rows perfectly; the discriminant's are spread
+    # almost alike over both classes (MCC < 0.01). Still the discriminant, once it has one.
+    rng = np.random.default_rng(23)
+    fed = Federation(fed_config(min_devices=1))
     fed.add(update("a", 0))
     fed.close(0)
-    labelled = replace(
-        update("a", 0, base=1, scored_version=1),
-        candidates={"supervised": Confusion(4, 1, 40, 0), "zscore": Confusion(1, 6, 35, 3)},
-        hist_pos=np.eye(LOGIT_EDGES.size + 1)[50] * 4,
-        hist_neg=np.eye(LOGIT_EDGES.size + 1)[30] * 41,
+    favours_the_network = replace(
+        update(
+            "a",
+            0,
+            base=1,
+            scored_version=1,
+            rows=rng.normal(0, 1, (30, N_FEATURES)),
+            hist_pos=np.eye(logit_bins)[50] * 4,
+            hist_neg=np.eye(logit_bins)[30] * 41,
+        ),
+        anomalous=NormalStats.of(rng.normal(2, 1, (5, N_FEATURES))),
+        hist_normal=np.eye(normal_bins)[20] * 45,
+        hist_disc_pos=np.eye(logit_bins)[40] * 2 + np.eye(logit_bins)[35] * 2,
+        hist_disc_neg=np.eye(logit_bins)[40] * 20 + np.eye(logit_bins)[35] * 21,
     )
-    fed.add(labelled)
-    assert fed.close(0).model.detector == "supervised"
-    for _ in range(30):
-        fed.add(update("a", 0, base=fed.version))
-        model = fed.close(0).model
-    assert fed.state.candidates["supervised"][0] < 0.5  # rounded, tp would be 0
-    assert model.detector == "supervised"
+    fed.add(favours_the_network)
+    model = fed.close(0).model
+    assert model.threshold is not None and model.normal_threshold is not None
+    assert model.discriminant is not None and model.discriminant_threshold is not None
+    assert model.detector == "discriminant"
+    # No anomalous statistics (so no discriminant), a normal model and its threshold: the
+    # label-free model, though the network has a threshold too.
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(
+        replace(
+            update("a", 0, hist_pos=np.eye(logit_bins)[50] * 4, hist_neg=np.eye(logit_bins)[30]),
+            hist_normal=np.eye(normal_bins)[20] * 45,
+        )
+    )
+    model = fed.close(0).model
+    assert model.discriminant is None and model.discriminant_threshold is None
+    assert model.threshold is not None and model.normal_threshold is not None
+    assert model.detector == "label_free"
+    # Nothing calibrated: the z-score rule; a supervised threshold alone does not change it.
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(update("a", 0))
+    model = fed.close(0).model
+    assert (model.threshold, model.normal_threshold, model.discriminant) == (None, None, None)
+    assert model.detector == "zscore"
+    fed = Federation(fed_config(min_devices=1))
+    fed.add(update("a", 0, hist_pos=np.eye(logit_bins)[50] * 4, hist_neg=np.eye(logit_bins)[30]))
+    model = fed.close(0).model
+    assert model.threshold is not None and model.normal_threshold is None
+    assert model.detector == "zscore"

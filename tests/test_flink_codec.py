@@ -11,6 +11,9 @@ import pytest
 from streaming import learner
 from streaming.flink_codec import decode_state, encode_state, pack, unpack, unpacked_readings
 from streaming.messages import Reading, encode_anomaly, encode_local_round, single_reading
+from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES
+from streaming.model.features import N_FEATURES, N_POOLED
+from streaming.model.metrics import Confusion
 from streaming.sources import synthetic_fleet
 
 
@@ -105,7 +108,7 @@ def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -
 
         rng = np.random.default_rng(1)
         network = config.network
-        rows = rng.normal(size=(200, network.n_features))
+        rows = rng.normal(size=(200, N_FEATURES))  # the normal model: every feature
         model = learner.GlobalParams(
             version=3,
             hidden=config.hidden,
@@ -115,7 +118,7 @@ def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -
             normal_threshold=3.0,
             label_source="ground_truth",
             detector="supervised",
-            discriminant=rng.normal(size=network.n_features + 1),
+            discriminant=rng.normal(size=N_FEATURES + 1),
             discriminant_threshold=0.5,
         )
     detector = learner.Detector(model, config)
@@ -125,14 +128,15 @@ def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -
 
 
 def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None:
-    # Format 1 had no discriminant histograms: its bytes are format 2's without those two arrays.
+    # Format 1 had no discriminant histograms: with no buffered row (whose width changed in
+    # format 3) and no candidate counts, its bytes are format 3's without those two arrays.
     state = learner.DeviceState()
     state.hist_pos[3], state.hist_normal_neg[5], state.hist_disc_pos[7] = 2, 4, 9
     payload = encode_state(state)
     header = np.frombuffer(payload, np.int64, 22).copy()
     bins = state.hist_pos.size
     start = 8 * (22 + 2 * bins + 3 * state.hist_normal.size)  # no buffered rows: no labels
-    assert header[0] == 2
+    assert header[0] == 3 and header[17] == 0  # no candidate counts
     header[0] = 1
     old = header.tobytes() + payload[8 * 22 : start] + payload[start + 8 * 2 * bins :]
     decoded = decode_state(old)
@@ -140,3 +144,82 @@ def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None
     assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
     again = decode_state(payload)
     assert again.hist_disc_pos[7] == 9
+
+
+def test_keyed_state_of_format_2_reads_with_its_rows_widened_by_zeros() -> None:
+    # Format 2, written here by hand: the 22-field header, the int64 arrays (labels, the seven
+    # histograms, the per-detector counts), the float64 arrays (feature state, rows and
+    # remembered anomalies of 18 features, local parameters, last |z|), pseudo flags, names.
+    rng = np.random.default_rng(4)
+    c, window, n_rows, n_pos = 2, 5, 3, 2
+    logit_bins, normal_bins = LOGIT_EDGES.size + 1, NORMAL_EDGES.size + 1
+    channels, kinds = ("humidity", "temperature"), ("zscore", "supervised")
+    names = "\x00".join(channels + kinds).encode()
+    params = rng.normal(size=N_POOLED + 1)  # the network of 18 inputs, hidden 0
+    header = [2, c, 40, 35, 32, 1, window, n_rows, n_rows, n_pos, 6, params.size, 4]
+    header += [3, 1, 40, 2, len(kinds), len(names), logit_bins, normal_bins, 1_700_000_000_000]
+    labels = np.array([0, 1, 0])
+    hists = [rng.integers(0, 9, n) for n in (logit_bins, logit_bins) + (normal_bins,) * 3]
+    hists += [rng.integers(0, 9, logit_bins) for _ in range(2)]
+    candidate_counts = np.array([2, 5, 36, 3, 3, 1, 40, 2])
+    mean, m2 = rng.normal(size=c), rng.uniform(1, 2, c)
+    comoment, precision = rng.normal(size=(c, c)), rng.normal(size=(c, c))
+    window_values = rng.normal(size=(window, c))
+    rows, kept = rng.uniform(0, 5, (n_rows, 18)), rng.uniform(0, 5, (n_pos, 18))
+    last_abs_z = rng.uniform(0, 3, c)
+    pseudo = np.array([False, True, False])
+    ints = [header, labels, *hists, candidate_counts]
+    floats = [mean, m2, comoment, precision, window_values, rows, kept, params, last_abs_z]
+    old = b"".join(
+        [
+            *(np.asarray(a, "<i8").tobytes() for a in ints),
+            *(np.asarray(a, "<f8").tobytes() for a in floats),
+            pseudo.astype("?").tobytes(),
+            names,
+        ]
+    )
+
+    state = decode_state(old)
+    f = state.features
+    assert f.channels == channels
+    assert (f.seen, f.count, f.refreshed_at, f.gated) == (40, 35, 32, 1)
+    for got, want in ((f.mean, mean), (f.m2, m2), (f.comoment, comoment)):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(f.precision, precision)
+    np.testing.assert_array_equal(f.window, window_values)
+    np.testing.assert_array_equal(f.last_abs_z, last_abs_z)
+    # The rows: their 18 pooled features, then zeros in every channel slot.
+    assert N_FEATURES > 18
+    (got_rows,) = state.rows
+    assert got_rows.shape == (n_rows, N_FEATURES) and state.positives.shape == (n_pos, N_FEATURES)
+    np.testing.assert_array_equal(got_rows[:, :18], rows)
+    np.testing.assert_array_equal(state.positives[:, :18], kept)
+    assert not got_rows[:, 18:].any() and not state.positives[:, 18:].any()
+    np.testing.assert_array_equal(state.labels[0], labels)
+    np.testing.assert_array_equal(state.pseudo[0], pseudo)
+    assert (state.buffered, state.rounds, state.scored_version) == (n_rows, 6, 4)
+    assert state.since_ms == 1_700_000_000_000
+    assert state.prequential == Confusion(3, 1, 40, 2)
+    np.testing.assert_array_equal(state.local_params, params)
+    decoded = (
+        state.hist_pos,
+        state.hist_neg,
+        state.hist_normal,
+        state.hist_normal_pos,
+        state.hist_normal_neg,
+        state.hist_disc_pos,
+        state.hist_disc_neg,
+    )
+    for got, want in zip(decoded, hists, strict=True):
+        np.testing.assert_array_equal(got, want)
+    # Written again, it is format 3 and reads back the same.
+    again = encode_state(state)
+    assert np.frombuffer(again, np.int64, 1)[0] == 3
+    assert encode_state(decode_state(again)) == again
+    np.testing.assert_array_equal(decode_state(again).rows[0], got_rows)
+    # The widened rows train: a round of the restored state has every feature's statistics.
+    config = dataclasses.replace(learner.LearnerConfig(), hidden=0, min_round_samples=1)
+    update = learner.train_round(state, "plc", None, config, 0)
+    assert update.samples == n_rows and update.params.size == params.size
+    assert update.normal.mean.shape == (N_FEATURES,)
+    np.testing.assert_array_equal(update.normal.mean[:18], rows[labels == 0].mean(0))

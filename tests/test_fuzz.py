@@ -50,7 +50,7 @@ from streaming.messages import (
     encode_reading_batch,
 )
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 from tests.conftest import isolated
 from tests.streaming_harness import (
@@ -148,7 +148,7 @@ READING_BAD = {
 }
 READING_REQUIRED = ("device_id", "timestamp", "data")
 
-NETWORK_SIZE = Network(N_FEATURES, 16).size  # settings.hidden_units below
+NETWORK_SIZE = Network(N_POOLED, 16).size  # settings.hidden_units below
 LOCAL_BAD = {
     ("device_id",): BAD_NAMES,
     ("model_version",): [0, -1, 2**31, 1.5, "3", None, "__BIGINT__"],
@@ -165,7 +165,6 @@ LOCAL_BAD = {
     ("scores", "version"): [-1, 2**31],
     ("scores", "positives"): [[0] * LOGIT_EDGES.size, [-1] * (LOGIT_EDGES.size + 1)],
     ("scores", "prequential", "tp"): [-1, 1.5, 10**9 + 1, 2**62],
-    ("scores", "candidates"): [{"crystal_ball": {"tp": 0}}, {"zscore": [1, 2, 3, 4]}],
     ("timestamp",): BAD_TIMESTAMPS,
 }
 GLOBAL_BAD = {
@@ -250,7 +249,7 @@ class Fuzzer:
         self.ledger = Ledger()
         self.producer = Producer(kafka.producer_config(settings, "admin", **{"linger.ms": 5}))
         self.hidden = settings.hidden_units
-        self.network = Network(N_FEATURES, self.hidden)
+        self.network = Network(N_POOLED, self.hidden)
         assert self.network.size == NETWORK_SIZE
 
     def send(self, topic: str, value: bytes | None, key: str | None = None) -> None:
@@ -346,7 +345,6 @@ class Fuzzer:
             scored_version=0,
             prequential=Confusion(*(draw(st.integers(0, 1000)) for _ in range(4))),
             timestamp_ms=int(time.time() * 1000),
-            candidates={},
         )
 
     def valid_round(self, draw) -> None:
@@ -354,7 +352,13 @@ class Fuzzer:
         self.ledger.next_round[device] += 1
         update = self._round(draw, device, self.ledger.next_round[device])
         self.ledger.rounds.append(update)
-        self.send("local_updates", encode_local_round(update), key=device)
+        payload = encode_local_round(update)
+        if draw(st.booleans()):  # an older learner's: per-detector counts, no longer read
+            obj = json.loads(payload)
+            counts = {"tp": 1, "fp": 2, "tn": 30, "fn": 0}
+            obj["scores"]["candidates"] = {"zscore": counts, "supervised": counts}
+            payload = dumps(obj)
+        self.send("local_updates", payload, key=device)
 
     def malformed_round(self, draw) -> None:
         # Round numbers far above the valid ones: a refused message can never be mistaken
@@ -367,12 +371,8 @@ class Fuzzer:
         if how == "corrupt":
             self.malformed("local_updates", corrupt(draw, dumps(obj)))
             return
-        if how == "delete":  # every field but the optional scores.candidates is required
-            path = draw(st.sampled_from(sorted(set(LOCAL_BAD) - {("scores", "candidates")})))
-            value = DELETE
-        else:
-            path = draw(st.sampled_from(sorted(LOCAL_BAD)))
-            value = draw(st.sampled_from(LOCAL_BAD[path]))
+        path = draw(st.sampled_from(sorted(LOCAL_BAD)))  # every field of LOCAL_BAD is required
+        value = DELETE if how == "delete" else draw(st.sampled_from(LOCAL_BAD[path]))
         self.malformed("local_updates", dumps(set_path(obj, path, value)))
 
     # global-model-updates: FedAvg's are the valid ones; everything here is a forgery or worse
@@ -708,7 +708,7 @@ def test_a_forged_global_model_is_refused_and_a_signed_newer_one_adopted(
         checkpoint_interval_ms=1000,
     )
     key = secret(s.state_dir, "model_signing_key")  # the deployment's: the job reads the same
-    network = Network(N_FEATURES, s.hidden_units)
+    network = Network(N_POOLED, s.hidden_units)
     rng = np.random.default_rng(3)
 
     def version(number: int) -> GlobalParams:

@@ -24,7 +24,7 @@ from streaming.learner import (
 )
 from streaming.messages import single_reading
 from streaming.model.detectors import INPUT_SCALE, LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES, WARMUP
+from streaming.model.features import N_FEATURES, N_POOLED, WARMUP
 from streaming.model.metrics import Confusion
 
 CHANNELS = ("humidity", "temperature")
@@ -128,12 +128,10 @@ def test_record_buffers_warm_rows_with_stream_or_rule_labels():
     np.testing.assert_array_equal(np.concatenate(state.labels), expected)
     assert int(np.concatenate(state.pseudo).sum()) == np.count_nonzero(labels[warm] < 0)
     assert rule.any() and (expected != labels[warm]).any()  # the rule did label something
-    # Before any version: no histogram, no prequential counts; the rule's candidate counts.
+    # Before any version: no histogram, no prequential counts.
     assert state.hist_pos.sum() == state.hist_neg.sum() == state.hist_normal.sum() == 0
+    assert state.hist_disc_pos.sum() == state.hist_disc_neg.sum() == 0
     assert state.prequential == Confusion(0, 0, 0, 0)
-    labelled = labels[warm] >= 0
-    assert set(state.candidates) == {"zscore"}
-    assert state.candidates["zscore"] == sk_confusion(labels[warm][labelled], rule[labelled])
 
 
 def test_record_skips_a_cold_batch():
@@ -163,18 +161,20 @@ def test_record_with_a_higher_anomaly_z_labels_fewer_rows():
 # --------------------------------------------------------------------------------------------
 
 
-def buffered_state(cfg: LearnerConfig, n: int = 140, labels=None) -> tuple[DeviceState, np.ndarray]:
+def buffered_state(cfg: LearnerConfig, n: int = 140, labels=None) -> tuple[DeviceState, tuple]:
+    """A state with ``n`` recorded readings, and its warm rows: features, training labels
+    (the rule's where unlabelled) and the stream's labels (-1: none)."""
     state, scored = scored_batch(cfg, n)
     labels = labels_for(n) if labels is None else labels
     record(state, scored, labels, Detector(None, cfg), cfg)
     rule = rule_of(scored, cfg)[scored.warm]
     y = np.where(labels[scored.warm] >= 0, labels[scored.warm], rule)
-    return state, (scored.features[scored.warm], y)
+    return state, (scored.features[scored.warm], y, labels[scored.warm])
 
 
 def test_train_round_takes_exactly_train_every_oldest_rows():
     cfg = config(train_every=50, min_round_samples=10)
-    state, (X, y) = buffered_state(cfg)  # 130 warm rows
+    state, (X, y, truth) = buffered_state(cfg)  # 130 warm rows
     sizes = []
     taken = 0
     while (update := train_round(state, "dev-1", None, cfg, now_ms=1_000)) is not None:
@@ -183,7 +183,9 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         rows, labels = X[taken : taken + n], y[taken : taken + n]
         normal = rows[labels == 0]
         assert update.normal.count == normal.shape[0]
-        anomalous = rows[labels == 1]  # the round's own: none is replayed (positive_memory 0)
+        # The round's own labelled anomalies: none is replayed (positive_memory 0), and the
+        # rule's pseudo-labels do not count.
+        anomalous = rows[(labels == 1) & (truth[taken : taken + n] == 1)]
         assert update.anomalous.count == anomalous.shape[0]
         if anomalous.shape[0]:
             np.testing.assert_allclose(update.anomalous.mean, anomalous.mean(0), rtol=1e-12)
@@ -205,7 +207,8 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         assert update.round == len(sizes) and update.timestamp_ms == 1_000
         assert update.device_id == "dev-1" and update.base_version == 0
     assert sizes == [50, 50, 30]  # the last: all that waits (>= min_round_samples)
-    assert (y == 1).any()  # the anomalous statistics were checked on some round
+    # The anomalous statistics were checked on some round, with pseudo-labels left out.
+    assert ((y == 1) & (truth == 1)).any() and ((y == 1) & (truth < 0)).any()
     assert state.rounds == 3
 
 
@@ -245,7 +248,7 @@ def global_model(cfg: LearnerConfig, params: np.ndarray, version: int = 3, **kw)
 
 def test_train_round_starts_from_the_global_params():
     cfg = config(hidden=4, epochs=0)  # no SGD step: the round returns its starting point
-    net = Network(N_FEATURES, 4)
+    net = Network(N_POOLED, 4)
     start = np.random.default_rng(3).normal(size=net.size)
     state, _ = buffered_state(cfg)
     update = train_round(state, "dev", global_model(cfg, start, version=3), cfg, 0)
@@ -257,7 +260,7 @@ def test_train_round_starts_from_the_global_params():
     np.testing.assert_array_equal(update.params, net.initial())
     assert update.base_version == 0
     state, _ = buffered_state(cfg)
-    other = global_model(cfg, np.zeros(N_FEATURES + 1), hidden=0)
+    other = global_model(cfg, np.zeros(N_POOLED + 1), hidden=0)
     update = train_round(state, "dev", other, cfg, 0)
     np.testing.assert_array_equal(update.params, net.initial())
     assert update.base_version == 0
@@ -265,7 +268,7 @@ def test_train_round_starts_from_the_global_params():
 
 def test_train_round_result_depends_on_the_global_params():
     cfg = config(hidden=0, epochs=2)
-    net = Network(N_FEATURES, 0)
+    net = Network(N_POOLED, 0)
     state, _ = buffered_state(cfg)
     twin = copy.deepcopy(state)
     a = train_round(state, "dev", global_model(cfg, np.zeros(net.size), version=1), cfg, 0)
@@ -296,7 +299,7 @@ def test_positive_memory_replays_remembered_anomalies():
     n = 140
     labels = np.zeros(n, np.int64)
     labels[[20, 30, 40, 50, 60, 70]] = 1  # all in the first round's 50 rows (rows 10..59)
-    state, (X, _) = buffered_state(cfg, n, labels=labels)
+    state, (X, _, _) = buffered_state(cfg, n, labels=labels)
     train_round(state, "dev", None, cfg, 0)
     positives = X[[i - WARMUP for i in (20, 30, 40, 50)]]
     np.testing.assert_array_equal(state.positives, positives[-4:])
@@ -354,7 +357,7 @@ def test_detector_kind(model_detector, threshold, normal_threshold, wanted, expe
     cfg = config(detector=wanted)
     model = global_model(
         cfg,
-        np.zeros(N_FEATURES + 1),
+        np.zeros(N_POOLED + 1),
         threshold=threshold,
         normal=normal_stats(),
         normal_threshold=normal_threshold,
@@ -370,13 +373,14 @@ def test_detector_kind(model_detector, threshold, normal_threshold, wanted, expe
 def test_label_free_needs_a_normal_model_of_two_rows():
     cfg = config(detector="label_free")
     one_row = NormalStats.of(np.zeros((1, N_FEATURES)))
-    model = global_model(cfg, np.zeros(N_FEATURES + 1), normal=one_row, normal_threshold=1.0)
+    model = global_model(cfg, np.zeros(N_POOLED + 1), normal=one_row, normal_threshold=1.0)
     assert Detector(model, cfg).kind == "zscore"
 
 
 def own_logits(params: np.ndarray, X: np.ndarray) -> np.ndarray:
-    """Logistic regression by hand: features / INPUT_SCALE, then w·x + b."""
-    return (X / INPUT_SCALE) @ params[:-1] + params[-1]
+    """Logistic regression by hand on the pooled block: features / INPUT_SCALE, then w·x + b."""
+    pooled = X[:, :N_POOLED]
+    return (pooled / INPUT_SCALE[:N_POOLED]) @ params[:-1] + params[-1]
 
 
 def own_normal_scores(stats: NormalStats, X: np.ndarray) -> np.ndarray:
@@ -391,7 +395,7 @@ def own_normal_scores(stats: NormalStats, X: np.ndarray) -> np.ndarray:
 
 def calibrated_model(cfg: LearnerConfig, features: np.ndarray, version: int = 1) -> GlobalParams:
     """A version whose supervised rule and label-free rule each flag some rows."""
-    params = np.random.default_rng(11).normal(size=N_FEATURES + 1)
+    params = np.random.default_rng(11).normal(size=N_POOLED + 1)
     logits = own_logits(params, features)
     stats = normal_stats()
     w = np.random.default_rng(13).normal(size=N_FEATURES + 1)
@@ -426,7 +430,7 @@ def test_discriminant_decisions_are_the_linear_rule():
     own = scored.features @ w[:-1] + w[-1]
     threshold = float(np.quantile(own[scored.warm], 0.75))
     model = global_model(
-        cfg, np.zeros(N_FEATURES + 1), discriminant=w, discriminant_threshold=threshold
+        cfg, np.zeros(N_POOLED + 1), discriminant=w, discriminant_threshold=threshold
     )
     decision = Detector(model, cfg).decide(scored)
     np.testing.assert_allclose(decision.score, own, rtol=1e-12)
@@ -434,7 +438,7 @@ def test_discriminant_decisions_are_the_linear_rule():
     assert decision.kind == "discriminant" and decision.version == 3
 
 
-def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
+def test_prequential_counts_equal_a_confusion_of_the_decisions():
     cfg = config()
     state, scored = scored_batch(cfg)
     warm = scored.warm
@@ -450,23 +454,14 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
     actual = truth[labelled]
     logits = own_logits(model.params, scored.features[warm])
     supervised = (logits >= model.threshold).astype(np.int64)
-    label_free = own_normal_scores(model.normal, scored.features[warm]) >= model.normal_threshold
     disc = scored.features[warm] @ model.discriminant[:-1] + model.discriminant[-1]
     rule = rule_of(scored, cfg)[warm]
     expected_preq = sk_confusion(actual, supervised[labelled])
-    expected_candidates = {
-        "zscore": sk_confusion(actual, rule[labelled]),
-        "supervised": expected_preq,
-        "label_free": sk_confusion(actual, label_free[labelled].astype(np.int64)),
-        "discriminant": sk_confusion(
-            actual, (disc[labelled] >= model.discriminant_threshold).astype(np.int64)
-        ),
-    }
     assert state.prequential == expected_preq
-    assert state.candidates == expected_candidates
     assert expected_preq.tp > 0 and expected_preq.fp > 0  # not a degenerate check
     # Histograms: the version's scores of all warm rows, split by the round's labels.
     y = np.where(truth >= 0, truth, rule)
+    assert ((truth < 0) & (rule == 1)).any()  # the rule's pseudo-labels differ from the stream's
     assert state.hist_pos.sum() == np.count_nonzero(y == 1)
     assert state.hist_neg.sum() == np.count_nonzero(y == 0)
     assert state.hist_normal.sum() == warm.sum()
@@ -478,20 +473,22 @@ def test_prequential_and_candidate_counts_equal_a_confusion_of_the_decisions():
         bins = np.searchsorted(NORMAL_EDGES, normal[truth == label], side="right")
         np.testing.assert_array_equal(hist, np.bincount(bins, minlength=NORMAL_EDGES.size + 1))
     assert state.hist_normal_pos.sum() == np.count_nonzero(truth == 1) > 0
-    # The discriminant's scores of all warm rows, by the round's labels (like the network's).
+    # The discriminant's scores likewise of the labelled rows only, by their stream label.
     for hist, label in ((state.hist_disc_pos, 1), (state.hist_disc_neg, 0)):
-        bins = np.searchsorted(LOGIT_EDGES, disc[y == label], side="right")
+        bins = np.searchsorted(LOGIT_EDGES, disc[truth == label], side="right")
         np.testing.assert_array_equal(hist, np.bincount(bins, minlength=LOGIT_EDGES.size + 1))
+    assert state.hist_disc_pos.sum() == np.count_nonzero(truth == 1) > 0
+    assert state.hist_disc_neg.sum() == np.count_nonzero(truth == 0) > 0
 
     update = train_round(state, "dev", model, cfg, 0)
     assert update.scored_version == 1
     assert update.prequential == expected_preq
-    assert update.candidates == expected_candidates
     assert update.hist_pos.sum() == np.count_nonzero(y == 1)
     assert update.hist_normal_neg.sum() == np.count_nonzero(truth == 0)
-    assert update.hist_disc_pos.sum() == np.count_nonzero(y == 1)
+    assert update.hist_disc_pos.sum() == np.count_nonzero(truth == 1)
+    assert update.hist_disc_neg.sum() == np.count_nonzero(truth == 0)
     # The counts went with the update: the next round starts from zero.
-    assert state.prequential == Confusion(0, 0, 0, 0) and state.candidates == {}
+    assert state.prequential == Confusion(0, 0, 0, 0)
     assert state.hist_pos.sum() == 0 == state.hist_normal_pos.sum() == state.hist_normal_neg.sum()
     assert state.hist_disc_pos.sum() == 0 == state.hist_disc_neg.sum()
 
@@ -529,7 +526,7 @@ def test_config_validation():
         config(detector="magic")
     with pytest.raises(ValueError):
         config(positive_memory=-1)
-    assert config(hidden=3).network == Network(N_FEATURES, 3)
+    assert config(hidden=3).network == Network(N_POOLED, 3)
 
 
 def test_is_held_out_is_a_deterministic_fraction():

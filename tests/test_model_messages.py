@@ -22,7 +22,7 @@ from streaming.messages import (
     encode_local_round,
 )
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 
 TS = 1_762_473_601_592  # 2025-11-07T00:00:01.592Z
@@ -31,7 +31,7 @@ KEY = "test-signing-key"
 
 def local_round(**overrides) -> LocalRound:
     rng = np.random.default_rng(0)
-    net = Network(N_FEATURES, 4)
+    net = Network(N_POOLED, 4)
     fields = {
         "device_id": "plc-7/line 2",
         "round": 12,
@@ -50,7 +50,6 @@ def local_round(**overrides) -> LocalRound:
         "scored_version": 4,
         "prequential": Confusion(3, 1, 40, 2),
         "timestamp_ms": TS,
-        "candidates": {"zscore": Confusion(2, 5, 36, 3), "supervised": Confusion(3, 1, 40, 2)},
         "anomalous": NormalStats.of(rng.uniform(2, 9, size=(6, N_FEATURES))),
         "hist_disc_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
         "hist_disc_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
@@ -65,7 +64,7 @@ def global_params(**overrides) -> GlobalParams:
     fields = {
         "version": 17,
         "hidden": hidden,
-        "params": rng.normal(size=Network(N_FEATURES, hidden).size),
+        "params": rng.normal(size=Network(N_POOLED, hidden).size),
         "threshold": -1.25,
         "normal": NormalStats.of(rng.uniform(0, 3, size=(60, N_FEATURES))),
         "normal_threshold": 2.5,
@@ -101,7 +100,6 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         "scored_version",
         "prequential",
         "timestamp_ms",
-        "candidates",
         "since_ms",
     ):
         assert getattr(a, name) == getattr(b, name), name
@@ -148,11 +146,11 @@ def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
     "overrides",
     [
         {},
-        {"base_version": 0, "scored_version": 0, "candidates": {}, "label_source": "ground_truth"},
-        {"params": np.zeros(N_FEATURES + 1), "normal": NormalStats.empty()},
+        {"base_version": 0, "scored_version": 0, "label_source": "ground_truth"},
+        {"params": np.zeros(N_POOLED + 1), "normal": NormalStats.empty()},
         {"timestamp_ms": 0, "device_id": "é-ü-device"},
         {"since_ms": 1_762_473_600_123},
-        {"anomalous": NormalStats.empty(), "candidates": {"discriminant": Confusion(1, 2, 3, 4)}},
+        {"anomalous": NormalStats.empty(), "prequential": Confusion(0, 0, 0, 0)},
     ],
 )
 def test_local_round_round_trip(overrides):
@@ -176,7 +174,7 @@ def test_a_local_round_without_its_state_start_decodes_with_zero():
 
 
 def test_a_round_without_anomalies_leaves_their_statistics_out():
-    # Most rounds see no anomaly: 342 zeros per round would be wire for nothing.
+    # Most rounds see no anomaly: N + N² zeros per round would be wire for nothing.
     assert "anomalous" not in json.loads(
         encode_local_round(local_round(anomalous=NormalStats.empty()))
     )
@@ -191,8 +189,22 @@ def test_a_local_round_of_an_older_learner_decodes_without_the_discriminant_fiel
     assert decoded.anomalous.count == 0
     assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
     payload["anomalous"] = {"count": 1.0, "mean": [0.0]}  # present, it must be whole
-    with pytest.raises(InvalidMessage, match="mean must have 18 numbers"):
+    with pytest.raises(InvalidMessage, match=f"mean must have {N_FEATURES} numbers"):
         decode_local_round(json.dumps(payload))
+
+
+def test_a_local_round_of_an_older_learner_with_candidate_counts_decodes_without_them():
+    # Per-detector counts left the contract: a round that still carries them decodes as the
+    # same round without them.
+    original = local_round()
+    payload = json.loads(encode_local_round(original))
+    assert "candidates" not in payload["scores"]
+    payload["scores"]["candidates"] = {
+        "zscore": {"tp": 2, "fp": 5, "tn": 36, "fn": 3},
+        "supervised": {"tp": 3, "fp": 1, "tn": 40, "fn": 2},
+    }
+    assert_local_equal(decode_local_round(json.dumps(payload)), original)
+    assert_local_equal(decode_local_round(json.dumps(payload).encode()), original)
 
 
 def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():
@@ -402,8 +414,6 @@ LOCAL_MUTATIONS = {
     "round 0": (("model_version",), 0),
     "string version": (("model_version",), "3"),
     "unknown label source": (("label_source",), "oracle"),
-    "unknown candidate detector": (("scores", "candidates"), {"crystal_ball": {"tp": 0}}),
-    "candidate not counts": (("scores", "candidates"), {"zscore": [1, 2, 3, 4]}),
     "missing device": (("device_id",), None),
     "control char device": (("device_id",), "dev\x00ice"),
     "long device": (("device_id",), "d" * 10_000),
@@ -425,8 +435,8 @@ def test_hostile_local_round_raises_invalid_message(name):
 
 
 GLOBAL_MUTATIONS = {
-    "huge weight": (("weights",), [1e308] * Network(N_FEATURES, 4).size),
-    "wrong length": (("weights",), [0.0] * (Network(N_FEATURES, 4).size - 1)),
+    "huge weight": (("weights",), [1e308] * Network(N_POOLED, 4).size),
+    "wrong length": (("weights",), [0.0] * (Network(N_POOLED, 4).size - 1)),
     "length of another hidden size": (("hidden",), 5),
     "version 2**40": (("version",), 2**40),
     "version 0": (("version",), 0),
@@ -553,7 +563,6 @@ LOCAL_PATHS = [
     ("scores", "normal"),
     ("scores", "prequential"),
     ("scores", "prequential", "fn"),
-    ("scores", "candidates"),
     ("timestamp",),
 ]
 GLOBAL_PATHS = [

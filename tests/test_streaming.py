@@ -22,7 +22,7 @@ from streaming import learner
 from streaming.learner import LearnerConfig, LocalRound
 from streaming.messages import Reading, decode_local_round, encode_local_round
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES
+from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 from streaming.replay import replay
 from streaming.sources import synthetic_fleet
@@ -60,7 +60,7 @@ def test_pipeline_scores_trains_and_federates(pipeline: Settings) -> None:
     anomalies = scalar(pipeline, "SELECT count(*) FROM anomalies")
     assert anomalies > 0
     assert scalar(pipeline, "SELECT count(*) FROM local_models") > 0
-    size = Network(N_FEATURES, pipeline.hidden_units).size
+    size = Network(N_POOLED, pipeline.hidden_units).size
     assert scalar(pipeline, "SELECT min(cardinality(weights)) FROM local_models") == size
     assert scalar(pipeline, "SELECT max(cardinality(weights)) FROM local_models") == size
     assert scalar(pipeline, "SELECT count(*) FROM federated_models") >= 3
@@ -173,8 +173,8 @@ def test_multichannel_fleet_gets_versions_and_model_detections(
     devices)): global versions appear, and once devices hold a calibrated version the anomaly
     records come from its detector, each saying which version, detector, score and why."""
     # detector=supervised: the devices score with the version's network once it is calibrated.
-    # (With ``auto`` the server picks the detector with the best MCC on the devices' fresh
-    # labelled readings; on this small fleet that was the z-score rule in a trial run.)
+    # (With ``auto`` the server picks by a fixed preference, the discriminant, then the
+    # label-free model, then the z-score rule: it never picks the network itself.)
     settings = isolated(
         kafka_broker,
         database,
@@ -208,7 +208,7 @@ def test_multichannel_fleet_gets_versions_and_model_detections(
             stop(settings, name)
 
     assert scalar(settings, "SELECT count(*) FROM federated_models") >= 3
-    size = Network(N_FEATURES, settings.hidden_units).size
+    size = Network(N_POOLED, settings.hidden_units).size
     assert scalar(settings, "SELECT min(cardinality(weights)) FROM local_models") == size
     assert scalar(settings, "SELECT count(DISTINCT device_id) FROM local_models") == 5
     assert_anomaly_rows_are_complete(settings)
@@ -228,7 +228,7 @@ def test_multichannel_fleet_gets_versions_and_model_detections(
 
 def local_rounds(devices: int, rounds: int, hidden: int, seed: int = 5) -> list[LocalRound]:
     rng = np.random.default_rng(seed)
-    network = Network(N_FEATURES, hidden)
+    network = Network(N_POOLED, hidden)
     now_ms = int(time.time() * 1000)
     empty = np.zeros(LOGIT_EDGES.size + 1, np.int64)
     return [

@@ -28,7 +28,7 @@ from psycopg.rows import dict_row
 from streaming import learner
 from streaming.learner import Detector, GlobalParams, LearnerConfig
 from streaming.model.detectors import Network, NormalStats
-from streaming.model.features import FEATURE_NAMES, N_FEATURES, Scored
+from streaming.model.features import FEATURE_NAMES, N_FEATURES, N_POOLED, Scored
 from streaming.model.metrics import confusion, majority_baseline
 
 SUMMARY_COLUMNS = (
@@ -100,7 +100,7 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
             f"version {version} has no 'hidden' column value: a first-model row that the"
             " detection learner cannot score"
         )
-    size = Network(N_FEATURES, int(hidden)).size
+    size = Network(N_POOLED, int(hidden)).size
     params = np.asarray(row["weights"], dtype=np.float64)
     if params.size == size - 1:
         params = np.append(params, float(row.get("bias") or 0.0))

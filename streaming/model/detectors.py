@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from streaming.model.features import CAP, FEATURE_NAMES, N_FEATURES, VOL_CAP
+from streaming.model.features import CAP, FEATURE_NAMES, N_FEATURES, N_POOLED, VOL_CAP
 
 INPUT_SCALE = np.array(
     [VOL_CAP / 2.0 if name.startswith("vol") else CAP / 3.0 for name in FEATURE_NAMES]
@@ -56,9 +56,12 @@ MAX_POSITIVE_WEIGHT = 50.0
 class Network:
     """The shape of the supervised model: ``n_features`` inputs, ``hidden`` tanh units
     (0 = logistic regression), one logit out. Parameters are one flat vector (what
-    aggregation works on): ``[W1 (F×H), b1 (H), w2 (H), b2]``, or ``[w (F), b]`` for H = 0."""
+    aggregation works on): ``[W1 (F×H), b1 (H), w2 (H), b2]``, or ``[w (F), b]`` for H = 0.
 
-    n_features: int = N_FEATURES
+    Its inputs are the first ``n_features`` columns of the feature rows it is given: by
+    default the pooled block, which means the same on every device whatever its channels."""
+
+    n_features: int = N_POOLED
     hidden: int = 16
 
     def __post_init__(self) -> None:
@@ -93,9 +96,14 @@ class Network:
         w2 = params[f * h + h : f * h + 2 * h]
         return w1, b1, w2, params[-1]
 
+    def inputs(self, X: np.ndarray) -> np.ndarray:
+        """The network's scaled inputs: the first ``n_features`` columns of the rows."""
+        f = self.n_features
+        return np.asarray(X, dtype=np.float64)[:, :f] / INPUT_SCALE[:f]
+
     def logits(self, params: np.ndarray, X: np.ndarray) -> np.ndarray:
-        """Anomaly logits of the feature rows ``X`` (n × F)."""
-        X = np.asarray(X, dtype=np.float64) / INPUT_SCALE[: self.n_features]
+        """Anomaly logits of the feature rows ``X`` (n × ≥F)."""
+        X = self.inputs(X)
         parts = self._split(params)
         if self.hidden == 0:
             w, b = parts
@@ -107,7 +115,7 @@ class Network:
         self, params: np.ndarray, X: np.ndarray, y: np.ndarray, sample_w: np.ndarray
     ) -> np.ndarray:
         """Gradient of the mean weighted log-loss over the rows (flat, like ``params``)."""
-        Xs = np.asarray(X, dtype=np.float64) / INPUT_SCALE[: self.n_features]
+        Xs = self.inputs(X)
         parts = self._split(params)
         n = Xs.shape[0]
         if self.hidden == 0:
@@ -155,8 +163,10 @@ def train(
     """
     X = np.asarray(X, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
-    if X.ndim != 2 or X.shape[1] != network.n_features or y.shape != (X.shape[0],):
-        raise ValueError(f"need X (n, {network.n_features}) and y (n,), got {X.shape}, {y.shape}")
+    if X.ndim != 2 or X.shape[1] < network.n_features or y.shape != (X.shape[0],):
+        raise ValueError(
+            f"need X (n, >= {network.n_features}) and y (n,), got {X.shape}, {y.shape}"
+        )
     if X.shape[0] == 0:
         raise ValueError("a training round needs at least one sample")
     if learning_rate <= 0 or epochs < 0 or batch_size < 1 or l2 < 0:
@@ -194,7 +204,7 @@ def _sgd(
     n = X.shape[0]
     # Inputs get a column of ones so that each bias is the last row of its weight matrix (the
     # layout of ``p`` already has b1 right after w1): one product instead of product + add.
-    Xs = np.hstack((X / INPUT_SCALE[:f], np.ones((n, 1))))
+    Xs = np.hstack((network.inputs(X), np.ones((n, 1))))
     # Each row's weight times lr / (its batch's size), so a step needs no extra scaling.
     sizes = np.minimum(batch_size, n - np.arange(n) // batch_size * batch_size)
     scaled_w = sample_w * learning_rate

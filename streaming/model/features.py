@@ -13,7 +13,14 @@ serves a one-channel humidity sensor and a twelve-channel PLC alike:
 - pooled over channels as the max and the mean (so the count of channels does not matter);
 - across channels, the Mahalanobis length of the z vector and of each level vector under the
   channels' running correlation (``mahal_*``): a reading can be normal channel by channel and
-  still break the usual relation between channels.
+  still break the usual relation between channels;
+- per channel, *signed* (``ch{i}_z``, ``ch{i}_level30``, ``ch{i}_vol30``) in :data:`SLOTS`
+  slots, the channels in the order of their names (a device that reports fewer channels has
+  zeros in the rest; channels past the last slot appear only in the pooled features). Where a
+  fleet's devices share channels, which channel moved and which way is most of what tells a
+  fault from normal operation: on SKAB these slots raised the discriminant's held-out F1 from
+  0.65 to 0.7x (README, *Detection*). The pooled block (:data:`N_POOLED` features) is what
+  the network sees; the discriminant and the label-free model see all features.
 
 Every feature is unchanged when a channel's readings become ``a·x + b`` (a ≠ 0): differences
 divided by the channel's std, then absolute values or logs of ratios. Every feature is finite
@@ -61,7 +68,10 @@ _REL_EPS = 1e-9
 """A std below this fraction of |mean| is floating-point noise, not spread (see :func:`_scale`)."""
 _ABS_EPS = 1e-12
 
-FEATURE_NAMES: tuple[str, ...] = (
+SLOTS = 8
+"""Channels with their own signed features (see the module doc)."""
+
+POOLED_NAMES: tuple[str, ...] = (
     "z_max",
     "z_mean",
     "step_max",
@@ -81,7 +91,13 @@ FEATURE_NAMES: tuple[str, ...] = (
     f"mahal_level{SHORT}",
     f"mahal_level{LONG}",
 )
-"""Feature columns, in order (model inputs, dashboards, docs)."""
+N_POOLED = len(POOLED_NAMES)
+SLOT_NAMES: tuple[str, ...] = ("z", f"level{LONG}", f"vol{LONG}")
+FEATURE_NAMES: tuple[str, ...] = POOLED_NAMES + tuple(
+    f"ch{slot}_{name}" for slot in range(SLOTS) for name in SLOT_NAMES
+)
+"""Feature columns, in order (model inputs, dashboards, docs): the pooled block, then the
+channel slots."""
 N_FEATURES = len(FEATURE_NAMES)
 
 
@@ -111,6 +127,11 @@ class FeatureState:
     gated: int = 0
 
     @property
+    def slots(self) -> np.ndarray:
+        """The channels (indices) of the slots, in the order of their names."""
+        return _slots(self.channels)
+
+    @property
     def n_channels(self) -> int:
         return len(self.channels)
 
@@ -119,6 +140,10 @@ class FeatureState:
         if self.count < 2:
             return np.zeros(self.n_channels)
         return np.sqrt(np.maximum(self.m2, 0.0) / (self.count - 1))
+
+
+def _slots(channels: tuple[str, ...]) -> np.ndarray:
+    return np.argsort(np.array(channels, dtype=object), kind="stable")[:SLOTS].astype(np.intp)
 
 
 def new_state(channels: tuple[str, ...]) -> FeatureState:
@@ -246,6 +271,7 @@ def _features(
     history: np.ndarray,
     last_abs_z: np.ndarray,
     precision: np.ndarray,
+    slots: np.ndarray,
 ) -> np.ndarray:
     n = X.shape[0]
     abs_z = np.abs(z)
@@ -261,7 +287,7 @@ def _features(
         step.sum(1) * per_channel,
         zprev.max(1),
     ]
-    levels = []
+    levels, vols = [], []
     for width in (SHORT, LONG):
         w_mean, w_std = _rolling(values, width, n)
         level = np.clip((w_mean - mean) / scale, -CAP, CAP)
@@ -275,8 +301,15 @@ def _features(
             vol.sum(1) * per_channel,
         ]
         levels.append(level)
+        vols.append(vol)
     columns += [_mahalanobis(z, precision), *(_mahalanobis(lv, precision) for lv in levels)]
-    return np.column_stack(columns)
+    pooled = np.column_stack(columns)
+    per_channel = np.zeros((n, SLOTS, len(SLOT_NAMES)))
+    used = slots.size
+    per_channel[:, :used, 0] = z[:, slots]
+    per_channel[:, :used, 1] = levels[1][:, slots]
+    per_channel[:, :used, 2] = vols[1][:, slots]
+    return np.hstack((pooled, per_channel.reshape(n, -1)))
 
 
 def advance(
@@ -295,6 +328,7 @@ def advance(
     if not np.all(np.isfinite(X)):
         raise ValueError("readings must be finite")
     n = X.shape[0]
+    slots = state.slots
     features = np.empty((n, N_FEATURES))
     z_all = np.zeros((n, state.n_channels))
     warm = np.empty(n, dtype=bool)
@@ -322,6 +356,7 @@ def advance(
             state.window,
             state.last_abs_z,
             state.precision,
+            slots,
         )
         features[rows] = np.where(is_warm[:stop, None], part, 0.0)
         z_all[rows] = z[:stop]
