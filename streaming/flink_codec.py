@@ -115,7 +115,7 @@ def encode_state(state: DeviceState) -> bytes:
         p.fp,
         p.tn,
         p.fn,
-        0,  # formats < 3 kept per-detector counts here; none are written any more
+        0 if f is None else f.z_window.shape[0],  # formats < 3: per-detector counts
         len(names),
         state.hist_pos.size,
         state.hist_normal.size,
@@ -123,7 +123,14 @@ def encode_state(state: DeviceState) -> bytes:
     ]
     floats = [rows.ravel(), state.positives, state.local_params]
     if f is not None:
-        floats[:0] = [f.mean, f.m2, f.comoment.ravel(), f.precision.ravel(), f.window.ravel()]
+        floats[:0] = [
+            f.mean,
+            f.m2,
+            f.comoment.ravel(),
+            f.precision.ravel(),
+            f.window.ravel(),
+            f.z_window.ravel(),
+        ]
         floats.append(f.last_abs_z)
     counts = [
         np.asarray(header, np.int64),
@@ -166,7 +173,7 @@ def decode_state(payload: bytes) -> DeviceState:
         fp,
         tn,
         fn,
-        n_candidates,
+        z_rows,  # format < 3: the number of per-detector counts, no longer used
         n_names,
         logit_bins,
         normal_bins,
@@ -190,13 +197,16 @@ def decode_state(payload: bytes) -> DeviceState:
         hists += [take(np.int64, logit_bins), take(np.int64, logit_bins)]
     else:
         hists += [np.zeros(logit_bins, np.int64), np.zeros(logit_bins, np.int64)]
-    take(np.int64, 4 * n_candidates)  # an older job's per-detector counts: no longer used
+    if fmt < 3:
+        take(np.int64, 4 * z_rows)  # an older job's per-detector counts
+        z_rows = 0  # and no z window: it starts empty
     features = None
     if c >= 0:
         mean, m2 = take(np.float64, c), take(np.float64, c)
         comoment = take(np.float64, c * c).reshape(c, c)
         precision = take(np.float64, c * c).reshape(c, c)
         window_values = take(np.float64, window * c).reshape(window, c)
+        z_window = take(np.float64, z_rows * c).reshape(z_rows, c)
     # Rows an older job buffered have only the pooled features: their channel slots are 0.
     width = N_FEATURES if fmt >= 3 else N_POOLED
     rows = _widened(take(np.float64, n_rows * width).reshape(n_rows, width))
@@ -221,6 +231,7 @@ def decode_state(payload: bytes) -> DeviceState:
             window=window_values,
             last_abs_z=last_abs_z,
             gated=gated,
+            z_window=z_window,
         )
     return DeviceState(
         features=features,

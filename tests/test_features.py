@@ -185,6 +185,15 @@ def test_batch_invariance_without_gate_multichannel():
     np.testing.assert_allclose(whole[:, keep], sevens[:, keep], rtol=1e-9, atol=1e-10)
 
 
+def test_the_z_window_carries_over_batches_and_keeps_the_last_slow_readings():
+    X = random_series(n=150, seed=13)
+    state, feats, z, _ = run(X, batch=7)
+    np.testing.assert_allclose(state.z_window, z[-F.SLOW :], rtol=1e-12)
+    _, whole, _, _ = run(X, batch=None)
+    zmean = [col(f"ch{k}_zmean{F.SLOW}") for k in range(3)]
+    np.testing.assert_allclose(feats[:, zmean], whole[:, zmean], rtol=1e-9, atol=1e-10)
+
+
 def test_batch_invariance_without_gate_single_channel_all_columns():
     X = random_series(n=260, seed=4)[:, :1]
     _, whole, z_whole, _ = run(X, batch=None)
@@ -300,6 +309,9 @@ def test_channel_slots_hold_each_channel_signed_in_the_order_of_the_names():
     np.testing.assert_allclose(np.abs(feats[:, slot[level]]).max(1), feats[:, col(f"{level}_max")])
     np.testing.assert_allclose(feats[:, slot[vol]].min(1), feats[:, col(f"{vol}_min")])
     assert (feats[62:80, slot[level][0]] > 0.0).all() and (feats[62:80, slot[level][1]] < 0.0).all()
+    # The mean z of the last 60 readings, each against the baseline of its own time (pandas).
+    z_mean = pd.DataFrame(z[:, order]).rolling(F.SLOW, min_periods=1).mean().to_numpy()
+    np.testing.assert_allclose(feats[:, slot[f"zmean{F.SLOW}"]], z_mean, rtol=1e-9, atol=1e-12)
     unused = [col(f"ch{k}_{name}") for k in range(3, F.SLOTS) for name in F.SLOT_NAMES]
     assert not feats[:, unused].any()
 

@@ -129,14 +129,15 @@ def test_the_learner_gives_the_same_outputs_with_its_state_in_bytes(kind: str) -
 
 def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None:
     # Format 1 had no discriminant histograms: with no buffered row (whose width changed in
-    # format 3) and no candidate counts, its bytes are format 3's without those two arrays.
+    # format 3) and no feature state (no z window), its bytes are format 3's without those two
+    # arrays.
     state = learner.DeviceState()
     state.hist_pos[3], state.hist_normal_neg[5], state.hist_disc_pos[7] = 2, 4, 9
     payload = encode_state(state)
     header = np.frombuffer(payload, np.int64, 22).copy()
     bins = state.hist_pos.size
     start = 8 * (22 + 2 * bins + 3 * state.hist_normal.size)  # no buffered rows: no labels
-    assert header[0] == 3 and header[17] == 0  # no candidate counts
+    assert header[0] == 3 and header[17] == 0  # no z window (formats 1-2: no candidate counts)
     header[0] = 1
     old = header.tobytes() + payload[8 * 22 : start] + payload[start + 8 * 2 * bins :]
     decoded = decode_state(old)

@@ -14,8 +14,10 @@ serves a one-channel humidity sensor and a twelve-channel PLC alike:
 - across channels, the Mahalanobis length of the z vector and of each level vector under the
   channels' running correlation (``mahal_*``): a reading can be normal channel by channel and
   still break the usual relation between channels;
-- per channel, *signed* (``ch{i}_z``, ``ch{i}_level30``, ``ch{i}_vol30``) in :data:`SLOTS`
-  slots, the channels in the order of their names (a device that reports fewer channels has
+- per channel, *signed*, in :data:`SLOTS` slots: ``ch{i}_z``, ``ch{i}_level30``,
+  ``ch{i}_zmean60`` (the mean of the last 60 readings' z, each against the baseline of its
+  time) and ``ch{i}_vol30``; the
+  channels in the order of their names (a device that reports fewer channels has
   zeros in the rest; channels past the last slot appear only in the pooled features). Where a
   fleet's devices share channels, which channel moved and which way is most of what tells a
   fault from normal operation: on SKAB these slots raised the discriminant's held-out F1 from
@@ -34,8 +36,8 @@ accepted as the new normal, after ``max_gated`` consecutive gated readings the n
 admitted anyway, and so on until the baseline has caught up. Measured on SKAB, WSN and the
 synthetic fleet: gating at |z| > 4 raised the F1 of every model and of the z-score rule itself.
 
-State is a :class:`FeatureState` of plain numpy arrays, bounded by ``O(C² + WINDOW·C)``; the
-functions here are pure (the caller keeps the state: Flink's keyed state, a benchmark's dict).
+State is a :class:`FeatureState` of plain numpy arrays, bounded by ``O(C² + (WINDOW + SLOW)·C)``;
+the functions here are pure (the caller keeps the state: Flink's keyed state, a benchmark's dict).
 :func:`advance` takes a whole batch of one device's readings and is vectorised over it.
 """
 
@@ -53,6 +55,8 @@ WARMUP = 10
 """Readings a device must have seen before its features mean anything: before, all are 0."""
 SHORT, LONG = 5, 30
 """The two window lengths (readings) of the level and volatility features."""
+SLOW = 60
+"""The window of the channel slots' mean z: drifts too slow for 30 readings to show."""
 WINDOW = LONG
 """Raw readings kept per channel."""
 GATE = 4.0
@@ -92,7 +96,7 @@ POOLED_NAMES: tuple[str, ...] = (
     f"mahal_level{LONG}",
 )
 N_POOLED = len(POOLED_NAMES)
-SLOT_NAMES: tuple[str, ...] = ("z", f"level{LONG}", f"vol{LONG}")
+SLOT_NAMES: tuple[str, ...] = ("z", f"level{LONG}", f"zmean{SLOW}", f"vol{LONG}")
 FEATURE_NAMES: tuple[str, ...] = POOLED_NAMES + tuple(
     f"ch{slot}_{name}" for slot in range(SLOTS) for name in SLOT_NAMES
 )
@@ -111,7 +115,8 @@ class FeatureState:
     readings (``refreshed_at`` = the baseline count then); ``window``: the last
     ``min(seen, WINDOW)`` raw readings (rows, oldest first); ``last_abs_z``: |z| of the previous
     reading per channel; ``seen``: readings seen (admitted or not); ``gated``: consecutive
-    readings kept out of the baseline.
+    readings kept out of the baseline; ``z_window``: the signed z of the last (up to
+    :data:`SLOW`) readings.
     """
 
     channels: tuple[str, ...]
@@ -125,6 +130,11 @@ class FeatureState:
     window: np.ndarray
     last_abs_z: np.ndarray
     gated: int = 0
+    z_window: np.ndarray | None = None  # None: none kept yet (a state of an older job)
+
+    def __post_init__(self) -> None:
+        if self.z_window is None:
+            object.__setattr__(self, "z_window", np.zeros((0, len(self.channels))))
 
     @property
     def slots(self) -> np.ndarray:
@@ -269,6 +279,7 @@ def _features(
     scale: np.ndarray,
     z: np.ndarray,
     history: np.ndarray,
+    z_history: np.ndarray,
     last_abs_z: np.ndarray,
     precision: np.ndarray,
     slots: np.ndarray,
@@ -308,7 +319,11 @@ def _features(
     used = slots.size
     per_channel[:, :used, 0] = z[:, slots]
     per_channel[:, :used, 1] = levels[1][:, slots]
-    per_channel[:, :used, 2] = vols[1][:, slots]
+    # Each z against the baseline of its own time: unlike a window mean against today's
+    # baseline, it still shows how unusual the stretch was after the baseline moved on.
+    z_mean, _ = _rolling(np.vstack((z_history, z))[:, slots], SLOW, n)
+    per_channel[:, :used, 2] = z_mean
+    per_channel[:, :used, 3] = vols[1][:, slots]
     return np.hstack((pooled, per_channel.reshape(n, -1)))
 
 
@@ -354,6 +369,7 @@ def advance(
             scale[:stop],
             z[:stop],
             state.window,
+            state.z_window,
             state.last_abs_z,
             state.precision,
             slots,
@@ -361,8 +377,12 @@ def advance(
         features[rows] = np.where(is_warm[:stop, None], part, 0.0)
         z_all[rows] = z[:stop]
         warm[rows] = is_warm[:stop]
-        window = np.vstack((state.window, seg[:stop]))[-WINDOW:]
-        common = {"seen": state.seen + stop, "window": window, "last_abs_z": np.abs(z[stop - 1])}
+        common = {
+            "seen": state.seen + stop,
+            "window": np.vstack((state.window, seg[:stop]))[-WINDOW:],
+            "z_window": np.vstack((state.z_window, z[:stop]))[-SLOW:],
+            "last_abs_z": np.abs(z[stop - 1]),
+        }
         if first == 0:  # the row at i is gated: it moves everything but the baseline
             state = replace(state, gated=state.gated + 1, **common)
         else:
