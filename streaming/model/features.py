@@ -248,20 +248,42 @@ def _refreshed(state: FeatureState) -> FeatureState:
     return replace(state, precision=np.linalg.inv(corr), refreshed_at=state.count)
 
 
-def _rolling(values: np.ndarray, width: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std of the last ``width`` rows ending at each of the last ``n`` rows
-    of ``values`` (history first, then the batch), over however many rows exist."""
-    total = values.shape[0]
+def _window_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefix sums of ``values`` (history first, then the batch) shifted by its last row (so
+    ``1e9 + noise`` keeps its small variance): ``(shift, sums, sums of squares)``, each with a
+    leading zero row, for :func:`_rolling`."""
     shift = values[-1]
     d = values - shift
-    s1 = np.concatenate((np.zeros((1, d.shape[1])), np.cumsum(d, axis=0)))
-    s2 = np.concatenate((np.zeros((1, d.shape[1])), np.cumsum(d * d, axis=0)))
+    zero = np.zeros((1, d.shape[1]))
+    return (
+        shift,
+        np.concatenate((zero, np.cumsum(d, axis=0))),
+        np.concatenate((zero, np.cumsum(d * d, axis=0))),
+    )
+
+
+def _rolling(
+    sums: tuple[np.ndarray, np.ndarray, np.ndarray], width: int, n: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and population std of the last ``width`` rows ending at each of the last ``n`` rows
+    (over however many rows exist), from :func:`_window_sums`."""
+    shift, s1, s2 = sums
+    total = s1.shape[0] - 1
     end = np.arange(total - n + 1, total + 1)
     start = np.maximum(end - width, 0)
     k = (end - start)[:, None].astype(np.float64)
     m1 = (s1[end] - s1[start]) / k
     var = np.maximum((s2[end] - s2[start]) / k - m1 * m1, 0.0)
     return shift + m1, np.sqrt(var)
+
+
+def _rolling_mean(values: np.ndarray, width: int, n: int) -> np.ndarray:
+    """Mean of the last ``width`` rows ending at each of the last ``n`` rows of ``values``."""
+    total = values.shape[0]
+    s1 = np.concatenate((np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)))
+    end = np.arange(total - n + 1, total + 1)
+    start = np.maximum(end - width, 0)
+    return (s1[end] - s1[start]) / (end - start)[:, None]
 
 
 def _mahalanobis(v: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -285,46 +307,43 @@ def _features(
     slots: np.ndarray,
 ) -> np.ndarray:
     n = X.shape[0]
+    out = np.zeros((n, N_FEATURES))  # filled column by column: no stacking copies
     abs_z = np.abs(z)
     prev = np.vstack((history[-1:], X[:-1])) if history.shape[0] else np.vstack((X[:1], X[:-1]))
     step = np.minimum(np.abs(X - prev) / scale, CAP)
     zprev = np.vstack((last_abs_z[None, :], abs_z[:-1]))
-    values = np.vstack((history, X))
     per_channel = 1.0 / X.shape[1]  # sum × 1/C: ndarray.mean's overhead shows in the profile
-    columns = [
-        abs_z.max(1),
-        abs_z.sum(1) * per_channel,
-        step.max(1),
-        step.sum(1) * per_channel,
-        zprev.max(1),
-    ]
+    out[:, 0] = abs_z.max(1)
+    out[:, 1] = abs_z.sum(1) * per_channel
+    out[:, 2] = step.max(1)
+    out[:, 3] = step.sum(1) * per_channel
+    out[:, 4] = zprev.max(1)
+    sums = _window_sums(np.vstack((history, X)))
     levels, vols = [], []
-    for width in (SHORT, LONG):
-        w_mean, w_std = _rolling(values, width, n)
+    for column, width in ((5, SHORT), (10, LONG)):
+        w_mean, w_std = _rolling(sums, width, n)
         level = np.clip((w_mean - mean) / scale, -CAP, CAP)
         vol = np.clip(np.log((w_std + 1e-3 * scale) / scale), -VOL_CAP, VOL_CAP)
         abs_level = np.abs(level)
-        columns += [
-            abs_level.max(1),
-            abs_level.sum(1) * per_channel,
-            vol.max(1),
-            vol.min(1),
-            vol.sum(1) * per_channel,
-        ]
+        out[:, column] = abs_level.max(1)
+        out[:, column + 1] = abs_level.sum(1) * per_channel
+        out[:, column + 2] = vol.max(1)
+        out[:, column + 3] = vol.min(1)
+        out[:, column + 4] = vol.sum(1) * per_channel
         levels.append(level)
         vols.append(vol)
-    columns += [_mahalanobis(z, precision), *(_mahalanobis(lv, precision) for lv in levels)]
-    pooled = np.column_stack(columns)
-    per_channel = np.zeros((n, SLOTS, len(SLOT_NAMES)))
+    out[:, 15] = _mahalanobis(z, precision)
+    out[:, 16] = _mahalanobis(levels[0], precision)
+    out[:, 17] = _mahalanobis(levels[1], precision)
+    slot = out[:, N_POOLED:].reshape(n, SLOTS, len(SLOT_NAMES))  # a view into out
     used = slots.size
-    per_channel[:, :used, 0] = z[:, slots]
-    per_channel[:, :used, 1] = levels[1][:, slots]
+    slot[:, :used, 0] = z[:, slots]
+    slot[:, :used, 1] = levels[1][:, slots]
     # Each z against the baseline of its own time: unlike a window mean against today's
     # baseline, it still shows how unusual the stretch was after the baseline moved on.
-    z_mean, _ = _rolling(np.vstack((z_history, z))[:, slots], SLOW, n)
-    per_channel[:, :used, 2] = z_mean
-    per_channel[:, :used, 3] = vols[1][:, slots]
-    return np.hstack((pooled, per_channel.reshape(n, -1)))
+    slot[:, :used, 2] = _rolling_mean(np.vstack((z_history, z))[:, slots], SLOW, n)
+    slot[:, :used, 3] = vols[1][:, slots]
+    return out
 
 
 def advance(
