@@ -53,6 +53,7 @@ from streaming.federation import Federation, FederationConfig, ServerState, Vers
 from streaming.learner import GlobalParams, LocalRound
 from streaming.messages import decode_local_round, encode_global_params
 from streaming.model.detectors import NormalStats
+from streaming.model.features import N_FEATURES
 
 log = logging.getLogger("flead.fedavg")
 
@@ -140,6 +141,27 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
     )
     discriminant, discriminant_threshold = discriminant_from(saved)
     no_hist = np.zeros_like(saved["hist_pos"])
+    if normal.mean.size != N_FEATURES:
+        # Statistics of another feature layout (a service before the channel slots) cannot be
+        # carried over: the statistical models start again; the network (pooled features) goes on.
+        log.warning(
+            "version %s holds statistics of %d features, this learner has %d: the "
+            "discriminant and label-free model start again from the next rounds",
+            version,
+            normal.mean.size,
+            N_FEATURES,
+        )
+        normal, anomalous = NormalStats.empty(), NormalStats.empty()
+        discriminant = discriminant_threshold = normal_threshold = None
+        no_normal_hist = np.zeros_like(saved["hist_normal"])
+        saved = {
+            **saved,
+            "hist_normal": no_normal_hist,
+            "hist_normal_pos": no_normal_hist,
+            "hist_normal_neg": no_normal_hist,
+            "hist_disc_pos": no_hist,
+            "hist_disc_neg": no_hist,
+        }
     current = GlobalParams(
         version=version,
         hidden=hidden,

@@ -476,3 +476,45 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     state, _ = state_from_row((*row[:-1], saved))
     assert state.current.discriminant is None and state.anomalous.count == 0
     assert state.hist_disc_neg.sum() == 0
+
+
+def test_a_server_state_of_the_18_feature_layout_restarts_the_statistical_models():
+    from streaming.fedavg import state_from_row, state_to_json
+
+    rng = np.random.default_rng(6)
+    fed = Federation(FederationConfig(min_devices=1, hidden=HIDDEN))
+    fed.state.normal = NormalStats.of(rng.normal(0, 1, (30, N_FEATURES)))
+    fed.state.hist_normal = np.ones(NORMAL_EDGES.size + 1)
+    saved = json.loads(json.dumps(state_to_json(fed)))
+    # What a service before the channel slots stored: 18 pooled features' statistics.
+    saved["normal"] = {"count": 30.0, "mean": [0.0] * 18, "comoment": [[1.0] * 18] * 18}
+    saved["discriminant"] = {"params": [0.5] * 19, "threshold": 1.0}
+    weights = NETWORK.initial() + 0.25
+    row = (7, HIDDEN, weights.tolist(), 0.5, 2.0, "ground_truth", "discriminant", saved)
+    state, _ = state_from_row(row)
+    np.testing.assert_array_equal(state.current.params, weights)  # the network goes on
+    assert state.current.threshold == 0.5 and state.current.version == 7
+    assert state.normal.count == 0 and state.normal.mean.shape == (N_FEATURES,)
+    assert state.current.discriminant is None and state.current.normal_threshold is None
+    assert state.hist_normal.sum() == 0
+    # The next round makes a version of the new layout from the devices' statistics alone.
+    next_fed = Federation(FederationConfig(min_devices=1, hidden=HIDDEN), state)
+    update = LocalRound(
+        device_id="dev_a",
+        round=1,
+        base_version=7,
+        params=weights,
+        samples=12,
+        label_source="ground_truth",
+        loss=0.5,
+        accuracy=0.9,
+        normal=NormalStats.of(rng.normal(0, 1, (12, N_FEATURES))),
+        hist_pos=np.zeros(LOGIT_EDGES.size + 1),
+        hist_neg=np.zeros(LOGIT_EDGES.size + 1),
+        hist_normal=np.zeros(NORMAL_EDGES.size + 1),
+        scored_version=7,
+        prequential=Confusion(0, 0, 0, 0),
+        timestamp_ms=0,
+    )
+    next_fed.add(update)
+    assert next_fed.close(0).model.normal.count == 12
