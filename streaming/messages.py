@@ -6,12 +6,14 @@ with a human-readable reason that goes to the dead-letter topic.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import hmac
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -530,8 +532,9 @@ def _weights(obj: dict[str, Any]) -> tuple[float, ...]:
 # ``local-model-updates`` carries a device's round (network parameters, the statistics of its
 # normal rows, the score histograms and prequential counts of the version it was using);
 # ``global-model-updates`` carries a version (parameters, calibrated thresholds, the fleet's
-# normal model). Arrays travel as flat JSON lists; every decoder checks shapes and bounds and
-# raises only InvalidMessage, whatever the bytes.
+# normal model). Arrays travel as flat JSON lists, but for co-moment matrices (base64 of their
+# upper triangle); every decoder checks shapes and bounds and raises only InvalidMessage,
+# whatever the bytes.
 
 MAX_PARAMETERS = 100_000
 """Longest parameter or statistics list accepted (the default network has 321 parameters)."""
@@ -621,11 +624,48 @@ def _guarded(decode):
 
 
 def _normal_dict(stats: NormalStats) -> dict[str, Any]:
+    """``comoment`` as the base64 of its upper triangle (see :func:`_comoment_from`)."""
+    upper = np.ascontiguousarray(stats.comoment[np.triu_indices(stats.mean.size)], "<f8")
     return {
         "count": float(stats.count),
         "mean": stats.mean.tolist(),
-        "comoment": stats.comoment.ravel().tolist(),
+        "comoment": base64.b64encode(upper.tobytes()).decode("ascii"),
     }
+
+
+def symmetric(stats: NormalStats) -> NormalStats:
+    """``stats`` with an exactly symmetric co-moment matrix: what its upper triangle, the part
+    that travels, stands for (a version is signed as devices will decode it)."""
+    m = stats.comoment
+    return NormalStats(stats.count, stats.mean, (m + m.T) * 0.5)
+
+
+def _comoment_from(obj: dict[str, Any], name: str, f: int) -> np.ndarray:
+    """The F×F co-moment matrix: a base64 string of its upper triangle (diagonal included, row
+    by row, little-endian float64: a fifth of the bytes of the full matrix as JSON numbers),
+    or, from an older learner or service, the full matrix as a flat list."""
+    value = obj.get("comoment")
+    if type(value) is list:
+        return _floats(obj, "comoment", f * f, STATISTICS_LIMIT).reshape(f, f)
+    size = f * (f + 1) // 2
+    if type(value) is not str or len(value) != 4 * ((8 * size + 2) // 3):
+        raise InvalidMessage(
+            f"{name}.comoment must be the base64 of {size} float64 (the upper triangle of a"
+            f" {f}×{f} matrix) or a list of {f * f} numbers, got {_describe(value)}"
+        )
+    try:
+        upper = np.frombuffer(base64.b64decode(value, validate=True), "<f8").astype(np.float64)
+    except (binascii.Error, ValueError):
+        raise InvalidMessage(f"{name}.comoment is not valid base64") from None
+    if upper.size != size or not np.all(np.abs(upper) <= STATISTICS_LIMIT):
+        raise InvalidMessage(
+            f"{name}.comoment must hold {size} finite numbers within ±{STATISTICS_LIMIT:g}"
+        )
+    matrix = np.zeros((f, f))
+    rows, columns = np.triu_indices(f)
+    matrix[rows, columns] = upper
+    matrix[columns, rows] = upper
+    return matrix
 
 
 def _normal_from(obj: Any, name: str) -> NormalStats:
@@ -636,8 +676,7 @@ def _normal_from(obj: Any, name: str) -> NormalStats:
         raise InvalidMessage(f"{name}.count must be a number in [0, {STATISTICS_LIMIT:g}]")
     f = N_FEATURES
     mean = _floats(obj, "mean", f)
-    comoment = _floats(obj, "comoment", f * f, STATISTICS_LIMIT).reshape(f, f)
-    return NormalStats(count, mean, comoment)
+    return NormalStats(count, mean, _comoment_from(obj, name, f))
 
 
 def _orjson_safe(*arrays: np.ndarray) -> bool:
@@ -659,9 +698,7 @@ def encode_local_round(update: LocalRound) -> bytes:
     fast = update.device_id.isascii() and _orjson_safe(
         update.params,
         update.normal.mean,
-        update.normal.comoment,
         update.anomalous.mean,
-        update.anomalous.comoment,
         np.array(
             [
                 update.loss,
@@ -832,6 +869,7 @@ def encode_global_params(
     ``strategy``, ``accuracy``), which devices do not use and the signature does not cover."""
     if SIGNATURE_FIELD in extra:
         raise ValueError("the signature is computed here, not passed in")
+    model = replace(model, normal=symmetric(model.normal))
     return _dumps(
         {
             "version": model.version,

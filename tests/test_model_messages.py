@@ -3,8 +3,10 @@ payloads that must raise InvalidMessage and nothing else."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import struct
 
 import numpy as np
 import pytest
@@ -292,7 +294,7 @@ def test_a_version_signed_with_another_key_is_refused():
         (("normal_threshold",), 0.0),
         (("normal", "count"), 1.0),
         (("normal", "mean", 3), 9.0),
-        (("normal", "comoment", 7), 4.0),
+        (("normal", "comoment"), "upper triangle entry 7 = 4.0"),
         (("label_source",), "pseudo"),
         (("detector",), "zscore"),
         (("discriminant", 2), 5.0),
@@ -305,6 +307,10 @@ def test_changing_anything_a_device_uses_breaks_the_signature(path, value):
     target = obj
     for key in path[:-1]:
         target = target[key]
+    if path == ("normal", "comoment"):  # base64 of the upper triangle's float64s
+        upper = np.frombuffer(base64.b64decode(target["comoment"]), "<f8").copy()
+        upper[7] = 4.0
+        value = base64.b64encode(upper.tobytes()).decode()
     unchanged = target[path[-1]] == value
     target[path[-1]] = value
     if unchanged:
@@ -389,6 +395,15 @@ def deep(n: int) -> str:
     return "[" * n + "]" * n
 
 
+TRIANGLE = N_FEATURES * (N_FEATURES + 1) // 2
+
+
+def triangle(values: list[float]) -> str:
+    """Base64 of float64s, written here with the standard library (the contract's form of an
+    upper triangle), not with the module under test."""
+    return base64.b64encode(struct.pack(f"<{len(values)}d", *values)).decode()
+
+
 LOCAL_MUTATIONS = {
     "huge weight": (("weights",), [1e308, 0.0]),
     "weight beyond limit": (("weights",), [1e7]),
@@ -399,6 +414,11 @@ LOCAL_MUTATIONS = {
     "histogram wrong length": (("scores", "positives"), [0] * LOGIT_EDGES.size),
     "normal mean wrong length": (("normal", "mean"), [0.0] * (N_FEATURES - 1)),
     "normal comoment wrong length": (("normal", "comoment"), [0.0] * N_FEATURES),
+    "normal comoment triangle short": (("normal", "comoment"), triangle([0.0] * N_FEATURES)),
+    "normal comoment triangle NaN": (("normal", "comoment"), triangle([float("nan")] * TRIANGLE)),
+    "normal comoment triangle huge": (("normal", "comoment"), triangle([1e300] * TRIANGLE)),
+    "normal comoment not base64": (("normal", "comoment"), "!" * len(triangle([0.0] * TRIANGLE))),
+    "normal comoment a number": (("normal", "comoment"), 4.0),
     "negative count in histogram": (("scores", "negatives"), [-1] + [0] * LOGIT_EDGES.size),
     "negative samples": (("samples_processed",), -5),
     "zero samples": (("samples_processed",), 0),
@@ -723,3 +743,22 @@ def test_anomaly_with_one_random_field_only_raises_invalid_message(field, value,
         obj[field] = value
     with contextlib.suppress(InvalidMessage):
         decode_anomaly(json.dumps(obj))
+
+
+def test_a_comoment_travels_as_its_upper_triangle_and_an_older_full_list_still_reads():
+    rng = np.random.default_rng(8)
+    stats = NormalStats.of(rng.normal(size=(30, N_FEATURES)))
+    update = local_round(normal=stats)
+    obj = json.loads(encode_local_round(update))
+    f = N_FEATURES
+    rows, columns = np.triu_indices(f)
+    expected = triangle(stats.comoment[rows, columns].tolist())
+    assert obj["normal"]["comoment"] == expected
+    np.testing.assert_array_equal(
+        decode_local_round(json.dumps(obj)).normal.comoment, stats.comoment
+    )
+    # The form of an older learner: all F×F numbers as a list.
+    obj["normal"]["comoment"] = stats.comoment.ravel().tolist()
+    np.testing.assert_array_equal(
+        decode_local_round(json.dumps(obj)).normal.comoment, stats.comoment
+    )

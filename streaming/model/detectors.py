@@ -267,7 +267,9 @@ class NormalStats:
             return cls.empty(X.shape[1])
         mean = X.mean(axis=0)
         d = X - mean
-        return cls(float(X.shape[0]), mean, d.T @ d)
+        co = d.T @ d
+        # Exactly symmetric (a matrix product need not be): only its upper triangle travels.
+        return cls(float(X.shape[0]), mean, (co + co.T) * 0.5)
 
     def __add__(self, other: NormalStats) -> NormalStats:
         total = self.count + other.count
