@@ -348,12 +348,15 @@ class Fuzzer:
         )
 
     def valid_round(self, draw) -> None:
+        # Every draw before the ledger records the round: hypothesis may end an example at any
+        # draw (its data runs out), and a round in the ledger must also be on the topic.
         device = draw(st.sampled_from(ROUND_DEVICES))
+        update = self._round(draw, device, self.ledger.next_round[device] + 1)
+        older_learner = draw(st.booleans())
         self.ledger.next_round[device] += 1
-        update = self._round(draw, device, self.ledger.next_round[device])
         self.ledger.rounds.append(update)
         payload = encode_local_round(update)
-        if draw(st.booleans()):  # an older learner's: per-detector counts, no longer read
+        if older_learner:  # an older learner's: per-detector counts, no longer read
             obj = json.loads(payload)
             counts = {"tp": 1, "fp": 2, "tn": 30, "fn": 0}
             obj["scores"]["candidates"] = {"zscore": counts, "supervised": counts}
