@@ -158,6 +158,20 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
     )
 
 
+def choose_detector(*, discriminant: bool, label_free: bool) -> str:
+    """The detector ``auto`` devices use next, in a fixed order of preference measured on
+    held-out devices (README, *Detection*): the discriminant once the fleet has labelled
+    anomalies, else the label-free model once calibrated, else the z-score rule.
+
+    Not by the devices' prequential counts per detector: a supervised model scores each
+    kind of anomaly before it has learnt it, so where anomalies come in bursts those
+    counts rank it last (WSN: MCC 0.08 on the training devices' fresh readings, 0.81 on
+    held-out devices)."""
+    if discriminant:
+        return "discriminant"
+    return "label_free" if label_free else "zscore"
+
+
 class Federation:
     """The server's round: :meth:`add` updates, :meth:`due` says when, :meth:`close` makes
     the next version. Deterministic: the same updates in the same order give the same
@@ -246,10 +260,9 @@ class Federation:
             normal=state.normal,
             normal_threshold=normal_threshold,
             label_source="ground_truth" if ground_truth * 2 >= samples.sum() else "pseudo",
-            detector=self._choose(
-                threshold is not None,
-                normal_threshold is not None,
-                discriminant is not None and discriminant_threshold is not None,
+            detector=choose_detector(
+                discriminant=discriminant is not None and discriminant_threshold is not None,
+                label_free=normal_threshold is not None,
             ),
             discriminant=discriminant,
             discriminant_threshold=discriminant_threshold,
@@ -299,19 +312,6 @@ class Federation:
             fresh_anomalous = fresh_anomalous + u.anomalous
         s.normal = s.normal.scaled(c.normal_decay) + fresh
         s.anomalous = s.anomalous.scaled(c.normal_decay) + fresh_anomalous
-
-    def _choose(self, supervised: bool, label_free: bool, discriminant: bool = False) -> str:
-        """The detector ``auto`` devices use next, in a fixed order of preference measured on
-        held-out devices (README, *Detection*): the discriminant once the fleet has labelled
-        anomalies, else the label-free model once calibrated, else the z-score rule.
-
-        Not by the devices' prequential counts per detector: a supervised model scores each
-        kind of anomaly before it has learnt it, so where anomalies come in bursts those
-        counts rank it last (WSN: MCC 0.08 on the training devices' fresh readings, 0.81 on
-        held-out devices)."""
-        if discriminant:
-            return "discriminant"
-        return "label_free" if label_free else "zscore"
 
     def _label_free_threshold(self) -> float | None:
         """Where the devices' readings carry labels, the edge with the best Matthews correlation

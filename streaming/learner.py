@@ -34,7 +34,7 @@ from streaming.model.metrics import Confusion
 
 DETECTORS = ("auto", "supervised", "discriminant", "label_free", "zscore")
 """``auto``: the detector the server chose for the version (see
-:meth:`streaming.federation.Federation._choose`)."""
+:func:`streaming.federation.choose_detector`)."""
 
 
 @dataclass(frozen=True)

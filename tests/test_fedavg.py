@@ -499,22 +499,6 @@ def test_a_server_state_of_the_18_feature_layout_restarts_the_statistical_models
     assert state.hist_normal.sum() == 0
     # The next round makes a version of the new layout from the devices' statistics alone.
     next_fed = Federation(FederationConfig(min_devices=1, hidden=HIDDEN), state)
-    update = LocalRound(
-        device_id="dev_a",
-        round=1,
-        base_version=7,
-        params=weights,
-        samples=12,
-        label_source="ground_truth",
-        loss=0.5,
-        accuracy=0.9,
-        normal=NormalStats.of(rng.normal(0, 1, (12, N_FEATURES))),
-        hist_pos=np.zeros(LOGIT_EDGES.size + 1),
-        hist_neg=np.zeros(LOGIT_EDGES.size + 1),
-        hist_normal=np.zeros(NORMAL_EDGES.size + 1),
-        scored_version=7,
-        prequential=Confusion(0, 0, 0, 0),
-        timestamp_ms=0,
-    )
+    update = local_round("dev_a", 1, 7, seed=6, samples=12, scored_version=7, params=weights)
     next_fed.add(update)
     assert next_fed.close(0).model.normal.count == 12
