@@ -16,16 +16,17 @@ serves a one-channel humidity sensor and a twelve-channel PLC alike:
   still break the usual relation between channels;
 - per channel, *signed*, in :data:`SLOTS` slots: ``ch{i}_z``, ``ch{i}_level30``,
   ``ch{i}_zmean60`` (the mean of the last 60 readings' z, each against the baseline of its
-  time) and ``ch{i}_vol30``; the
-  channels in the order of their names (a device that reports fewer channels has
-  zeros in the rest; channels past the last slot appear only in the pooled features). Where a
-  fleet's devices share channels, which channel moved and which way is most of what tells a
-  fault from normal operation: on SKAB these slots raised the discriminant's held-out F1 from
-  0.65 to 0.7x (README, *Detection*). The pooled block (:data:`N_POOLED` features) is what
-  the network sees; the discriminant and the label-free model see all features.
+  time) and ``ch{i}_vol30``; the channels in the order of their names (a device that reports
+  fewer channels has zeros in the rest; channels past the last slot appear only in the pooled
+  features). Where a fleet's devices share channels, which channel moved and which way is most
+  of what tells a fault from normal operation: on SKAB these slots raised the discriminant's
+  held-out F1 from 0.655 to 0.749 (README, *Detection*). The pooled block (:data:`N_POOLED`
+  features) is what the network sees; the discriminant and the label-free model see all
+  features.
 
-Every feature is unchanged when a channel's readings become ``a·x + b`` (a ≠ 0): differences
-divided by the channel's std, then absolute values or logs of ratios. Every feature is finite
+Every pooled feature is unchanged when a channel's readings become ``a·x + b`` (a ≠ 0), and
+every slot feature too for a > 0 (for a < 0 the signed ones change sign): differences divided
+by the channel's std, then absolute values or logs of ratios. Every feature is finite
 and bounded (``|z|``-like ones in [0, CAP], ``vol`` in [-VOL_CAP, VOL_CAP]) for any accepted
 reading, however wild.
 
