@@ -36,7 +36,7 @@ from streaming import learner
 from streaming.federation import Federation, FederationConfig
 from streaming.learner import Detector, GlobalParams, LearnerConfig
 from streaming.model import detectors
-from streaming.model.detectors import LOGIT_EDGES
+from streaming.model.detectors import LOGIT_EDGES, NormalStats
 from streaming.model.features import Scored
 from streaming.model.metrics import Confusion, confusion, majority_baseline
 
@@ -134,24 +134,48 @@ def _messages(devices: list[DeviceSeries]) -> list[tuple[int, str, int]]:
 
 
 ATTACKS = ("scaled_x20", "sign_flipped", "inflated_samples", "all")
-"""Model poisoning by a share of the training devices: the round's change from the model it
-started from ×20, or reversed, or the claimed samples set to 2·10⁹; ``all``: reversed ×20
-with 2·10⁹ samples."""
+"""Poisoning by a share of the training devices, of the network and of the statistics alike:
+the round's change from the server's model ×20 (a statistics block's mean moved ×20 away from
+the server's, its spread ×20), or reversed; or every count it claims (samples, statistics,
+score histograms) inflated to 2·10⁹; ``all``: reversed ×20 with 2·10⁹."""
+
+INFLATED = 2_000_000_000
 
 
 def poisoned(update: learner.LocalRound, federation: Federation, attack: str) -> learner.LocalRound:
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
     current = federation.state.current
     start = current.params if current is not None else federation.network.initial()
-    delta = update.params - start
-    if attack == "scaled_x20":
-        return replace(update, params=start + 20.0 * delta)
-    if attack == "sign_flipped":
-        return replace(update, params=start - delta)
-    if attack == "inflated_samples":
-        return replace(update, samples=2_000_000_000)
-    if attack == "all":
-        return replace(update, params=start - 20.0 * delta, samples=2_000_000_000)
-    raise ValueError(f"unknown attack {attack!r}; valid: {', '.join(ATTACKS)}")
+    step = {"scaled_x20": 20.0, "sign_flipped": -1.0, "all": -20.0}.get(attack)
+    if step is not None:
+        server = federation.state
+        update = replace(
+            update,
+            params=start + step * (update.params - start),
+            normal=_moved(update.normal, server.normal.mean, step),
+            anomalous=_moved(update.anomalous, server.anomalous.mean, step),
+        )
+    if attack in ("inflated_samples", "all"):
+        update = _inflated(update, INFLATED / max(update.samples, 1))
+    return update
+
+
+def _moved(stats: NormalStats, reference: np.ndarray, step: float) -> NormalStats:
+    if stats.count == 0:
+        return stats
+    mean = reference + step * (stats.mean - reference)
+    return NormalStats(stats.count, mean, stats.comoment * step * step)
+
+
+def _inflated(update: learner.LocalRound, factor: float) -> learner.LocalRound:
+    return replace(
+        update,
+        samples=INFLATED,
+        normal=update.normal.scaled(factor),
+        anomalous=update.anomalous.scaled(factor),
+        **{name: getattr(update, name) * factor for name in learner.HISTOGRAMS},
+    )
 
 
 @dataclass
@@ -206,7 +230,12 @@ def federate(
                 update = poisoned(update, federation, attack)
             if encode_sizes:
                 update_bytes += len(encode_local_round(update))
-            federation.add(update)
+            try:
+                federation.add(update)
+            except ValueError:
+                if not attack:
+                    raise  # an honest device's round is never refused
+                # refused, as the service dead-letters it
             if federation.due(ts):
                 version = federation.close(ts)
                 for counts in version.prequential.values():

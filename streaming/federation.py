@@ -16,6 +16,11 @@ device still sending would otherwise swing the fleet's model to its own data in 
 A device sends at most one update per version: a second one is merged into its first
 (sample-weighted), so nothing is lost and no device counts twice.
 
+A round's statistics are checked before they are summed (:func:`check_statistics`: what
+bounded features cannot give is refused, and the service dead-letters it) and its claimed
+counts scaled to one round's (:func:`bounded`): the summed statistics are the default
+detector, and one device claiming 2·10⁹ rows would otherwise own it.
+
 What a version carries beyond the averaged network parameters, all computed from what the
 devices sent and never from their raw readings:
 
@@ -29,14 +34,15 @@ devices sent and never from their raw readings:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from streaming.learner import GlobalParams, LocalRound
+from streaming.learner import HISTOGRAMS, GlobalParams, LocalRound
 from streaming.model import aggregation, detectors
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
-from streaming.model.features import N_FEATURES, N_POOLED
+from streaming.model.features import CAP, N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
 
 
@@ -158,6 +164,47 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
     )
 
 
+def check_statistics(update: LocalRound) -> None:
+    """Refuse a round whose statistics no device could have computed: features are bounded
+    (:data:`~streaming.model.features.CAP`), so a block's mean lies within ±CAP and each
+    feature's co-moment within ``[0, count·CAP²]``. What a lying device can still send within
+    those bounds weighs no more than one round (:func:`bounded`)."""
+    for name in ("normal", "anomalous"):
+        stats: NormalStats = getattr(update, name)
+        if not (math.isfinite(stats.count) and stats.count >= 0):
+            raise ValueError(f"{name} statistics: count {stats.count} is not a count")
+        if stats.count == 0:
+            continue
+        if not (np.isfinite(stats.mean).all() and np.isfinite(stats.comoment).all()):
+            raise ValueError(f"{name} statistics are not finite")
+        if np.abs(stats.mean).max() > CAP * (1 + 1e-9):
+            raise ValueError(f"{name} statistics: a feature mean beyond ±{CAP:g}")
+        spread = np.diag(stats.comoment)
+        if spread.min() < -1e-6 * stats.count or spread.max() > stats.count * CAP * CAP * 1.000001:
+            raise ValueError(f"{name} statistics: a feature's spread beyond what ±{CAP:g} allows")
+    for name in HISTOGRAMS:
+        counts = getattr(update, name)
+        if not (np.isfinite(counts).all() and counts.min(initial=0) >= 0):
+            raise ValueError(f"{name}: counts must be finite and non-negative")
+
+
+def bounded(update: LocalRound, cap: int) -> LocalRound:
+    """The round with the counts it claims scaled down to what one round can hold: its
+    statistics to ``cap`` rows (a round's rows, like its capped aggregation weight), its score
+    histograms to ``2·cap`` readings (the readings a device scored since its previous round:
+    under a round's rows plus one message's). A device claiming 2·10⁹ rows then counts for one
+    round, not for the fleet; an honest round is taken as sent."""
+    rows = update.normal.count + update.anomalous.count
+    scored = max(float(getattr(update, name).sum()) for name in HISTOGRAMS)
+    changes: dict = {}
+    if rows > cap:
+        changes["normal"] = update.normal.scaled(cap / rows)
+        changes["anomalous"] = update.anomalous.scaled(cap / rows)
+    if scored > 2 * cap:
+        changes.update({name: getattr(update, name) * (2 * cap / scored) for name in HISTOGRAMS})
+    return replace(update, **changes) if changes else update
+
+
 def choose_detector(*, discriminant: bool, label_free: bool) -> str:
     """The detector ``auto`` devices use next, in a fixed order of preference measured on
     held-out devices (README, *Detection*): the discriminant once the fleet has labelled
@@ -201,6 +248,8 @@ class Federation:
             raise ValueError(
                 f"base version {update.base_version} is newer than the latest {self.version}"
             )
+        check_statistics(update)
+        update = bounded(update, self.config.max_samples)
         self.last_seen[update.device_id] = max(
             update.timestamp_ms, self.last_seen.get(update.device_id, update.timestamp_ms)
         )

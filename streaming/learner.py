@@ -373,6 +373,18 @@ class LocalRound:
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
 
+HISTOGRAMS = (
+    "hist_pos",
+    "hist_neg",
+    "hist_normal",
+    "hist_normal_pos",
+    "hist_normal_neg",
+    "hist_disc_pos",
+    "hist_disc_neg",
+)
+"""The score histograms a :class:`LocalRound` carries (counts of fresh readings per bin)."""
+
+
 def _take(state: DeviceState, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The oldest ``n`` buffered rows, their labels and which of them were pseudo-labelled."""
     X = np.vstack(state.rows)

@@ -250,3 +250,48 @@ def test_poisoned_rounds_follow_their_attack():
     assert worst.samples == 2_000_000_000
     with pytest.raises(ValueError, match="unknown attack"):
         poisoned(update, federation, "krum")
+
+
+def test_poisoned_statistics_follow_their_attack():
+    from streaming.evaluate import poisoned
+    from streaming.federation import Federation, FederationConfig
+    from streaming.learner import LocalRound
+    from streaming.model.detectors import NormalStats
+    from streaming.model.metrics import Confusion
+
+    federation = Federation(FederationConfig(hidden=0))
+    n = federation.network.size
+    server_mean = np.full(50, 1.0)
+    federation.state.normal = NormalStats(100.0, server_mean, np.eye(50))
+    sent = NormalStats(10.0, np.full(50, 1.5), np.eye(50) * 2.0)
+    hist = np.zeros(82)
+    hist[3] = 25.0
+    update = LocalRound(
+        "d",
+        1,
+        0,
+        np.zeros(n),
+        50,
+        "ground_truth",
+        0.1,
+        0.9,
+        sent,
+        hist,
+        hist,
+        hist,
+        0,
+        Confusion(0, 0, 0, 0),
+        0,
+    )
+    scaled = poisoned(update, federation, "scaled_x20").normal
+    np.testing.assert_allclose(scaled.mean, 1.0 + 20 * 0.5)  # 20× as far from the server's
+    np.testing.assert_allclose(scaled.comoment, np.eye(50) * 800.0)
+    np.testing.assert_allclose(poisoned(update, federation, "sign_flipped").normal.mean, 0.5)
+    inflated = poisoned(update, federation, "inflated_samples")
+    assert inflated.normal.count == pytest.approx(10.0 * 2e9 / 50)
+    np.testing.assert_allclose(inflated.normal.mean, 1.5)
+    assert inflated.hist_neg[3] == pytest.approx(25.0 * 2e9 / 50)
+    worst = poisoned(update, federation, "all")
+    np.testing.assert_allclose(worst.normal.mean, 1.0 - 20 * 0.5)
+    assert worst.normal.count == pytest.approx(10.0 * 2e9 / 50)
+    assert poisoned(update, federation, "all").anomalous.count == 0  # no rows: nothing to move

@@ -526,3 +526,61 @@ def test_the_choice_is_a_fixed_preference_not_the_labelled_counts():
     model = fed.close(0).model
     assert model.threshold is not None and model.normal_threshold is None
     assert model.detector == "zscore"
+
+
+# --------------------------------------------------------------------------------------------
+# Statistics a lying device sends
+# --------------------------------------------------------------------------------------------
+
+
+def test_statistics_no_bounded_features_can_give_are_refused():
+    fed = Federation(fed_config(min_devices=2))
+    rows = np.random.default_rng(1).uniform(-1, 1, size=(10, N_FEATURES))
+    beyond_cap = rows.copy()
+    beyond_cap[:, 3] = 10.5  # features are clipped to ±10
+    too_spread = NormalStats.of(rows)
+    too_spread = NormalStats(10.0, too_spread.mean, too_spread.comoment * 500.0)
+    nan_mean = NormalStats(10.0, np.full(N_FEATURES, np.nan), np.eye(N_FEATURES))
+    negative = update("a", 0)
+    negative = replace(negative, hist_pos=negative.hist_pos - 1.0)
+    for bad, reason in [
+        (update("a", 0, rows=beyond_cap), "mean beyond"),
+        (replace(update("a", 0), normal=too_spread), "spread beyond"),
+        (replace(update("a", 0), anomalous=nan_mean), "not finite"),
+        (negative, "non-negative"),
+    ]:
+        with pytest.raises(ValueError, match=reason):
+            fed.add(bad)
+    assert fed.buffer == {}  # nothing of a refused round stays
+    fed.add(update("a", 0, rows=rows))  # the same device's honest round is taken
+    assert list(fed.buffer) == ["a"]
+
+
+def test_a_device_claiming_more_rows_than_a_round_holds_counts_for_one_round():
+    fed = Federation(fed_config(min_devices=2, max_samples=100))
+    rng = np.random.default_rng(4)
+    honest_rows = rng.uniform(0, 1, size=(100, N_FEATURES))
+    liar_rows = rng.uniform(2, 3, size=(10, N_FEATURES))
+    liar_stats = NormalStats.of(liar_rows)
+    inflated = NormalStats(2e9, liar_stats.mean, liar_stats.comoment * 2e8)
+    hist = np.zeros(LOGIT_EDGES.size + 1)
+    hist[5] = 4e9  # 4·10⁹ claimed scores: histograms are scaled to 2 · 100 readings
+    fed.add(update("honest", 0, rows=honest_rows, samples=100))
+    fed.add(replace(update("liar", 0), samples=2_000_000_000, normal=inflated, hist_neg=hist))
+    model = fed.close(0).model
+    # By hand: the liar's 2·10⁹ rows become 100 rows of the same mean.
+    assert model.normal.count == pytest.approx(200.0)
+    expected = (honest_rows.sum(0) + 100 * liar_rows.mean(0)) / 200
+    np.testing.assert_allclose(model.normal.mean, expected, rtol=1e-9)
+    assert fed.state.hist_neg[5] == pytest.approx(200.0)
+
+
+def test_an_honest_round_is_taken_as_sent():
+    fed = Federation(fed_config(min_devices=1, max_samples=100))
+    rows = np.random.default_rng(6).uniform(-10, 10, size=(100, N_FEATURES))  # at the bounds
+    sent = update("a", 0, rows=rows, samples=100)
+    sent = replace(
+        sent, hist_normal=np.full(NORMAL_EDGES.size + 1, 200.0 / (NORMAL_EDGES.size + 1))
+    )
+    fed.add(sent)
+    assert fed.buffer["a"] is sent
