@@ -257,6 +257,10 @@ def test_invalid_rounds_go_to_the_dead_letter_topic_and_the_service_goes_on(
     huge = json.loads(encode_local_round(local_round("dev_c", 1, 0, seed=3)))
     huge["weights"] = [1e308] * NETWORK.size
     future = local_round("dev_d", 1, 99, seed=4)
+    lying = dataclasses.replace(  # statistics no bounded features can give
+        local_round("dev_e", 1, 0, seed=6),
+        normal=NormalStats(10.0, np.full(N_FEATURES, 11.0), np.eye(N_FEATURES)),
+    )
     with running(s) as (service, thread):
         send_rounds(s, [good])
         wait_versions(s, 1)
@@ -267,18 +271,24 @@ def test_invalid_rounds_go_to_the_dead_letter_topic_and_the_service_goes_on(
                 json.dumps(huge).encode(),
                 b"\x00\xff garbage",
                 encode_local_round(future),
+                encode_local_round(lying),
             ],
         )
-        wait_for(lambda: service.dead_letters == 4, 30, "4 dead letters", every=0.2)
+        wait_for(lambda: service.dead_letters == 5, 30, "5 dead letters", every=0.2)
         assert thread.is_alive()
         send_rounds(s, [local_round("dev_a", 2, 1, seed=5)])
         wait_versions(s, 2)
         assert thread.is_alive()
     letters = dead_letters(s)
-    assert len(letters) == 4
+    assert len(letters) == 5
     assert {x["source_topic"] for x in letters} == {s.topics.local_updates}
     reasons = " | ".join(sorted(x["reason"] for x in letters))
-    for why in ("parameters, the global network has", "weights holds", "base version 99"):
+    for why in (
+        "parameters, the global network has",
+        "weights holds",
+        "base version 99",
+        "normal statistics: a feature mean beyond ±10",
+    ):
         assert why in reasons
     assert stored_rounds(s) == Counter({("dev_a", 1): 1, ("dev_a", 2): 1})
     assert kafka.consumer_lag(s, s.consumer_group("fedavg"), s.topics.local_updates) == 0
