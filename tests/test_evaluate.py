@@ -295,3 +295,28 @@ def test_poisoned_statistics_follow_their_attack():
     np.testing.assert_allclose(worst.normal.mean, 1.0 - 20 * 0.5)
     assert worst.normal.count == pytest.approx(10.0 * 2e9 / 50)
     assert poisoned(update, federation, "all").anomalous.count == 0  # no rows: nothing to move
+
+
+def test_the_central_discriminant_is_fishers_direction_with_its_mcc_best_edge():
+    """Oracle: scikit-learn's LDA (its shrinkage, on standardised features, is the same shrink
+    towards the diagonal) gives the direction; the threshold is the bin edge whose rule has the
+    best MCC on the rows, found here with scikit-learn's matthews_corrcoef."""
+    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
+    from sklearn.metrics import matthews_corrcoef
+
+    from streaming.evaluate import _pooled_discriminant
+    from streaming.model.detectors import LOGIT_EDGES
+
+    rng = np.random.default_rng(8)
+    X = np.vstack([rng.normal(0, 1, size=(400, 6)), rng.normal(0.8, 1.5, size=(60, 6))])
+    X[:, 1] += 0.5 * X[:, 0]  # correlated features: the direction is not the mean gap
+    y = np.r_[np.zeros(400, dtype=np.int64), np.ones(60, dtype=np.int64)]
+    model = _pooled_discriminant(X, y)
+    w = model.discriminant[:-1]
+    lda = LinearDiscriminantAnalysis(solver="lsqr", shrinkage=0.05).fit(X, y)
+    cosine = w @ lda.coef_[0] / np.linalg.norm(w) / np.linalg.norm(lda.coef_[0])
+    assert cosine > 0.9999
+    scores = X @ w + model.discriminant[-1]
+    mcc = [matthews_corrcoef(y, scores >= t) for t in LOGIT_EDGES]
+    assert max(mcc) - matthews_corrcoef(y, scores >= model.discriminant_threshold) < 1e-12
+    assert _pooled_discriminant(X[y == 0], y[y == 0]) is None  # no anomaly: no discriminant
