@@ -4,8 +4,10 @@ Every method of :mod:`streaming.evaluate` (majority class, z-score rule, the fed
 each model family, local-only, central; prequential beside them) on the data sets at hand,
 measured side by side in one run with the same settings: the embedded synthetic fleet
 (``--devices`` of it, default 600), SKAB (one 8-channel device per experiment) and the WSN
-motes (4 devices, 2 channels). Then model poisoning: every aggregation rule, with and without
-20 % of the synthetic fleet's training devices attacking (``streaming.evaluate.ATTACKS``).
+motes (4 devices, 2 channels). SKAB's 5 device folds are then drawn again with ``--fold-seeds``
+(its figure moves by a few hundredths with the split alone). Then model poisoning: every
+aggregation rule, with and without 20 % of the synthetic fleet's training devices attacking
+(``streaming.evaluate.ATTACKS``).
 Last, the learner alone: decode, score and train in this process, no Flink and no broker, on
 ``--speed-devices`` synthetic devices' messages of ``replay_batch`` readings (the issue's
 80,000 readings/s floor is for this figure). Results: ``benchmarks/results/detection_quality.json``.
@@ -45,6 +47,11 @@ def main(argv: list[str] | None = None) -> dict:
         "--speed-devices", type=int, default=400, help="synthetic fleet size of the speed run"
     )
     parser.add_argument(
+        "--fold-seeds",
+        default="42,1,2,3,4",
+        help="comma-separated seeds of SKAB's device folds (the first is the settings' default)",
+    )
+    parser.add_argument(
         "--speed-only",
         action="store_true",
         help="measure only the learner alone and update it in the existing results file",
@@ -66,16 +73,56 @@ def main(argv: list[str] | None = None) -> dict:
         )
         print(report.table(), flush=True)
         results[name] = report.as_dict()
+    seeds = [int(x) for x in args.fold_seeds.split(",") if x.strip()]
     payload = {
         "learner": vars(config),
         "federation": vars(fed_config),
         "data_sets": results,
+        "fold_seeds": fold_seeds(
+            config, fed_config, settings.replay_batch, seeds, data_sets(args.devices)
+        ),
         "poisoning": poisoning(config, fed_config, args.attack_devices),
         "learner_alone": learner_alone(settings, args.speed_devices),
     }
     path = write_result("detection_quality", payload)
     print(f"wrote {path}")
     return payload
+
+
+SEED_METHODS = ("zscore", "federated", "central", "central_discriminant")
+
+
+def fold_seeds(
+    config: LearnerConfig,
+    fed_config: FederationConfig,
+    batch: int,
+    seeds: list[int],
+    found: dict[str, dict],
+) -> dict:
+    """SKAB's figures (the synthetic fleet's without SKAB) for other draws of its device folds:
+    how much of a difference between methods, or from a target, is the split's."""
+    name = "skab" if "skab" in found else "synthetic"
+    if not seeds or name not in found:
+        return {}
+    readings = list(sources.open_source(name, **found[name]))
+    by_seed = {}
+    for seed in seeds:
+        report = evaluate.evaluate(
+            readings,
+            source=name,
+            config=replace(config, seed=seed),
+            fed_config=fed_config,
+            batch=batch,
+            methods=SEED_METHODS,
+        )
+        by_seed[str(seed)] = {m: {"f1": c.f1, "mcc": c.mcc} for m, c in report.methods.items()}
+        cells = ", ".join(f"{m} {c.f1:.3f}" for m, c in report.methods.items())
+        print(f"{name} folds seed {seed}: {cells}", flush=True)
+    mean = {
+        m: {k: sum(r[m][k] for r in by_seed.values()) / len(by_seed) for k in ("f1", "mcc")}
+        for m in SEED_METHODS
+    }
+    return {"data_set": name, "by_seed": by_seed, "mean": mean}
 
 
 def update_learner_alone(settings, devices: int) -> dict:

@@ -136,6 +136,20 @@ def detection_tables(r: dict) -> list[str]:
                 f"| {name} | {method} | {c['f1']:.3f} | {c['mcc']:.3f} | {c['precision']:.3f}"
                 f" | {c['recall']:.3f} |"
             )
+    seeds = r.get("fold_seeds") or {}
+    if seeds:
+        methods = list(seeds["mean"])
+        lines += [
+            "",
+            f"F1 / MCC on {seeds['data_set']} with other draws of its device folds (fold seed;"
+            " the table above is the first):",
+            "",
+            "| fold seed | " + " | ".join(methods) + " |",
+            "| --- |" + " --- |" * len(methods),
+        ]
+        for seed, row in [*seeds["by_seed"].items(), ("mean", seeds["mean"])]:
+            cells = " | ".join(f"{row[m]['f1']:.3f} / {row[m]['mcc']:.3f}" for m in methods)
+            lines.append(f"| {seed} | {cells} |")
     poisoning = r.get("poisoning") or {}
     if poisoning:
         attacks = list(next(iter(poisoning.values())))

@@ -30,7 +30,16 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
         detection_quality, "data_sets", lambda devices: {"synthetic": {"num_devices": devices}}
     )
     result = detection_quality.main(
-        ["--devices", "40", "--attack-devices", "20", "--speed-devices", "20"]
+        [
+            "--devices",
+            "40",
+            "--attack-devices",
+            "20",
+            "--speed-devices",
+            "20",
+            "--fold-seeds",
+            "5,6",
+        ]
     )
     synthetic = result["data_sets"]["synthetic"]
     assert set(result["poisoning"]["fedavg"]) == {
@@ -42,6 +51,11 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     }
     assert {"majority", "zscore", "federated", "local_only", "central"} <= set(synthetic["methods"])
     assert synthetic["devices"] == 40
+    seeds = result["fold_seeds"]
+    assert seeds["data_set"] == "synthetic" and list(seeds["by_seed"]) == ["5", "6"]
+    for method, mean in seeds["mean"].items():
+        f1 = [row[method]["f1"] for row in seeds["by_seed"].values()]
+        assert mean["f1"] == pytest.approx(sum(f1) / 2)
     alone = result["learner_alone"]
     assert alone["messages"] == 20 * 200 // 50 and alone["readings_per_s"] == max(alone["passes"])
 
