@@ -156,8 +156,10 @@ def poisoned(update: learner.LocalRound, federation: Federation, attack: str) ->
         update = replace(
             update,
             params=start + step * (update.params - start),
-            normal=_moved(update.normal, server.normal.mean, step),
-            anomalous=_moved(update.anomalous, server.anomalous.mean, step),
+            **{
+                name: _moved(getattr(update, name), getattr(server, name).mean, step)
+                for name in learner.STATISTICS
+            },
         )
     if attack in ("inflated_samples", "all"):
         update = _inflated(update, INFLATED / max(update.samples, 1))
@@ -175,8 +177,7 @@ def _inflated(update: learner.LocalRound, factor: float) -> learner.LocalRound:
     return replace(
         update,
         samples=INFLATED,
-        normal=update.normal.scaled(factor),
-        anomalous=update.anomalous.scaled(factor),
+        **{name: getattr(update, name).scaled(factor) for name in learner.STATISTICS},
         **{name: getattr(update, name) * factor for name in learner.HISTOGRAMS},
     )
 

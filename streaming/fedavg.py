@@ -74,21 +74,14 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
     horizon = newest - federation.config.active_window_ms
     return {
         "format": STATE_FORMAT,
-        "normal": {
-            "count": float(s.normal.count),
-            "mean": s.normal.mean.tolist(),
-            "comoment": s.normal.comoment.tolist(),
-        },
+        "normal": _stats_json(s.normal),
         "hist_pos": s.hist_pos.tolist(),
         "hist_neg": s.hist_neg.tolist(),
         "hist_normal": s.hist_normal.tolist(),
         "hist_normal_pos": s.hist_normal_pos.tolist(),
         "hist_normal_neg": s.hist_normal_neg.tolist(),
-        "anomalous": {
-            "count": float(s.anomalous.count),
-            "mean": s.anomalous.mean.tolist(),
-            "comoment": s.anomalous.comoment.tolist(),
-        },
+        "anomalous": _stats_json(s.anomalous),
+        "pseudo_normal": _stats_json(s.pseudo_normal),
         "hist_disc_pos": s.hist_disc_pos.tolist(),
         "hist_disc_neg": s.hist_disc_neg.tolist(),
         # The version's discriminant rides here rather than in columns of its own: only the
@@ -99,6 +92,22 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
         # devices silent for longer than the active window no longer count and are dropped.
         "last_seen": {d: t for d, t in sorted(federation.last_seen.items()) if t >= horizon},
     }
+
+
+def _stats_json(stats: NormalStats) -> dict[str, Any]:
+    return {
+        "count": float(stats.count),
+        "mean": stats.mean.tolist(),
+        "comoment": stats.comoment.tolist(),
+    }
+
+
+def _stats_from(saved: dict[str, Any], name: str) -> NormalStats:
+    """A saved statistics block; absent (a service before it existed): no rows."""
+    found = saved.get(name)
+    if found is None:
+        return NormalStats.empty()
+    return NormalStats(float(found["count"]), _array(found["mean"]), _array(found["comoment"]))
 
 
 def _array(values: Any) -> np.ndarray:
@@ -131,14 +140,9 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
             f"global version {version} has no server_state: it was made by the first model's "
             "service; the detection learner cannot continue from it (start on a new database)"
         )
-    n = saved["normal"]
-    normal = NormalStats(float(n["count"]), _array(n["mean"]), _array(n["comoment"]))
-    a = saved.get("anomalous")  # absent from the state of a service before the discriminant
-    anomalous = (
-        NormalStats.empty()
-        if a is None
-        else NormalStats(float(a["count"]), _array(a["mean"]), _array(a["comoment"]))
-    )
+    normal = _stats_from(saved, "normal")
+    anomalous = _stats_from(saved, "anomalous")
+    pseudo_normal = _stats_from(saved, "pseudo_normal")
     discriminant, discriminant_threshold = discriminant_from(saved)
     no_hist = np.zeros_like(saved["hist_pos"])
     if normal.mean.size != N_FEATURES:
@@ -151,7 +155,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
             normal.mean.size,
             N_FEATURES,
         )
-        normal, anomalous = NormalStats.empty(), NormalStats.empty()
+        normal = anomalous = pseudo_normal = NormalStats.empty()
         discriminant = discriminant_threshold = normal_threshold = None
         no_normal_hist = np.zeros_like(saved["hist_normal"])
         saved = {
@@ -167,7 +171,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         hidden=hidden,
         params=_array(weights),
         threshold=threshold,
-        normal=normal,
+        normal=normal + pseudo_normal,
         normal_threshold=normal_threshold,
         label_source=label_source,
         detector=detector,
@@ -185,6 +189,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         hist_normal_neg=_array(saved.get("hist_normal_neg", np.zeros_like(saved["hist_normal"]))),
         normal=normal,
         anomalous=anomalous,
+        pseudo_normal=pseudo_normal,
         hist_disc_pos=_array(saved.get("hist_disc_pos", no_hist)),
         hist_disc_neg=_array(saved.get("hist_disc_neg", no_hist)),
     )

@@ -27,8 +27,11 @@ devices sent and never from their raw readings:
 - the supervised decision threshold: the edge of the devices' score histograms with the best
   Matthews correlation (positives and negatives of fresh readings scored by their current
   version), summed with those of earlier versions faded by ``calibration_decay``;
-- the label-free model: the sum of the devices' normal-row statistics (faded the same way)
-  and its threshold, the score that flags ``contamination`` of the fleet's readings;
+- the discriminant: from the sums of the statistics of the rows the stream labelled normal and
+  anomalous (the rule's pseudo-labels stay out of it), and its threshold;
+- the label-free model: the sum of the devices' normal-row statistics, the rule's normal rows
+  of unlabelled readings included (faded the same way), and its threshold, the score that
+  flags ``contamination`` of the fleet's readings;
 - the prequential confusion counts each device reported for the version it was using.
 """
 
@@ -39,7 +42,7 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from streaming.learner import HISTOGRAMS, GlobalParams, LocalRound
+from streaming.learner import HISTOGRAMS, STATISTICS, GlobalParams, LocalRound
 from streaming.model import aggregation, detectors
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import CAP, N_FEATURES, N_POOLED
@@ -123,6 +126,8 @@ class ServerState:
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     normal: NormalStats = field(default_factory=NormalStats.empty)
     anomalous: NormalStats = field(default_factory=NormalStats.empty)
+    # Normal rows only the z-score rule labelled: the label-free model's, not the discriminant's.
+    pseudo_normal: NormalStats = field(default_factory=NormalStats.empty)
     hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
@@ -151,6 +156,7 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
         samples=total,
         normal=a.normal + b.normal,
         anomalous=a.anomalous + b.anomalous,
+        pseudo_normal=a.pseudo_normal + b.pseudo_normal,
         loss=(a.loss * a.samples + b.loss * b.samples) / total,
         accuracy=(a.accuracy * a.samples + b.accuracy * b.samples) / total,
         hist_pos=a.hist_pos + b.hist_pos if same_scores else b.hist_pos,
@@ -169,7 +175,7 @@ def check_statistics(update: LocalRound) -> None:
     (:data:`~streaming.model.features.CAP`), so a block's mean lies within ±CAP and each
     feature's co-moment within ``[0, count·CAP²]``. What a lying device can still send within
     those bounds weighs no more than one round (:func:`bounded`)."""
-    for name in ("normal", "anomalous"):
+    for name in STATISTICS:
         stats: NormalStats = getattr(update, name)
         if not (math.isfinite(stats.count) and stats.count >= 0):
             raise ValueError(f"{name} statistics: count {stats.count} is not a count")
@@ -194,12 +200,11 @@ def bounded(update: LocalRound, cap: int) -> LocalRound:
     histograms to ``2·cap`` readings (the readings a device scored since its previous round:
     under a round's rows plus one message's). A device claiming 2·10⁹ rows then counts for one
     round, not for the fleet; an honest round is taken as sent."""
-    rows = update.normal.count + update.anomalous.count
+    rows = sum(getattr(update, name).count for name in STATISTICS)
     scored = max(float(getattr(update, name).sum()) for name in HISTOGRAMS)
     changes: dict = {}
     if rows > cap:
-        changes["normal"] = update.normal.scaled(cap / rows)
-        changes["anomalous"] = update.anomalous.scaled(cap / rows)
+        changes.update({name: getattr(update, name).scaled(cap / rows) for name in STATISTICS})
     if scored > 2 * cap:
         changes.update({name: getattr(update, name) * (2 * cap / scored) for name in HISTOGRAMS})
     return replace(update, **changes) if changes else update
@@ -306,7 +311,7 @@ class Federation:
             hidden=self.config.hidden,
             params=combined,
             threshold=threshold,
-            normal=state.normal,
+            normal=state.normal + state.pseudo_normal,
             normal_threshold=normal_threshold,
             label_source="ground_truth" if ground_truth * 2 >= samples.sum() else "pseudo",
             detector=choose_detector(
@@ -354,13 +359,11 @@ class Federation:
         s.hist_disc_neg = s.hist_disc_neg * c.calibration_decay + sum(
             u.hist_disc_neg for u in updates
         )
-        fresh = NormalStats.empty(N_FEATURES)
-        fresh_anomalous = NormalStats.empty(N_FEATURES)
-        for u in updates:
-            fresh = fresh + u.normal
-            fresh_anomalous = fresh_anomalous + u.anomalous
-        s.normal = s.normal.scaled(c.normal_decay) + fresh
-        s.anomalous = s.anomalous.scaled(c.normal_decay) + fresh_anomalous
+        for name in STATISTICS:
+            fresh = NormalStats.empty(N_FEATURES)
+            for u in updates:
+                fresh = fresh + getattr(u, name)
+            setattr(s, name, getattr(s, name).scaled(c.normal_decay) + fresh)
 
     def _label_free_threshold(self) -> float | None:
         """Where the devices' readings carry labels, the edge with the best Matthews correlation

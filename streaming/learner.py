@@ -369,9 +369,14 @@ class LocalRound:
     hist_normal_neg: np.ndarray = field(default_factory=lambda: np.zeros(NORMAL_EDGES.size + 1))
     since_ms: int = 0  # DeviceState.since_ms: with device_id and round, the round's identity
     anomalous: NormalStats = field(default_factory=NormalStats.empty)  # of the anomalous rows
+    pseudo_normal: NormalStats = field(default_factory=NormalStats.empty)  # rule-labelled normal
     hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
+
+STATISTICS = ("normal", "pseudo_normal", "anomalous")
+"""The feature statistics a :class:`LocalRound` carries: its rows labelled normal by the stream,
+those only the z-score rule called normal (unlabelled readings), and its labelled anomalies."""
 
 HISTOGRAMS = (
     "hist_pos",
@@ -446,10 +451,13 @@ def train_round(
         label_source="pseudo" if np.count_nonzero(pseudo) * 2 > n else "ground_truth",
         loss=result.loss,
         accuracy=result.accuracy,
-        normal=NormalStats.of(X[y == 0]),
+        # The stream's labels only, like the anomalous statistics: the discriminant learns
+        # from ground truth; the label-free model adds the rule's normal rows (pseudo_normal).
+        normal=NormalStats.of(X[(y == 0) & ~pseudo]),
+        pseudo_normal=_stats_or_none(X[(y == 0) & pseudo]),
         # The round's own labelled anomalies only: the replayed ones were counted when they
         # came, and the rule's pseudo-labels would only teach the discriminant the rule.
-        anomalous=NormalStats.of(X[labelled_anomalies]) if labelled_anomalies.any() else _NO_ROWS,
+        anomalous=_stats_or_none(X[labelled_anomalies]),
         hist_pos=state.hist_pos,
         hist_neg=state.hist_neg,
         hist_normal=state.hist_normal,
@@ -476,6 +484,10 @@ def _empty_stats() -> NormalStats:
 
 _NO_ROWS = _empty_stats()
 """The statistics of no rows (most rounds see no anomaly): one shared, read-only instance."""
+
+
+def _stats_or_none(rows: np.ndarray) -> NormalStats:
+    return NormalStats.of(rows) if rows.shape[0] else _NO_ROWS
 
 
 def _remember_positives(state: DeviceState, rows: np.ndarray, memory: int) -> None:

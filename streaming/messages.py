@@ -699,12 +699,14 @@ def encode_local_round(update: LocalRound) -> bytes:
         update.params,
         update.normal.mean,
         update.anomalous.mean,
+        update.pseudo_normal.mean,
         np.array(
             [
                 update.loss,
                 update.accuracy,
                 float(update.normal.count),
                 float(update.anomalous.count),
+                float(update.pseudo_normal.count),
             ]
         ),
     )
@@ -732,8 +734,10 @@ def encode_local_round(update: LocalRound) -> bytes:
         },
         "timestamp": format_timestamp(update.timestamp_ms),
     }
-    if update.anomalous.count:  # most rounds see no anomaly: absent means none (decode)
-        message["anomalous"] = _normal_dict(update.anomalous)
+    for name in ("anomalous", "pseudo_normal"):  # absent means no such rows (decode)
+        stats = getattr(update, name)
+        if stats.count:
+            message[name] = _normal_dict(stats)
     if fast:
         try:
             return orjson.dumps(message)
@@ -783,15 +787,17 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         since_ms=_integer(obj, "state_since_ms", 0, MAX_TIMESTAMP_MS)
         if "state_since_ms" in obj
         else 0,
-        # Added to the contract later: an older learner's round has no anomalous statistics.
-        anomalous=(
-            _normal_from(obj["anomalous"], "anomalous")
-            if "anomalous" in obj
-            else NormalStats.empty(N_FEATURES)
-        ),
+        # Added to the contract later (an older learner's round has neither); absent also
+        # means no such rows: most rounds see no anomaly, a labelled stream no pseudo-label.
+        anomalous=_optional_stats(obj, "anomalous"),
+        pseudo_normal=_optional_stats(obj, "pseudo_normal"),
         hist_disc_pos=_optional_counts(scores, "discriminant_positives", bins),
         hist_disc_neg=_optional_counts(scores, "discriminant_negatives", bins),
     )
+
+
+def _optional_stats(obj: dict[str, Any], name: str) -> NormalStats:
+    return _normal_from(obj[name], name) if name in obj else NormalStats.empty(N_FEATURES)
 
 
 def _confusion_dict(c: Confusion) -> dict[str, int]:

@@ -461,6 +461,7 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
         timestamp_ms=0,
         anomalous=NormalStats.of(rng.normal(2, 1, (6, N_FEATURES))),
         hist_disc_pos=np.eye(LOGIT_EDGES.size + 1)[60] * 3,
+        pseudo_normal=NormalStats.of(rng.normal(0.5, 1, (10, N_FEATURES))),
     )
     fed.add(round_)
     model = fed.close(0).model
@@ -472,8 +473,11 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     state, _ = state_from_row(row)
     np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
     assert state.current.discriminant_threshold == model.discriminant_threshold
-    assert state.anomalous.count == 6
+    assert state.anomalous.count == 6 and state.pseudo_normal.count == 10
     np.testing.assert_array_equal(state.anomalous.comoment, fed.state.anomalous.comoment)
+    np.testing.assert_array_equal(state.pseudo_normal.comoment, fed.state.pseudo_normal.comoment)
+    assert state.current.normal.count == 44  # the label-free model: both kinds of normal rows
+    np.testing.assert_allclose(state.current.normal.mean, model.normal.mean, rtol=1e-12)
     np.testing.assert_array_equal(state.hist_disc_pos, fed.state.hist_disc_pos)
     # A state saved while per-detector counts were kept: they are ignored.
     saved["candidates"] = {"supervised": [4.0, 1.0, 40.0, 0.0], "zscore": [1.0, 6.0, 35.0, 3.0]}
@@ -481,10 +485,11 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
     assert state.anomalous.count == 6
     # A state saved before the discriminant existed: none, and empty statistics.
-    for key in ("anomalous", "hist_disc_pos", "hist_disc_neg", "discriminant"):
+    for key in ("anomalous", "pseudo_normal", "hist_disc_pos", "hist_disc_neg", "discriminant"):
         del saved[key]
     state, _ = state_from_row((*row[:-1], saved))
     assert state.current.discriminant is None and state.anomalous.count == 0
+    assert state.pseudo_normal.count == 0
     assert state.hist_disc_neg.sum() == 0
 
 

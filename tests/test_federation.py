@@ -431,11 +431,15 @@ def test_the_discriminant_is_that_of_all_rows_pooled_whatever_the_grouping():
     rng = np.random.default_rng(21)
     normal = [rng.normal(0, 1, (40, N_FEATURES)) for _ in range(4)]
     anomalous = [rng.normal(1.5, 1.2, (6, N_FEATURES)) for _ in range(4)]
+    # Rows only the z-score rule called normal: the label-free model's, not the discriminant's.
+    pseudo = [rng.normal(3.0, 2.0, (20, N_FEATURES)) for _ in range(4)]
     w, b, distance = own_fisher(np.vstack(normal), np.vstack(anomalous))
 
     def stats_update(i: int, ts: int) -> LocalRound:
         return replace(
-            update(f"d{i}", ts, seed=i, rows=normal[i]), anomalous=NormalStats.of(anomalous[i])
+            update(f"d{i}", ts, seed=i, rows=normal[i]),
+            anomalous=NormalStats.of(anomalous[i]),
+            pseudo_normal=NormalStats.of(pseudo[i]),
         )
 
     together = Federation(fed_config(min_devices=4, normal_decay=1.0))
@@ -443,6 +447,9 @@ def test_the_discriminant_is_that_of_all_rows_pooled_whatever_the_grouping():
         together.add(stats_update(i, 0))
     model = together.close(0).model
     np.testing.assert_allclose(model.discriminant, np.r_[w, b], rtol=1e-9, atol=1e-12)
+    every_normal_row = np.vstack(normal + pseudo)
+    assert model.normal.count == every_normal_row.shape[0]
+    np.testing.assert_allclose(model.normal.mean, every_normal_row.mean(0), rtol=1e-9)
     # No score histogram yet: the Bayes boundary with the classes' shares as priors.
     assert model.discriminant_threshold == pytest.approx(np.log(160 / 24) / distance)
     # One device per version, in another order: the same discriminant (sums are exact).

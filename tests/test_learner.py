@@ -181,8 +181,20 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         n = update.samples
         sizes.append(n)
         rows, labels = X[taken : taken + n], y[taken : taken + n]
-        normal = rows[labels == 0]
+        stream = truth[taken : taken + n]
+        # The stream's normal rows in ``normal``, the rule's in ``pseudo_normal``.
+        normal = rows[(labels == 0) & (stream == 0)]
         assert update.normal.count == normal.shape[0]
+        pseudo_normal = rows[(labels == 0) & (stream < 0)]
+        assert update.pseudo_normal.count == pseudo_normal.shape[0]
+        if pseudo_normal.shape[0]:
+            np.testing.assert_allclose(update.pseudo_normal.mean, pseudo_normal.mean(0), rtol=1e-12)
+            np.testing.assert_allclose(
+                update.pseudo_normal.comoment,
+                np.cov(pseudo_normal, rowvar=False, ddof=0) * pseudo_normal.shape[0],
+                rtol=1e-9,
+                atol=1e-9,
+            )
         # The round's own labelled anomalies: none is replayed (positive_memory 0), and the
         # rule's pseudo-labels do not count.
         anomalous = rows[(labels == 1) & (truth[taken : taken + n] == 1)]
@@ -207,8 +219,10 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         assert update.round == len(sizes) and update.timestamp_ms == 1_000
         assert update.device_id == "dev-1" and update.base_version == 0
     assert sizes == [50, 50, 30]  # the last: all that waits (>= min_round_samples)
-    # The anomalous statistics were checked on some round, with pseudo-labels left out.
+    # The anomalous statistics were checked on some round, with pseudo-labels left out, and
+    # both kinds of normal rows were there.
     assert ((y == 1) & (truth == 1)).any() and ((y == 1) & (truth < 0)).any()
+    assert ((y == 0) & (truth == 0)).any() and ((y == 0) & (truth < 0)).any()
     assert state.rounds == 3
 
 

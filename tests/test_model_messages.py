@@ -53,6 +53,7 @@ def local_round(**overrides) -> LocalRound:
         "prequential": Confusion(3, 1, 40, 2),
         "timestamp_ms": TS,
         "anomalous": NormalStats.of(rng.uniform(2, 9, size=(6, N_FEATURES))),
+        "pseudo_normal": NormalStats.of(rng.uniform(-1, 2, size=(4, N_FEATURES))),
         "hist_disc_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
         "hist_disc_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
     }
@@ -118,6 +119,7 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
     assert_normal_equal(a.normal, b.normal)
     assert_normal_equal(a.anomalous, b.anomalous)
+    assert_normal_equal(a.pseudo_normal, b.pseudo_normal)
 
 
 def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
@@ -177,18 +179,19 @@ def test_a_local_round_without_its_state_start_decodes_with_zero():
 
 def test_a_round_without_anomalies_leaves_their_statistics_out():
     # Most rounds see no anomaly: N + N² zeros per round would be wire for nothing.
-    assert "anomalous" not in json.loads(
-        encode_local_round(local_round(anomalous=NormalStats.empty()))
-    )
+    empty = NormalStats.empty()
+    sent = json.loads(encode_local_round(local_round(anomalous=empty, pseudo_normal=empty)))
+    assert "anomalous" not in sent and "pseudo_normal" not in sent
     assert json.loads(encode_local_round(local_round()))["anomalous"]["count"] == 6.0
+    assert json.loads(encode_local_round(local_round()))["pseudo_normal"]["count"] == 4.0
 
 
 def test_a_local_round_of_an_older_learner_decodes_without_the_discriminant_fields():
     payload = json.loads(encode_local_round(local_round()))
-    del payload["anomalous"]
+    del payload["anomalous"], payload["pseudo_normal"]
     del payload["scores"]["discriminant_positives"], payload["scores"]["discriminant_negatives"]
     decoded = decode_local_round(json.dumps(payload))
-    assert decoded.anomalous.count == 0
+    assert decoded.anomalous.count == decoded.pseudo_normal.count == 0
     assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
     payload["anomalous"] = {"count": 1.0, "mean": [0.0]}  # present, it must be whole
     with pytest.raises(InvalidMessage, match=f"mean must have {N_FEATURES} numbers"):
