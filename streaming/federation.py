@@ -150,23 +150,20 @@ def merge(a: LocalRound, b: LocalRound) -> LocalRound:
     total = a.samples + b.samples
     params = (a.params * a.samples + b.params * b.samples) / total
     same_scores = a.scored_version == b.scored_version
+    # Histograms and counts of another version than the later round's are left behind: they
+    # calibrate a version the server has moved on from.
+    scores = {
+        name: getattr(a, name) + getattr(b, name) if same_scores else getattr(b, name)
+        for name in (*HISTOGRAMS, "prequential")
+    }
     return replace(
         b,
         params=params,
         samples=total,
-        normal=a.normal + b.normal,
-        anomalous=a.anomalous + b.anomalous,
-        pseudo_normal=a.pseudo_normal + b.pseudo_normal,
         loss=(a.loss * a.samples + b.loss * b.samples) / total,
         accuracy=(a.accuracy * a.samples + b.accuracy * b.samples) / total,
-        hist_pos=a.hist_pos + b.hist_pos if same_scores else b.hist_pos,
-        hist_neg=a.hist_neg + b.hist_neg if same_scores else b.hist_neg,
-        hist_normal=a.hist_normal + b.hist_normal if same_scores else b.hist_normal,
-        hist_normal_pos=a.hist_normal_pos + b.hist_normal_pos if same_scores else b.hist_normal_pos,
-        hist_normal_neg=a.hist_normal_neg + b.hist_normal_neg if same_scores else b.hist_normal_neg,
-        hist_disc_pos=a.hist_disc_pos + b.hist_disc_pos if same_scores else b.hist_disc_pos,
-        hist_disc_neg=a.hist_disc_neg + b.hist_disc_neg if same_scores else b.hist_disc_neg,
-        prequential=a.prequential + b.prequential if same_scores else b.prequential,
+        **{name: getattr(a, name) + getattr(b, name) for name in STATISTICS},
+        **scores,
     )
 
 
@@ -344,21 +341,9 @@ class Federation:
 
     def _calibrate(self, updates: tuple[LocalRound, ...]) -> None:
         s, c = self.state, self.config
-        s.hist_pos = s.hist_pos * c.calibration_decay + sum(u.hist_pos for u in updates)
-        s.hist_neg = s.hist_neg * c.calibration_decay + sum(u.hist_neg for u in updates)
-        s.hist_normal = s.hist_normal * c.calibration_decay + sum(u.hist_normal for u in updates)
-        s.hist_normal_pos = s.hist_normal_pos * c.calibration_decay + sum(
-            u.hist_normal_pos for u in updates
-        )
-        s.hist_normal_neg = s.hist_normal_neg * c.calibration_decay + sum(
-            u.hist_normal_neg for u in updates
-        )
-        s.hist_disc_pos = s.hist_disc_pos * c.calibration_decay + sum(
-            u.hist_disc_pos for u in updates
-        )
-        s.hist_disc_neg = s.hist_disc_neg * c.calibration_decay + sum(
-            u.hist_disc_neg for u in updates
-        )
+        for name in HISTOGRAMS:
+            fresh = sum(getattr(u, name) for u in updates)
+            setattr(s, name, getattr(s, name) * c.calibration_decay + fresh)
         for name in STATISTICS:
             fresh = NormalStats.empty(N_FEATURES)
             for u in updates:
