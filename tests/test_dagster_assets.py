@@ -383,3 +383,37 @@ def test_a_stored_version_brings_its_discriminant_to_the_evaluation() -> None:
     row["server_state"] = {"normal": normal, "discriminant": {"params": [1.0]}}
     with pytest.raises(evaluation.NotEvaluable, match="discriminant"):
         evaluation.global_params(row)
+
+
+def test_the_label_free_model_of_a_stored_version_counts_both_kinds_of_normal_rows() -> None:
+    from streaming.model.detectors import Network
+    from streaming.model.features import N_FEATURES, N_POOLED
+
+    rng = np.random.default_rng(3)
+    labelled, pseudo = rng.normal(0, 1, (30, N_FEATURES)), rng.normal(2, 1, (12, N_FEATURES))
+
+    def block(rows: np.ndarray) -> dict:
+        centred = rows - rows.mean(0)
+        return {
+            "count": float(len(rows)),
+            "mean": rows.mean(0).tolist(),
+            "comoment": (centred.T @ centred).ravel().tolist(),
+        }
+
+    row = {
+        "global_version": 9,
+        "hidden": 0,
+        "weights": [0.0] * Network(N_POOLED, 0).size,
+        "threshold": None,
+        "normal_threshold": 1.2,
+        "label_source": "pseudo",
+        "detector": "label_free",
+        "server_state": {"normal": block(labelled), "pseudo_normal": block(pseudo)},
+    }
+    normal = evaluation.global_params(row).normal
+    every = np.vstack([labelled, pseudo])
+    assert normal.count == 42
+    np.testing.assert_allclose(normal.mean, every.mean(0), rtol=1e-12)
+    np.testing.assert_allclose(normal.comoment, np.cov(every.T, ddof=0) * 42, rtol=1e-9, atol=1e-9)
+    del row["server_state"]["pseudo_normal"]  # a version made before they travelled apart
+    assert evaluation.global_params(row).normal.count == 30

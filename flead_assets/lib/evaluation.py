@@ -90,7 +90,8 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
 
     ``weights`` are the network's parameters (``bias`` is appended when ``weights`` is one
     short, the first model's layout); the normal model's statistics come from a ``normal``
-    column where one exists, else from ``server_state -> 'normal'``. Rows of the first model
+    column where one exists, else from ``server_state``'s ``normal`` and ``pseudo_normal``
+    blocks. Rows of the first model
     (no ``hidden``) raise :class:`NotEvaluable`.
     """
     version = int(row["global_version"])
@@ -112,9 +113,14 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
     state = row.get("server_state")
     if isinstance(state, str):
         state = json.loads(state)
-    normal = row.get("normal")
-    if normal is None:
-        normal = state.get("normal") if isinstance(state, Mapping) else None
+    normal = _normal_stats(row.get("normal"), version)
+    if row.get("normal") is None and isinstance(state, Mapping):
+        # The label-free model devices score with: the stream's normal rows and the rule's
+        # normal rows of unlabelled readings (absent before they travelled apart), summed as
+        # the server sums them for the version (streaming.federation).
+        normal = _normal_stats(state.get("normal"), version) + _normal_stats(
+            state.get("pseudo_normal"), version
+        )
     discriminant, discriminant_threshold = _discriminant(state, version)
 
     def optional(name: str) -> float | None:
@@ -126,7 +132,7 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
         hidden=int(hidden),
         params=params,
         threshold=optional("threshold"),
-        normal=_normal_stats(normal, version),
+        normal=normal,
         normal_threshold=optional("normal_threshold"),
         label_source=str(row.get("label_source") or "ground_truth"),
         detector=str(row.get("detector") or "zscore"),
