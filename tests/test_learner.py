@@ -172,6 +172,19 @@ def buffered_state(cfg: LearnerConfig, n: int = 140, labels=None) -> tuple[Devic
     return state, (scored.features[scored.warm], y, labels[scored.warm])
 
 
+def assert_statistics_of(stats, rows: np.ndarray) -> None:
+    """Count, mean and co-moment of ``rows``, computed here with numpy."""
+    assert stats.count == rows.shape[0]
+    if rows.shape[0]:
+        np.testing.assert_allclose(stats.mean, rows.mean(0), rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(
+            stats.comoment,
+            np.cov(rows, rowvar=False, ddof=0) * rows.shape[0],
+            rtol=1e-9,
+            atol=1e-9,
+        )
+
+
 def test_train_round_takes_exactly_train_every_oldest_rows():
     cfg = config(train_every=50, min_round_samples=10)
     state, (X, y, truth) = buffered_state(cfg)  # 130 warm rows
@@ -182,38 +195,12 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         sizes.append(n)
         rows, labels = X[taken : taken + n], y[taken : taken + n]
         stream = truth[taken : taken + n]
-        # The stream's normal rows in ``normal``, the rule's in ``pseudo_normal``.
-        normal = rows[(labels == 0) & (stream == 0)]
-        assert update.normal.count == normal.shape[0]
-        pseudo_normal = rows[(labels == 0) & (stream < 0)]
-        assert update.pseudo_normal.count == pseudo_normal.shape[0]
-        if pseudo_normal.shape[0]:
-            np.testing.assert_allclose(update.pseudo_normal.mean, pseudo_normal.mean(0), rtol=1e-12)
-            np.testing.assert_allclose(
-                update.pseudo_normal.comoment,
-                np.cov(pseudo_normal, rowvar=False, ddof=0) * pseudo_normal.shape[0],
-                rtol=1e-9,
-                atol=1e-9,
-            )
-        # The round's own labelled anomalies: none is replayed (positive_memory 0), and the
-        # rule's pseudo-labels do not count.
-        anomalous = rows[(labels == 1) & (truth[taken : taken + n] == 1)]
-        assert update.anomalous.count == anomalous.shape[0]
-        if anomalous.shape[0]:
-            np.testing.assert_allclose(update.anomalous.mean, anomalous.mean(0), rtol=1e-12)
-            np.testing.assert_allclose(
-                update.anomalous.comoment,
-                np.cov(anomalous, rowvar=False, ddof=0) * anomalous.shape[0],
-                rtol=1e-9,
-                atol=1e-9,
-            )
-        np.testing.assert_allclose(update.normal.mean, normal.mean(0), rtol=1e-12, atol=1e-12)
-        np.testing.assert_allclose(
-            update.normal.comoment,
-            np.cov(normal, rowvar=False, ddof=0) * normal.shape[0],
-            rtol=1e-9,
-            atol=1e-9,
-        )
+        # The stream's normal rows in ``normal``, the rule's in ``pseudo_normal``; the round's
+        # own labelled anomalies (none is replayed: positive_memory 0; pseudo-labels do not
+        # count) in ``anomalous``.
+        assert_statistics_of(update.normal, rows[(labels == 0) & (stream == 0)])
+        assert_statistics_of(update.pseudo_normal, rows[(labels == 0) & (stream < 0)])
+        assert_statistics_of(update.anomalous, rows[(labels == 1) & (stream == 1)])
         taken += n
         assert state.buffered == X.shape[0] - taken
         assert update.round == len(sizes) and update.timestamp_ms == 1_000

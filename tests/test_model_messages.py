@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streaming.learner import Anomaly, GlobalParams, LocalRound
+from streaming.learner import HISTOGRAMS, STATISTICS, Anomaly, GlobalParams, LocalRound
 from streaming.messages import (
     InvalidMessage,
     decode_anomaly,
@@ -106,20 +106,10 @@ def assert_local_equal(a: LocalRound, b: LocalRound) -> None:
         "since_ms",
     ):
         assert getattr(a, name) == getattr(b, name), name
-    for name in (
-        "params",
-        "hist_pos",
-        "hist_neg",
-        "hist_normal",
-        "hist_normal_pos",
-        "hist_normal_neg",
-        "hist_disc_pos",
-        "hist_disc_neg",
-    ):
+    for name in ("params", *HISTOGRAMS):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name))
-    assert_normal_equal(a.normal, b.normal)
-    assert_normal_equal(a.anomalous, b.anomalous)
-    assert_normal_equal(a.pseudo_normal, b.pseudo_normal)
+    for name in STATISTICS:
+        assert_normal_equal(getattr(a, name), getattr(b, name))
 
 
 def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
