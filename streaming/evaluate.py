@@ -301,14 +301,18 @@ def _fit(
         batch_size=config.batch_size,
         seed=seed,
     )
-    logits = network.logits(result.params, X)
-    threshold = detectors.best_mcc_threshold(
-        detectors.histogram(logits[y == 1], LOGIT_EDGES),
-        detectors.histogram(logits[y == 0], LOGIT_EDGES),
-        LOGIT_EDGES,
-    )
+    threshold = _in_sample_threshold(network.logits(result.params, X), y)
     return GlobalParams(
         0, config.hidden, result.params, threshold, _NO_NORMAL, None, "ground_truth"
+    )
+
+
+def _in_sample_threshold(scores: np.ndarray, y: np.ndarray) -> float | None:
+    """The MCC-best edge of scores of the very rows a central model was made from."""
+    return detectors.best_mcc_threshold(
+        detectors.histogram(scores[y == 1], LOGIT_EDGES),
+        detectors.histogram(scores[y == 0], LOGIT_EDGES),
+        LOGIT_EDGES,
     )
 
 
@@ -518,12 +522,7 @@ def _pooled_discriminant(X: np.ndarray, y: np.ndarray) -> GlobalParams | None:
     params = detectors.discriminant(NormalStats.of(X[y == 0]), NormalStats.of(X[y == 1]))
     if params is None:
         return None
-    scores = detectors.discriminant_scores(params, X)
-    threshold = detectors.best_mcc_threshold(
-        detectors.histogram(scores[y == 1], LOGIT_EDGES),
-        detectors.histogram(scores[y == 0], LOGIT_EDGES),
-        LOGIT_EDGES,
-    )
+    threshold = _in_sample_threshold(detectors.discriminant_scores(params, X), y)
     return GlobalParams(
         0, 0, np.zeros(0), None, _NO_NORMAL, None, "ground_truth", "discriminant", params, threshold
     )

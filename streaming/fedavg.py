@@ -49,7 +49,13 @@ from flead.config import Settings, load_settings
 from flead.faults import FEDAVG_AFTER_DB_COMMIT, crash_point
 from flead.kafka import DeadLetters, client_config, producer_config
 from flead.secrets import secret
-from streaming.federation import Federation, FederationConfig, ServerState, Version
+from streaming.federation import (
+    Federation,
+    FederationConfig,
+    ServerState,
+    Version,
+    label_free_statistics,
+)
 from streaming.learner import GlobalParams, LocalRound
 from streaming.messages import decode_local_round, encode_global_params
 from streaming.model.detectors import NormalStats
@@ -171,7 +177,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         hidden=hidden,
         params=_array(weights),
         threshold=threshold,
-        normal=normal + pseudo_normal,
+        normal=label_free_statistics(normal, pseudo_normal),
         normal_threshold=normal_threshold,
         label_source=label_source,
         detector=detector,

@@ -207,6 +207,12 @@ def bounded(update: LocalRound, cap: int) -> LocalRound:
     return replace(update, **changes) if changes else update
 
 
+def label_free_statistics(normal: NormalStats, pseudo_normal: NormalStats) -> NormalStats:
+    """The label-free model's statistics: every normal row, those the stream labelled and those
+    only the z-score rule called normal (the discriminant takes the first only)."""
+    return normal + pseudo_normal
+
+
 def choose_detector(*, discriminant: bool, label_free: bool) -> str:
     """The detector ``auto`` devices use next, in a fixed order of preference measured on
     held-out devices (README, *Detection*): the discriminant once the fleet has labelled
@@ -308,7 +314,7 @@ class Federation:
             hidden=self.config.hidden,
             params=combined,
             threshold=threshold,
-            normal=state.normal + state.pseudo_normal,
+            normal=label_free_statistics(state.normal, state.pseudo_normal),
             normal_threshold=normal_threshold,
             label_source="ground_truth" if ground_truth * 2 >= samples.sum() else "pseudo",
             detector=choose_detector(

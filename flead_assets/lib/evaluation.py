@@ -26,6 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from streaming import learner
+from streaming.federation import label_free_statistics
 from streaming.learner import Detector, GlobalParams, LearnerConfig
 from streaming.model.detectors import Network, NormalStats
 from streaming.model.features import FEATURE_NAMES, N_FEATURES, N_POOLED, Scored
@@ -115,11 +116,11 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
         state = json.loads(state)
     normal = _normal_stats(row.get("normal"), version)
     if row.get("normal") is None and isinstance(state, Mapping):
-        # The label-free model devices score with: the stream's normal rows and the rule's
-        # normal rows of unlabelled readings (absent before they travelled apart), summed as
-        # the server sums them for the version (streaming.federation).
-        normal = _normal_stats(state.get("normal"), version) + _normal_stats(
-            state.get("pseudo_normal"), version
+        # The label-free model devices score with (the rule's normal rows absent from a
+        # version made before they travelled apart).
+        normal = label_free_statistics(
+            _normal_stats(state.get("normal"), version),
+            _normal_stats(state.get("pseudo_normal"), version),
         )
     discriminant, discriminant_threshold = _discriminant(state, version)
 
