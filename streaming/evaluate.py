@@ -11,9 +11,11 @@ Methods, all scored on the same rows, every reading of the held-out devices:
 
 - ``majority``: the majority class of all those rows; ``zscore``: the plain rule |z| > 2.5;
 - ``federated``: the default detector (``auto``: the one the server chose for the version);
-- ``supervised`` / ``linear`` / ``discriminant`` / ``label_free``: each model family of the
-  federation (``linear`` is its own federation with no hidden layer; ``label_free`` trains
-  with the labels stripped, so it shows what an unlabelled fleet would get);
+- ``supervised`` / ``linear`` / ``discriminant``: each model family of the federation
+  (``linear`` is its own federation with no hidden layer);
+- ``label_free``: a federation of the same devices with their labels stripped, scored by its
+  default detector: what an unlabelled fleet would get (the discriminant of the z-score rule's
+  classes); ``label_free_gaussian``: the same federation's Gaussian model of normal rows;
 - ``local_only``: each held-out device learns alone from its own labelled stream,
   test-then-train (each reading scored before the device trains on it);
 - ``central``: one network trained on all training devices' rows pooled (what federation
@@ -50,6 +52,7 @@ METHODS = (
     "linear",
     "discriminant",
     "label_free",
+    "label_free_gaussian",
     "local_only",
     "central",
     "central_discriminant",
@@ -486,7 +489,7 @@ def _fold_runs(
     if "linear" in methods:
         linear = replace(config, hidden=0)
         runs["linear"] = federate(train, linear, replace(fed_config, hidden=0))
-    if "label_free" in methods:
+    if {"label_free", "label_free_gaussian"} & set(methods):
         runs["label_free"] = federate(train, config, fed_config, strip_labels=True)
     return runs
 
@@ -503,9 +506,9 @@ def _detectors(runs: dict[str, FederationRun], config: LearnerConfig) -> dict[st
             runs["linear"].model, replace(config, hidden=0, detector="supervised")
         )
     if "label_free" in runs:
-        found["label_free"] = Detector(
-            runs["label_free"].model, replace(config, detector="label_free")
-        )
+        unlabelled = runs["label_free"].model
+        found["label_free"] = Detector(unlabelled, replace(config, detector="auto"))
+        found["label_free_gaussian"] = Detector(unlabelled, replace(config, detector="label_free"))
     X, y = main.training_rows
     central = _fit(config, X, y, epochs=max(config.epochs * 5, 10), seed=11) if X.size else None
     found["central"] = Detector(central, replace(config, detector="supervised"))

@@ -88,6 +88,8 @@ def state_to_json(federation: Federation) -> dict[str, Any]:
         "hist_normal_neg": s.hist_normal_neg.tolist(),
         "anomalous": _stats_json(s.anomalous),
         "pseudo_normal": _stats_json(s.pseudo_normal),
+        "pseudo_anomalous": _stats_json(s.pseudo_anomalous),
+        "discriminant_since": s.discriminant_since,
         "hist_disc_pos": s.hist_disc_pos.tolist(),
         "hist_disc_neg": s.hist_disc_neg.tolist(),
         # The version's discriminant rides here rather than in columns of its own: only the
@@ -123,17 +125,23 @@ def _array(values: Any) -> np.ndarray:
 def discriminant_json(model: GlobalParams | None) -> dict[str, Any] | None:
     if model is None or model.discriminant is None:
         return None
-    return {"params": model.discriminant.tolist(), "threshold": model.discriminant_threshold}
+    return {
+        "params": model.discriminant.tolist(),
+        "threshold": model.discriminant_threshold,
+        "labels": model.discriminant_labels,
+    }
 
 
-def discriminant_from(saved: Any) -> tuple[np.ndarray | None, float | None]:
-    """The discriminant and its threshold from a saved state (absent before the discriminant
-    existed: none)."""
+def discriminant_from(saved: Any) -> tuple[np.ndarray | None, float | None, str]:
+    """The discriminant, its threshold and its classes' labels from a saved state (absent
+    before the discriminant existed: none; labels absent before the rule's classes could
+    make one: the stream's)."""
     found = saved.get("discriminant") if isinstance(saved, dict) else None
     if not found:
-        return None, None
+        return None, None, "ground_truth"
     threshold = found.get("threshold")
-    return _array(found["params"]), None if threshold is None else float(threshold)
+    labels = found.get("labels", "ground_truth")
+    return _array(found["params"]), None if threshold is None else float(threshold), labels
 
 
 def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
@@ -149,7 +157,8 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
     normal = _stats_from(saved, "normal")
     anomalous = _stats_from(saved, "anomalous")
     pseudo_normal = _stats_from(saved, "pseudo_normal")
-    discriminant, discriminant_threshold = discriminant_from(saved)
+    pseudo_anomalous = _stats_from(saved, "pseudo_anomalous")
+    discriminant, discriminant_threshold, discriminant_labels = discriminant_from(saved)
     no_hist = np.zeros_like(saved["hist_pos"])
     if normal.mean.size != N_FEATURES:
         # Statistics of another feature layout (a service before the channel slots) cannot be
@@ -161,7 +170,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
             normal.mean.size,
             N_FEATURES,
         )
-        normal = anomalous = pseudo_normal = NormalStats.empty()
+        normal = anomalous = pseudo_normal = pseudo_anomalous = NormalStats.empty()
         discriminant = discriminant_threshold = normal_threshold = None
         no_normal_hist = np.zeros_like(saved["hist_normal"])
         saved = {
@@ -183,6 +192,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         detector=detector,
         discriminant=discriminant,
         discriminant_threshold=discriminant_threshold,
+        discriminant_labels=discriminant_labels,
     )
     state = ServerState(
         current=current,
@@ -196,6 +206,8 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
         normal=normal,
         anomalous=anomalous,
         pseudo_normal=pseudo_normal,
+        pseudo_anomalous=pseudo_anomalous,
+        discriminant_since=int(saved.get("discriminant_since", 0)),
         hist_disc_pos=_array(saved.get("hist_disc_pos", no_hist)),
         hist_disc_neg=_array(saved.get("hist_disc_neg", no_hist)),
     )

@@ -28,7 +28,8 @@ devices sent and never from their raw readings:
   Matthews correlation (positives and negatives of fresh readings scored by their current
   version), summed with those of earlier versions faded by ``calibration_decay``;
 - the discriminant: from the sums of the statistics of the rows the stream labelled normal and
-  anomalous (the rule's pseudo-labels stay out of it), and its threshold;
+  anomalous (the rule's pseudo-labels stay out of it) once the fleet has labelled anomalies,
+  before that from the rule's classes of the unlabelled rows; and its threshold;
 - the label-free model: the sum of the devices' normal-row statistics, the rule's normal rows
   of unlabelled readings included (faded the same way), and its threshold, the score that
   flags ``contamination`` of the fleet's readings;
@@ -128,8 +129,16 @@ class ServerState:
     anomalous: NormalStats = field(default_factory=NormalStats.empty)
     # Normal rows only the z-score rule labelled: the label-free model's, not the discriminant's.
     pseudo_normal: NormalStats = field(default_factory=NormalStats.empty)
+    # Unlabelled rows the rule flagged: with pseudo_normal, the classes of an unlabelled fleet.
+    pseudo_anomalous: NormalStats = field(default_factory=NormalStats.empty)
     hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
+    # The first version whose discriminant has today's classes (the stream's labels or the
+    # rule's): the discriminant's histograms count only scores of it and later versions.
+    discriminant_since: int = 0
+
+
+DISCRIMINANT_HISTOGRAMS = ("hist_disc_pos", "hist_disc_neg")
 
 
 @dataclass(frozen=True)
@@ -307,8 +316,9 @@ class Federation:
         ground_truth = samples[[u.label_source == "ground_truth" for u in updates]].sum()
         threshold = self._supervised_threshold()
         normal_threshold = self._label_free_threshold()
-        discriminant = detectors.discriminant(state.normal, state.anomalous)
-        discriminant_threshold = self._discriminant_threshold()
+        labels, classes = self._discriminant_classes()
+        discriminant = detectors.discriminant(*classes)
+        discriminant_threshold = self._discriminant_threshold(classes)
         new = GlobalParams(
             version=self.version + 1,
             hidden=self.config.hidden,
@@ -323,6 +333,7 @@ class Federation:
             ),
             discriminant=discriminant,
             discriminant_threshold=discriminant_threshold,
+            discriminant_labels=labels,
         )
         version = Version(
             model=new,
@@ -348,7 +359,10 @@ class Federation:
     def _calibrate(self, updates: tuple[LocalRound, ...]) -> None:
         s, c = self.state, self.config
         for name in HISTOGRAMS:
-            fresh = sum(getattr(u, name) for u in updates)
+            counted = updates
+            if name in DISCRIMINANT_HISTOGRAMS:  # scores of a discriminant of other classes
+                counted = [u for u in updates if u.scored_version >= s.discriminant_since]
+            fresh = sum((getattr(u, name) for u in counted), np.zeros_like(getattr(s, name)))
             setattr(s, name, getattr(s, name) * c.calibration_decay + fresh)
         for name in STATISTICS:
             fresh = NormalStats.empty(N_FEATURES)
@@ -368,14 +382,36 @@ class Federation:
             return None
         return detectors.quantile_threshold(s.hist_normal, NORMAL_EDGES, self.config.contamination)
 
-    def _discriminant_threshold(self) -> float | None:
+    def _discriminant_classes(self) -> tuple[str, tuple[NormalStats, NormalStats]]:
+        """Which labels the next discriminant separates, and their classes' statistics: the
+        stream's once the fleet has labelled anomalies; before that (an unlabelled fleet: for
+        ever) the z-score rule's classes of every normal and flagged row. Fisher's direction
+        between the rule's classes is the rule made multivariate: it weighs every feature of
+        the rule's anomalies against the fleet's covariance, where the rule looks at one |z|.
+
+        When the labels change, the discriminant's faded histograms (scores counted by the
+        other labels) are dropped, and only scores of the new versions count from then on."""
+        s = self.state
+        if s.anomalous.count >= detectors.MIN_CLASS_ROWS:
+            labels, classes = "ground_truth", (s.normal, s.anomalous)
+        else:
+            normal = label_free_statistics(s.normal, s.pseudo_normal)
+            labels, classes = "pseudo", (normal, s.pseudo_anomalous)
+        previous = s.current.discriminant_labels if s.current else labels
+        if labels != previous:
+            for name in DISCRIMINANT_HISTOGRAMS:
+                setattr(s, name, np.zeros_like(getattr(s, name)))
+            s.discriminant_since = self.version + 1
+        return labels, classes
+
+    def _discriminant_threshold(self, classes: tuple[NormalStats, NormalStats]) -> float | None:
         """The MCC-best edge of the discriminant's fresh scores; until devices have reported
-        any, the last one (None before the first)."""
+        any, the classes' Bayes boundary (None before the first discriminant)."""
         s = self.state
         found = detectors.best_mcc_threshold(s.hist_disc_pos, s.hist_disc_neg, LOGIT_EDGES)
         if found is not None:
             return found
-        return detectors.discriminant_boundary(s.normal, s.anomalous)
+        return detectors.discriminant_boundary(*classes)
 
     def _supervised_threshold(self) -> float | None:
         found = detectors.best_mcc_threshold(self.state.hist_pos, self.state.hist_neg, LOGIT_EDGES)

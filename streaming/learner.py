@@ -118,6 +118,10 @@ class GlobalParams:
     detector: str = "zscore"  # what ``auto`` devices score with (chosen by the server)
     discriminant: np.ndarray | None = None  # [w, b] of the linear discriminant; None: not yet
     discriminant_threshold: float | None = None  # its score threshold; None: not calibrated
+    # What the discriminant's classes are: the stream's labels ("ground_truth") or, in a fleet
+    # without labelled anomalies, the z-score rule's classes of unlabelled rows ("pseudo").
+    # Devices histogram its fresh scores by the same labels, to calibrate its threshold.
+    discriminant_labels: str = "ground_truth"
 
 
 @dataclass(frozen=True)
@@ -306,9 +310,11 @@ def record(
             state.hist_normal_neg += detectors.histogram(normal[truth == 0], NORMAL_EDGES)
         disc = detector.discriminant_scores(X)
         if disc is not None:
-            # Labelled rows only, like the discriminant's anomalous statistics.
-            state.hist_disc_pos += detectors.histogram(disc[truth == 1], LOGIT_EDGES)
-            state.hist_disc_neg += detectors.histogram(disc[truth == 0], LOGIT_EDGES)
+            # By the labels its classes were made of: the stream's (labelled rows only), or
+            # the rule's where the fleet has no labelled anomaly to learn from.
+            classes = y if detector.model.discriminant_labels == "pseudo" else truth
+            state.hist_disc_pos += detectors.histogram(disc[classes == 1], LOGIT_EDGES)
+            state.hist_disc_neg += detectors.histogram(disc[classes == 0], LOGIT_EDGES)
     labelled = truth >= 0
     if labelled.any():
         actual = truth[labelled] == 1
@@ -370,13 +376,15 @@ class LocalRound:
     since_ms: int = 0  # DeviceState.since_ms: with device_id and round, the round's identity
     anomalous: NormalStats = field(default_factory=NormalStats.empty)  # of the anomalous rows
     pseudo_normal: NormalStats = field(default_factory=NormalStats.empty)  # rule-labelled normal
+    pseudo_anomalous: NormalStats = field(default_factory=NormalStats.empty)  # rule-flagged
     hist_disc_pos: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
     hist_disc_neg: np.ndarray = field(default_factory=lambda: np.zeros(LOGIT_EDGES.size + 1))
 
 
-STATISTICS = ("normal", "pseudo_normal", "anomalous")
+STATISTICS = ("normal", "pseudo_normal", "anomalous", "pseudo_anomalous")
 """The feature statistics a :class:`LocalRound` carries: its rows labelled normal by the stream,
-those only the z-score rule called normal (unlabelled readings), and its labelled anomalies."""
+those only the z-score rule called normal (unlabelled readings), its labelled anomalies, and
+the unlabelled rows the rule flagged."""
 
 HISTOGRAMS = (
     "hist_pos",
@@ -451,13 +459,15 @@ def train_round(
         label_source="pseudo" if np.count_nonzero(pseudo) * 2 > n else "ground_truth",
         loss=result.loss,
         accuracy=result.accuracy,
-        # The stream's labels only, like the anomalous statistics: the discriminant learns
-        # from ground truth; the label-free model adds the rule's normal rows (pseudo_normal).
+        # Stream-labelled and rule-labelled rows travel apart: a fleet with labelled anomalies
+        # learns its discriminant from the stream's labels only (the rule's would teach it the
+        # rule); one without learns it from the rule's classes (pseudo_*), and the label-free
+        # model adds both kinds of normal rows. Anomalies: the round's own only (the replayed
+        # ones were counted when they came).
         normal=NormalStats.of(X[(y == 0) & ~pseudo]),
         pseudo_normal=_stats_or_none(X[(y == 0) & pseudo]),
-        # The round's own labelled anomalies only: the replayed ones were counted when they
-        # came, and the rule's pseudo-labels would only teach the discriminant the rule.
         anomalous=_stats_or_none(X[labelled_anomalies]),
+        pseudo_anomalous=_stats_or_none(X[(y == 1) & pseudo]),
         hist_pos=state.hist_pos,
         hist_neg=state.hist_neg,
         hist_normal=state.hist_normal,

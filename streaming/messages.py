@@ -690,6 +690,13 @@ def _orjson_safe(*arrays: np.ndarray) -> bool:
     return True
 
 
+LABEL_SOURCES = ("ground_truth", "pseudo")
+"""What labels a round or a model learnt from: the stream's, or the z-score rule's."""
+
+OPTIONAL_STATISTICS = ("anomalous", "pseudo_normal", "pseudo_anomalous")
+"""A round's statistics blocks beyond ``normal``: each sent only when it has rows."""
+
+
 def encode_local_round(update: LocalRound) -> bytes:
     c = update.prequential
     # The profile of the Flink job: json's float formatting was ~15 % of its Python time (a
@@ -700,6 +707,7 @@ def encode_local_round(update: LocalRound) -> bytes:
         update.normal.mean,
         update.anomalous.mean,
         update.pseudo_normal.mean,
+        update.pseudo_anomalous.mean,
         np.array(
             [
                 update.loss,
@@ -707,6 +715,7 @@ def encode_local_round(update: LocalRound) -> bytes:
                 float(update.normal.count),
                 float(update.anomalous.count),
                 float(update.pseudo_normal.count),
+                float(update.pseudo_anomalous.count),
             ]
         ),
     )
@@ -734,7 +743,7 @@ def encode_local_round(update: LocalRound) -> bytes:
         },
         "timestamp": format_timestamp(update.timestamp_ms),
     }
-    for name in ("anomalous", "pseudo_normal"):  # absent means no such rows (decode)
+    for name in OPTIONAL_STATISTICS:  # absent means no such rows (decode)
         stats = getattr(update, name)
         if stats.count:
             message[name] = _normal_dict(stats)
@@ -772,7 +781,7 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         base_version=_integer(obj, "base_global_version"),
         params=_floats(obj, "weights"),
         samples=_integer(obj, "samples_processed", 1),
-        label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
+        label_source=_choice(obj, "label_source", LABEL_SOURCES),
         loss=_finite(obj, "loss"),
         accuracy=_finite(obj, "accuracy"),
         normal=_normal_from(obj.get("normal"), "normal"),
@@ -791,6 +800,7 @@ def decode_local_round(obj: dict[str, Any]) -> LocalRound:
         # means no such rows: most rounds see no anomaly, a labelled stream no pseudo-label.
         anomalous=_optional_stats(obj, "anomalous"),
         pseudo_normal=_optional_stats(obj, "pseudo_normal"),
+        pseudo_anomalous=_optional_stats(obj, "pseudo_anomalous"),
         hist_disc_pos=_optional_counts(scores, "discriminant_positives", bins),
         hist_disc_neg=_optional_counts(scores, "discriminant_negatives", bins),
     )
@@ -858,6 +868,10 @@ def _signed_content(model: GlobalParams) -> bytes:
         else np.asarray(model.discriminant, dtype=np.float64).ravel().tolist(),
         None if model.discriminant_threshold is None else float(model.discriminant_threshold),
     ]
+    if model.discriminant_labels != "ground_truth":
+        # Appended only when not the default, so that versions signed before the field keep
+        # their signatures.
+        content.append(str(model.discriminant_labels))
     return json.dumps(content, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -889,6 +903,7 @@ def encode_global_params(
             "detector": model.detector,
             "discriminant": None if model.discriminant is None else model.discriminant.tolist(),
             "discriminant_threshold": model.discriminant_threshold,
+            "discriminant_labels": model.discriminant_labels,
             "timestamp": format_timestamp(timestamp_ms),
             **extra,
             SIGNATURE_FIELD: sign_global_params(model, key),
@@ -906,7 +921,7 @@ def _global_from(obj: dict[str, Any]) -> GlobalParams:
         threshold=_finite(obj, "threshold", optional=True),
         normal=_normal_from(obj.get("normal"), "normal"),
         normal_threshold=_finite(obj, "normal_threshold", optional=True),
-        label_source=_choice(obj, "label_source", ("ground_truth", "pseudo")),
+        label_source=_choice(obj, "label_source", LABEL_SOURCES),
         detector=_choice(obj, "detector", DETECTOR_KINDS),
         discriminant=(
             None
@@ -914,6 +929,9 @@ def _global_from(obj: dict[str, Any]) -> GlobalParams:
             else _floats(obj, "discriminant", N_FEATURES + 1)
         ),
         discriminant_threshold=_finite(obj, "discriminant_threshold", optional=True),
+        discriminant_labels=_choice(obj, "discriminant_labels", LABEL_SOURCES)
+        if "discriminant_labels" in obj
+        else "ground_truth",  # a version from before the field
     )
 
 

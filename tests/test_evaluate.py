@@ -324,3 +324,28 @@ def test_the_central_discriminant_is_fishers_direction_with_its_mcc_best_edge():
     mcc = [matthews_corrcoef(y, scores >= t) for t in LOGIT_EDGES]
     assert max(mcc) - matthews_corrcoef(y, scores >= model.discriminant_threshold) < 1e-12
     assert _pooled_discriminant(X[y == 0], y[y == 0]) is None  # no anomaly: no discriminant
+
+
+def test_the_unlabelled_run_separates_the_rules_classes_the_labelled_one_the_streams(readings):
+    """``label_free`` is what a fleet without labels gets: the discriminant of the z-score
+    rule's classes (its anomalous class: the rows the rule flagged); with the labels, the
+    stream's classes."""
+    from streaming.evaluate import featurize, federate
+
+    config = learner_config()
+    fleet = collect(readings, 50)
+    featurize(fleet, config)
+    devices = list(fleet.devices.values())
+    unlabelled = federate(devices, config, federation_config(), strip_labels=True).model
+    labelled = federate(devices, config, federation_config()).model
+    assert (unlabelled.detector, unlabelled.discriminant_labels) == ("discriminant", "pseudo")
+    assert (labelled.detector, labelled.discriminant_labels) == ("discriminant", "ground_truth")
+    # Its classes' means, by the rule computed here: the direction points from the rule's
+    # normal rows to its flagged ones.
+    rows = np.vstack([s.features[s.warm] for d in devices for s in d.scored])
+    flagged = np.concatenate(
+        [np.abs(s.z[s.warm]).max(axis=1) > config.anomaly_z for d in devices for s in d.scored]
+    )
+    assert 0 < flagged.mean() < 0.5
+    w = unlabelled.discriminant[:-1]
+    assert (rows[flagged] @ w).mean() > (rows[~flagged] @ w).mean()

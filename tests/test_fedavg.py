@@ -462,10 +462,12 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
         anomalous=NormalStats.of(rng.normal(2, 1, (6, N_FEATURES))),
         hist_disc_pos=np.eye(LOGIT_EDGES.size + 1)[60] * 3,
         pseudo_normal=NormalStats.of(rng.normal(0.5, 1, (10, N_FEATURES))),
+        pseudo_anomalous=NormalStats.of(rng.normal(3, 1, (3, N_FEATURES))),
     )
     fed.add(round_)
     model = fed.close(0).model
     assert model.discriminant is not None and model.discriminant_threshold is not None
+    fed.state.discriminant_since = 1  # as if its labels had changed with version 1
     saved = json.loads(json.dumps(state_to_json(fed)))  # as jsonb gives it back
     assert "candidates" not in saved
     row = (model.version, model.hidden, model.params.tolist(), model.threshold,
@@ -473,7 +475,10 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     state, _ = state_from_row(row)
     np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
     assert state.current.discriminant_threshold == model.discriminant_threshold
+    assert state.current.discriminant_labels == "ground_truth"
     assert state.anomalous.count == 6 and state.pseudo_normal.count == 10
+    assert state.pseudo_anomalous.count == 3 and state.discriminant_since == 1
+    np.testing.assert_array_equal(state.pseudo_anomalous.mean, fed.state.pseudo_anomalous.mean)
     np.testing.assert_array_equal(state.anomalous.comoment, fed.state.anomalous.comoment)
     np.testing.assert_array_equal(state.pseudo_normal.comoment, fed.state.pseudo_normal.comoment)
     assert state.current.normal.count == 44  # the label-free model: both kinds of normal rows
@@ -485,11 +490,13 @@ def test_the_server_state_keeps_the_discriminant_across_a_restart():
     np.testing.assert_array_equal(state.current.discriminant, model.discriminant)
     assert state.anomalous.count == 6
     # A state saved before the discriminant existed: none, and empty statistics.
-    for key in ("anomalous", "pseudo_normal", "hist_disc_pos", "hist_disc_neg", "discriminant"):
+    for key in ("anomalous", "pseudo_normal", "pseudo_anomalous", "discriminant_since",
+                "hist_disc_pos", "hist_disc_neg", "discriminant"):  # fmt: skip
         del saved[key]
     state, _ = state_from_row((*row[:-1], saved))
     assert state.current.discriminant is None and state.anomalous.count == 0
-    assert state.pseudo_normal.count == 0
+    assert state.pseudo_normal.count == state.pseudo_anomalous.count == 0
+    assert state.discriminant_since == 0
     assert state.hist_disc_neg.sum() == 0
 
 

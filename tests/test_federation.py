@@ -460,6 +460,51 @@ def test_the_discriminant_is_that_of_all_rows_pooled_whatever_the_grouping():
     np.testing.assert_allclose(last.discriminant, model.discriminant, rtol=1e-9, atol=1e-12)
 
 
+def test_a_fleet_without_labelled_anomalies_separates_the_rules_classes_until_it_has_some():
+    rng = np.random.default_rng(24)
+    bins = LOGIT_EDGES.size + 1
+    labelled_normal = rng.normal(0, 1, (30, N_FEATURES))
+    rule_normal = rng.normal(0.2, 1, (40, N_FEATURES))
+    rule_flagged = rng.normal(2.0, 1.5, (8, N_FEATURES))
+    w, b, _ = own_fisher(np.vstack((labelled_normal, rule_normal)), rule_flagged)
+    fed = Federation(fed_config(min_devices=1, calibration_decay=1.0, normal_decay=1.0))
+    fed.add(
+        replace(
+            update("a", 0, rows=labelled_normal),
+            pseudo_normal=NormalStats.of(rule_normal),
+            pseudo_anomalous=NormalStats.of(rule_flagged),
+        )
+    )
+    first = fed.close(0).model
+    assert first.discriminant_labels == "pseudo" and first.detector == "discriminant"
+    np.testing.assert_allclose(first.discriminant, np.r_[w, b], rtol=1e-9, atol=1e-12)
+    # Devices report its scores by the rule's labels; the threshold is their MCC-best edge.
+    pos, neg = np.eye(bins)[50] * 5, np.eye(bins)[40] * 60 + np.eye(bins)[52] * 2
+    again = update("a", 0, base=1, scored_version=1, rows=labelled_normal)
+    fed.add(replace(again, hist_disc_pos=pos, hist_disc_neg=neg))
+    second = fed.close(0).model
+    assert second.discriminant_labels == "pseudo"
+    assert second.discriminant_threshold == brute_force_mcc_threshold(pos, neg)
+    # Labelled anomalies arrive: the stream's classes from now on; the scores counted by the
+    # rule's labels are dropped, and a late round still scored by version 2 does not count.
+    anomalous = rng.normal(1.5, 1, (6, N_FEATURES))
+    fed.add(
+        replace(update("b", 0, base=2, rows=labelled_normal), anomalous=NormalStats.of(anomalous))
+    )
+    third = fed.close(0).model
+    assert third.discriminant_labels == "ground_truth"
+    w, b, distance = own_fisher(np.vstack([labelled_normal] * 3), anomalous)
+    np.testing.assert_allclose(third.discriminant, np.r_[w, b], rtol=1e-9, atol=1e-12)
+    assert fed.state.hist_disc_pos.sum() == fed.state.hist_disc_neg.sum() == 0
+    assert third.discriminant_threshold == pytest.approx(np.log(90 / 6) / distance)
+    late = update("a", 0, base=2, scored_version=2, rows=labelled_normal)
+    fed.add(replace(late, hist_disc_pos=pos, hist_disc_neg=neg))
+    fourth = fed.close(0).model
+    assert fed.state.hist_disc_pos.sum() == fed.state.hist_disc_neg.sum() == 0
+    _, _, distance = own_fisher(np.vstack([labelled_normal] * 4), anomalous)
+    assert fourth.discriminant_threshold == pytest.approx(np.log(120 / 6) / distance)
+
+
 def test_the_discriminant_threshold_is_the_best_mcc_of_its_histograms():
     rng = np.random.default_rng(22)
     bins = LOGIT_EDGES.size + 1

@@ -4,6 +4,7 @@ checked against numpy/scikit-learn computations made here from the Scored rows."
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -201,6 +202,7 @@ def test_train_round_takes_exactly_train_every_oldest_rows():
         assert_statistics_of(update.normal, rows[(labels == 0) & (stream == 0)])
         assert_statistics_of(update.pseudo_normal, rows[(labels == 0) & (stream < 0)])
         assert_statistics_of(update.anomalous, rows[(labels == 1) & (stream == 1)])
+        assert_statistics_of(update.pseudo_anomalous, rows[(labels == 1) & (stream < 0)])
         taken += n
         assert state.buffered == X.shape[0] - taken
         assert update.round == len(sizes) and update.timestamp_ms == 1_000
@@ -492,6 +494,25 @@ def test_prequential_counts_equal_a_confusion_of_the_decisions():
     assert state.prequential == Confusion(0, 0, 0, 0)
     assert state.hist_pos.sum() == 0 == state.hist_normal_pos.sum() == state.hist_normal_neg.sum()
     assert state.hist_disc_pos.sum() == 0 == state.hist_disc_neg.sum()
+
+
+def test_a_discriminant_of_the_rules_classes_is_calibrated_by_the_rules_labels():
+    # A fleet without labelled anomalies: its discriminant separates the rule's classes, so
+    # its fresh scores are counted by the rule's labels where the stream has none.
+    cfg = config()
+    state, scored = scored_batch(cfg)
+    warm = scored.warm
+    model = replace(calibrated_model(cfg, scored.features[warm]), discriminant_labels="pseudo")
+    labels = labels_for(140, seed=5)
+    record(state, scored, labels, Detector(model, cfg), cfg)
+    truth, rule = labels[warm], rule_of(scored, cfg)[warm]
+    y = np.where(truth >= 0, truth, rule)
+    assert (y != truth).any() and ((truth < 0) & (rule == 0)).any()
+    disc = scored.features[warm] @ model.discriminant[:-1] + model.discriminant[-1]
+    for hist, label in ((state.hist_disc_pos, 1), (state.hist_disc_neg, 0)):
+        bins = np.searchsorted(LOGIT_EDGES, disc[y == label], side="right")
+        np.testing.assert_array_equal(hist, np.bincount(bins, minlength=LOGIT_EDGES.size + 1))
+    assert state.hist_disc_pos.sum() + state.hist_disc_neg.sum() == warm.sum()
 
 
 def test_a_new_version_resets_the_counts():

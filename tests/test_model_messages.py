@@ -54,6 +54,7 @@ def local_round(**overrides) -> LocalRound:
         "timestamp_ms": TS,
         "anomalous": NormalStats.of(rng.uniform(2, 9, size=(6, N_FEATURES))),
         "pseudo_normal": NormalStats.of(rng.uniform(-1, 2, size=(4, N_FEATURES))),
+        "pseudo_anomalous": NormalStats.of(rng.uniform(1, 6, size=(3, N_FEATURES))),
         "hist_disc_pos": rng.integers(0, 5, LOGIT_EDGES.size + 1),
         "hist_disc_neg": rng.integers(0, 50, LOGIT_EDGES.size + 1),
     }
@@ -121,6 +122,7 @@ def assert_global_equal(a: GlobalParams, b: GlobalParams) -> None:
         "label_source",
         "detector",
         "discriminant_threshold",
+        "discriminant_labels",
     ):
         assert getattr(a, name) == getattr(b, name), name
     np.testing.assert_array_equal(a.params, b.params)
@@ -170,18 +172,20 @@ def test_a_local_round_without_its_state_start_decodes_with_zero():
 def test_a_round_without_anomalies_leaves_their_statistics_out():
     # Most rounds see no anomaly: N + N² zeros per round would be wire for nothing.
     empty = NormalStats.empty()
-    sent = json.loads(encode_local_round(local_round(anomalous=empty, pseudo_normal=empty)))
-    assert "anomalous" not in sent and "pseudo_normal" not in sent
-    assert json.loads(encode_local_round(local_round()))["anomalous"]["count"] == 6.0
-    assert json.loads(encode_local_round(local_round()))["pseudo_normal"]["count"] == 4.0
+    blocks = ("anomalous", "pseudo_normal", "pseudo_anomalous")
+    sent = json.loads(encode_local_round(local_round(**dict.fromkeys(blocks, empty))))
+    assert not set(blocks) & set(sent)
+    full = json.loads(encode_local_round(local_round()))
+    assert [full[name]["count"] for name in blocks] == [6.0, 4.0, 3.0]
 
 
 def test_a_local_round_of_an_older_learner_decodes_without_the_discriminant_fields():
     payload = json.loads(encode_local_round(local_round()))
-    del payload["anomalous"], payload["pseudo_normal"]
+    del payload["anomalous"], payload["pseudo_normal"], payload["pseudo_anomalous"]
     del payload["scores"]["discriminant_positives"], payload["scores"]["discriminant_negatives"]
     decoded = decode_local_round(json.dumps(payload))
     assert decoded.anomalous.count == decoded.pseudo_normal.count == 0
+    assert decoded.pseudo_anomalous.count == 0
     assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
     payload["anomalous"] = {"count": 1.0, "mean": [0.0]}  # present, it must be whole
     with pytest.raises(InvalidMessage, match=f"mean must have {N_FEATURES} numbers"):
@@ -226,6 +230,7 @@ def test_a_local_round_without_labelled_normal_histograms_decodes_with_zeros():
         {"hidden": 0, "normal": NormalStats.empty(), "detector": "supervised"},
         {"discriminant": None, "discriminant_threshold": None},
         {"detector": "discriminant"},
+        {"detector": "discriminant", "discriminant_labels": "pseudo"},
     ],
 )
 def test_global_params_round_trip(overrides):
@@ -293,6 +298,7 @@ def test_a_version_signed_with_another_key_is_refused():
         (("discriminant", 2), 5.0),
         (("discriminant",), None),
         (("discriminant_threshold",), -0.5),
+        (("discriminant_labels",), "pseudo"),
     ],
 )
 def test_changing_anything_a_device_uses_breaks_the_signature(path, value):
@@ -311,6 +317,19 @@ def test_changing_anything_a_device_uses_breaks_the_signature(path, value):
     else:
         with pytest.raises(InvalidMessage, match="badly signed"):
             decode_global_params(json.dumps(obj), KEY)
+
+
+def test_a_version_from_before_the_discriminant_labels_decodes_as_the_streams():
+    # Signed before the field existed: its signature covers no labels, and it still verifies.
+    obj = signed_obj()
+    del obj["discriminant_labels"]
+    assert decode_global_params(json.dumps(obj), KEY).discriminant_labels == "ground_truth"
+    # The rule's classes are signed: the field cannot be dropped from such a version.
+    obj = signed_obj(discriminant_labels="pseudo")
+    assert decode_global_params(json.dumps(obj), KEY).discriminant_labels == "pseudo"
+    del obj["discriminant_labels"]
+    with pytest.raises(InvalidMessage, match="badly signed"):
+        decode_global_params(json.dumps(obj), KEY)
 
 
 def test_bookkeeping_fields_and_json_spelling_do_not_affect_the_signature():
@@ -462,6 +481,8 @@ GLOBAL_MUTATIONS = {
     "negative normal count": (("normal", "count"), -3.0),
     "normal mean wrong length": (("normal", "mean"), [0.0]),
     "unknown label source": (("label_source",), None),
+    "unknown discriminant labels": (("discriminant_labels",), "rule"),
+    "discriminant labels not a string": (("discriminant_labels",), 1),
 }
 
 

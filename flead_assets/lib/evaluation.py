@@ -122,7 +122,7 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
             _normal_stats(state.get("normal"), version),
             _normal_stats(state.get("pseudo_normal"), version),
         )
-    discriminant, discriminant_threshold = _discriminant(state, version)
+    discriminant, discriminant_threshold, discriminant_labels = _discriminant(state, version)
 
     def optional(name: str) -> float | None:
         value = row.get(name)
@@ -139,19 +139,22 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
         detector=str(row.get("detector") or "zscore"),
         discriminant=discriminant,
         discriminant_threshold=discriminant_threshold,
+        discriminant_labels=discriminant_labels,
     )
 
 
-def _discriminant(state: object, version: int) -> tuple[np.ndarray | None, float | None]:
-    """The version's discriminant from ``server_state -> 'discriminant'`` (none in rows made
-    before it existed)."""
+def _discriminant(state: object, version: int) -> tuple[np.ndarray | None, float | None, str]:
+    """The version's discriminant, threshold and classes' labels from ``server_state ->
+    'discriminant'`` (none in rows made before it existed; labels: the stream's in rows made
+    before the rule's classes could make one)."""
     found = state.get("discriminant") if isinstance(state, Mapping) else None
     if not found:
-        return None, None
+        return None, None, "ground_truth"
     try:
         params = np.asarray(found["params"], dtype=np.float64).reshape(N_FEATURES + 1)
         threshold = found.get("threshold")
-        return params, None if threshold is None else float(threshold)
+        labels = str(found.get("labels", "ground_truth"))
+        return params, None if threshold is None else float(threshold), labels
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise NotEvaluable(f"version {version}: malformed discriminant ({exc})") from None
 
