@@ -14,8 +14,9 @@ Methods, all scored on the same rows, every reading of the held-out devices:
 - ``supervised`` / ``linear`` / ``discriminant``: each model family of the federation
   (``linear`` is its own federation with no hidden layer);
 - ``label_free``: a federation of the same devices with their labels stripped, scored by its
-  default detector: what an unlabelled fleet would get (the discriminant of the z-score rule's
-  classes); ``label_free_gaussian``: the same federation's Gaussian model of normal rows;
+  default detector: what an unlabelled fleet would get; ``label_free_gaussian`` and
+  ``label_free_discriminant``: the same federation's two label-free detectors, the Gaussian
+  model of normal rows and the discriminant of the z-score rule's classes;
 - ``local_only``: each held-out device learns alone from its own labelled stream,
   test-then-train (each reading scored before the device trains on it);
 - ``central``: one network trained on all training devices' rows pooled (what federation
@@ -53,6 +54,7 @@ METHODS = (
     "discriminant",
     "label_free",
     "label_free_gaussian",
+    "label_free_discriminant",
     "local_only",
     "central",
     "central_discriminant",
@@ -489,7 +491,7 @@ def _fold_runs(
     if "linear" in methods:
         linear = replace(config, hidden=0)
         runs["linear"] = federate(train, linear, replace(fed_config, hidden=0))
-    if {"label_free", "label_free_gaussian"} & set(methods):
+    if {"label_free", "label_free_gaussian", "label_free_discriminant"} & set(methods):
         runs["label_free"] = federate(train, config, fed_config, strip_labels=True)
     return runs
 
@@ -509,6 +511,9 @@ def _detectors(runs: dict[str, FederationRun], config: LearnerConfig) -> dict[st
         unlabelled = runs["label_free"].model
         found["label_free"] = Detector(unlabelled, replace(config, detector="auto"))
         found["label_free_gaussian"] = Detector(unlabelled, replace(config, detector="label_free"))
+        found["label_free_discriminant"] = Detector(
+            unlabelled, replace(config, detector="discriminant")
+        )
     X, y = main.training_rows
     central = _fit(config, X, y, epochs=max(config.epochs * 5, 10), seed=11) if X.size else None
     found["central"] = Detector(central, replace(config, detector="supervised"))

@@ -338,7 +338,7 @@ def test_the_unlabelled_run_separates_the_rules_classes_the_labelled_one_the_str
     devices = list(fleet.devices.values())
     unlabelled = federate(devices, config, federation_config(), strip_labels=True).model
     labelled = federate(devices, config, federation_config()).model
-    assert (unlabelled.detector, unlabelled.discriminant_labels) == ("discriminant", "pseudo")
+    assert unlabelled.discriminant_labels == "pseudo"
     assert (labelled.detector, labelled.discriminant_labels) == ("discriminant", "ground_truth")
     # Its classes' means, by the rule computed here: the direction points from the rule's
     # normal rows to its flagged ones.
@@ -346,6 +346,9 @@ def test_the_unlabelled_run_separates_the_rules_classes_the_labelled_one_the_str
     flagged = np.concatenate(
         [np.abs(s.z[s.warm]).max(axis=1) > config.anomaly_z for d in devices for s in d.scored]
     )
-    assert 0 < flagged.mean() < 0.5
+    # The rule flags under 5 × the contamination (5 %): anomalies are rare, the Gaussian model
+    # is the unlabelled fleet's detector.
+    assert 0.01 < flagged.mean() < 0.2
+    assert unlabelled.detector == "label_free"
     w = unlabelled.discriminant[:-1]
     assert (rows[flagged] @ w).mean() > (rows[~flagged] @ w).mean()

@@ -505,6 +505,54 @@ def test_a_fleet_without_labelled_anomalies_separates_the_rules_classes_until_it
     assert fourth.discriminant_threshold == pytest.approx(np.log(120 / 6) / distance)
 
 
+@pytest.mark.parametrize(
+    "discriminant, label_free, labels, common, expected",
+    [
+        (True, True, "ground_truth", False, "discriminant"),
+        (True, True, "ground_truth", True, "discriminant"),
+        (False, True, "ground_truth", False, "label_free"),
+        # An unlabelled fleet: the Gaussian model while the rule flags few readings, the
+        # discriminant of the rule's classes where it flags many; either when alone.
+        (True, True, "pseudo", False, "label_free"),
+        (True, True, "pseudo", True, "discriminant"),
+        (True, False, "pseudo", False, "discriminant"),
+        (False, True, "pseudo", True, "label_free"),
+        (False, False, "pseudo", True, "zscore"),
+    ],
+)
+def test_choose_detector(discriminant, label_free, labels, common, expected):
+    from streaming.federation import choose_detector
+
+    chosen = choose_detector(
+        discriminant=discriminant,
+        label_free=label_free,
+        discriminant_labels=labels,
+        anomalies_common=common,
+    )
+    assert chosen == expected
+
+
+def test_an_unlabelled_fleet_counts_anomalies_common_beyond_five_times_the_contamination():
+    rng = np.random.default_rng(25)
+    bins = NORMAL_EDGES.size + 1
+
+    def unlabelled_round(flagged: int) -> LocalRound:
+        return replace(
+            update("a", 0, rows=np.zeros((0, N_FEATURES))),
+            pseudo_normal=NormalStats.of(rng.normal(0, 1, (100 - flagged, N_FEATURES))),
+            pseudo_anomalous=NormalStats.of(rng.normal(2, 1, (flagged, N_FEATURES))),
+            hist_normal=np.eye(bins)[20] * 100,
+        )
+
+    # contamination 0.02: common above 5 × 2 % = 10 % of the unlabelled rows flagged.
+    for flagged, expected in ((10, "label_free"), (11, "discriminant")):
+        fed = Federation(fed_config(min_devices=1, contamination=0.02))
+        fed.add(unlabelled_round(flagged))
+        model = fed.close(0).model
+        assert model.discriminant_labels == "pseudo" and model.normal_threshold is not None
+        assert model.detector == expected, flagged
+
+
 def test_the_discriminant_threshold_is_the_best_mcc_of_its_histograms():
     rng = np.random.default_rng(22)
     bins = LOGIT_EDGES.size + 1
