@@ -378,8 +378,10 @@ class Report:
         }
 
     def table(self) -> str:
+        width = max(len(name) for name in (*self.methods, "prequential"))
         head = (
-            f"{'method':<20} {'rows':>8} {'acc':>6} {'prec':>6} {'recall':>6} {'F1':>6} {'MCC':>6}"
+            f"{'method':<{width}} {'rows':>8} {'acc':>6} {'prec':>6} {'recall':>6} {'F1':>6} "
+            f"{'MCC':>6}"
         )
         lines = [
             f"{self.source}: {self.devices} devices, {self.readings} readings, "
@@ -391,7 +393,7 @@ class Report:
         rows = [*self.methods.items(), ("prequential", self.prequential)]
         for name, c in rows:
             lines.append(
-                f"{name:<20} {c.samples:>8} {c.accuracy:>6.3f} {c.precision:>6.3f} "
+                f"{name:<{width}} {c.samples:>8} {c.accuracy:>6.3f} {c.precision:>6.3f} "
                 f"{c.recall:>6.3f} {c.f1:>6.3f} {c.mcc:>6.3f}"
             )
         w = self.wire
