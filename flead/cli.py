@@ -182,6 +182,8 @@ def cmd_evaluate(settings: Settings, args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         print(f"flead evaluate: {exc}", file=sys.stderr)
+        if report.bad_rows:  # often why: every row of a file in another format was skipped
+            print(f"bad rows skipped: {report.bad_rows:,} {dict(report.reasons)}", file=sys.stderr)
         return 1
     if args.json:
         data = result.as_dict()

@@ -429,6 +429,11 @@ def evaluate(
     del readings
     if len(fleet.devices) < 2:
         raise ValueError(f"need at least 2 devices to hold one out, got {len(fleet.devices)}")
+    if not any((d.labels >= 0).any() for d in fleet.devices.values()):
+        raise ValueError(
+            "no labelled reading: every method is scored against labels (0 normal, 1 anomaly; "
+            "a CSV's 'label' column)"
+        )
     featurize(fleet, config)
     splits = folds_of(list(fleet.devices), folds, config.seed)
     totals = {m: Confusion(0, 0, 0, 0) for m in methods}

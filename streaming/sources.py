@@ -141,14 +141,23 @@ def _parse_iso_us(raw: str) -> int:
         raise _BadRow("unparsable timestamp") from exc
 
 
+_EPOCH_UNITS_US = ((1e11, 1_000_000), (1e14, 1_000), (1e17, 1), (1e20, 0.001))
+"""A plain-number time's unit by its magnitude: below 1e11 seconds (1e11 s is the year 5138),
+below 1e14 milliseconds, below 1e17 microseconds, below 1e20 nanoseconds (each up to the same
+year), as microseconds per unit."""
+
+
 def _parse_csv_time_us(raw: str) -> int:
-    """Generic CSV time: a plain number is epoch seconds, anything else must be ISO 8601."""
+    """Generic CSV time: a plain number is epoch seconds, milliseconds, microseconds or
+    nanoseconds (told apart by magnitude, :data:`_EPOCH_UNITS_US`), anything else must be
+    ISO 8601."""
     raw = raw.strip()
     if _NUMBER.match(raw):
-        seconds = float(raw)
-        if not math.isfinite(seconds) or abs(seconds) > 1e12:
-            raise _BadRow("timestamp out of range")
-        return round(seconds * 1_000_000)
+        number = float(raw)
+        for limit, us_per_unit in _EPOCH_UNITS_US:
+            if abs(number) < limit:
+                return round(number * us_per_unit)
+        raise _BadRow("timestamp out of range")
     return _parse_iso_us(raw)
 
 
@@ -179,11 +188,18 @@ def _parse_values(cells: list[str]) -> list[float]:
     return values
 
 
+_LABEL_WORDS = {"true": 1, "false": 0, "yes": 1, "no": 0}
+
+
 def _parse_label(raw: str | None, *, optional: bool) -> int | None:
-    """0/1 in any spelling the datasets use (``1``, ``1.0``); empty means unlabelled if allowed."""
+    """0/1 in any spelling the datasets use (``1``, ``1.0``, ``true``/``false``, ``yes``/``no``,
+    any case); empty means unlabelled if allowed."""
     text = (raw or "").strip()
     if not text and optional:
         return None
+    word = _LABEL_WORDS.get(text.lower())
+    if word is not None:
+        return word
     try:
         label = float(text)
     except ValueError as exc:
@@ -625,15 +641,25 @@ def csv_readings(path: str | Path, report: LoadReport | None = None) -> Iterator
     - wide ``timestamp,device_id,<channel>...[,label]``: every other column is a channel, named
       by its header (sorted by name in the Reading).
 
+    Separated by commas, or by semicolons or tabs where the header line has no comma; the
+    names ``timestamp``, ``device_id`` and ``label`` in any case. Labels 0/1 (also ``1.0``,
+    ``true``/``false``, ``yes``/``no``).
+
     The form follows the header: exactly one ``value`` column besides timestamp, device_id and
     label is narrow, anything else wide. Timestamps: ISO 8601 (naive = UTC, any offset converted
-    to UTC) or epoch seconds (a plain number). Empty label = unlabelled. A row with a bad field
+    to UTC) or an epoch number (seconds, or milliseconds, microseconds,
+    nanoseconds by its magnitude). Empty label = unlabelled. A row with a bad field
     (an unparsable number, a missing device, a wrong field count ...) is counted and skipped.
     The whole file is read into typed arrays, then sorted into event time.
     """
     path = Path(path)
     tally = _Tally(report, str(path))
-    header = _read_header(path)
+    delimiter = _sniff_delimiter(path)
+    # The reserved columns in any case ("Timestamp", "LABEL"); channels keep their names.
+    header = [
+        name.lower() if name.lower() in _CSV_NON_CHANNELS else name
+        for name in _read_header(path, delimiter)
+    ]
     cols = _column_index(header, ["timestamp", "device_id"], str(path))
     ts_col, dev_col = cols["timestamp"], cols["device_id"]
     label_col = header.index("label") if "label" in header else None
@@ -652,7 +678,21 @@ def csv_readings(path: str | Path, report: LoadReport | None = None) -> Iterator
         label = None if label_col is None else _parse_label(row[label_col], optional=True)
         return ts, device, values, label
 
-    yield from _read_rows(path, tally, parse, len(header), channels).sorted_readings(tally)
+    columns = _read_rows(path, tally, parse, len(header), channels, delimiter)
+    yield from columns.sorted_readings(tally)
+
+
+def _sniff_delimiter(path: Path) -> str:
+    """``,`` unless the header line has none and has ``;`` or a tab (a European-locale
+    spreadsheet's export, a TSV)."""
+    with _open_text(path) as handle:
+        line = handle.readline()
+    if "," in line:
+        return ","
+    for candidate in (";", "\t"):
+        if candidate in line:
+            return candidate
+    return ","
 
 
 # --------------------------------------------------------------------------------------------

@@ -172,7 +172,13 @@ def test_collect_counts_readings_whose_channels_change():
 
 def test_evaluate_needs_two_devices():
     readings = [Reading("only", k, (float(k % 3),), 0) for k in range(60)]
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 2 devices"):
+        evaluate(readings, config=learner_config(), fed_config=federation_config())
+
+
+def test_evaluate_needs_labels():
+    readings = [Reading(f"d{k % 2}", k, (float(k % 3),), None) for k in range(60)]
+    with pytest.raises(ValueError, match="no labelled reading"):
         evaluate(readings, config=learner_config(), fed_config=federation_config())
 
 
@@ -352,3 +358,17 @@ def test_the_unlabelled_run_separates_the_rules_classes_the_labelled_one_the_str
     assert unlabelled.detector == "label_free"
     w = unlabelled.discriminant[:-1]
     assert (rows[flagged] @ w).mean() > (rows[~flagged] @ w).mean()
+
+
+def test_flead_evaluate_says_why_a_file_gave_no_fleet(tmp_path, capsys):
+    """Every row of a file skipped (here: times in an unknown format) leaves no device; the
+    command exits 1 and says which rows were skipped, and why."""
+    from flead import cli
+
+    path = tmp_path / "readings.csv"
+    lines = [f"07/11/2025 10:00:{k:02d},pump_{k % 3},{k}.5,0" for k in range(30)]
+    path.write_text("\n".join(["timestamp,device_id,value,label", *lines]) + "\n")
+    assert cli.main(["evaluate", "--source", "csv", "--path", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "need at least 2 devices to hold one out, got 0" in err
+    assert "bad rows skipped: 30 {'unparsable timestamp': 30}" in err

@@ -243,6 +243,33 @@ def test_csv_loader_sorts_parses_and_counts_bad_rows(tmp_path, caplog):
     assert len(warnings) == 9  # one per reason, not one per bad row
 
 
+@pytest.mark.parametrize("separator", [",", ";", "\t"])
+def test_csv_in_other_spellings_of_separator_header_time_and_label(tmp_path, separator):
+    # The same instant, 2025-11-07T10:00:03.250Z, as an epoch number in each unit; labels as
+    # words in any case; the reserved column names capitalised.
+    rows = [
+        ("a", "1762509603.25", "true"),
+        ("b", "1762509603250", "False"),
+        ("c", "1762509603250000", "YES"),
+        ("d", "1762509603250000000", "no"),
+        ("e", "1762509603250000000000", "1"),  # beyond nanoseconds: out of range
+    ]
+    header = separator.join(["Device_ID", "Timestamp", "pressure", "temp", "LABEL"])
+    lines = [separator.join([d, t, "1.5", "2.5", label]) for d, t, label in rows]
+    path = tmp_path / "readings.csv"
+    path.write_text("\n".join([header, *lines]) + "\n")
+    report = LoadReport()
+    readings = list(csv_readings(path, report=report))
+    assert [(r.device_id, r.timestamp_ms, r.label) for r in readings] == [
+        ("a", 1_762_509_603_250, 1),
+        ("b", 1_762_509_603_250, 0),
+        ("c", 1_762_509_603_250, 1),
+        ("d", 1_762_509_603_250, 0),
+    ]
+    assert readings[0].channels == ("pressure", "temp") and readings[0].values == (1.5, 2.5)
+    assert report.reasons == {"timestamp out of range": 1}
+
+
 def test_csv_without_label_column_and_missing_required_column(tmp_path):
     path = tmp_path / "plain.csv"
     path.write_text("timestamp,device_id,value\n2025-11-07T10:00:00Z,x,1\n")
@@ -305,7 +332,8 @@ NARROW_BAD = [  # rows of a narrow file the loader must count, with their reason
     (["2025-11-07T10:00:00Z", "dev1", "inf", "0"], "non-finite value"),
     (["2025-11-07T10:00:00Z", "", "1.0", "0"], "missing device"),
     (["2025-11-07T25:00:00Z", "dev1", "1.0", "0"], "unparsable timestamp"),
-    (["2025-11-07T10:00:00Z", "dev1", "1.0", "yes"], "unparsable label"),
+    (["2025-11-07T10:00:00Z", "dev1", "1.0", "2"], "unparsable label"),
+    (["2025-11-07T10:00:00Z", "dev1", "1.0", "maybe"], "unparsable label"),
     (["2025-11-07T10:00:00Z", "dev1", "1.0", "0", "extra"], "wrong field count"),
     (["2025-11-07T10:00:00Z", "dev1"], "wrong field count"),
 ]
