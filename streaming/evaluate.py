@@ -249,10 +249,11 @@ def federate(
                 version = federation.close(ts)
                 for counts in version.prequential.values():
                     preq = preq + counts
-                detector = Detector(version.model, config)
+                sent = learner.as_sent(version.model, config.detector)
+                detector = Detector(sent, config)
                 if encode_sizes:
                     # A fixed key: only the signature's size matters here.
-                    signed = encode_global_params(version.model, ts, key=b"wire-size")
+                    signed = encode_global_params(sent, ts, key=b"wire-size")
                     model_bytes += len(signed) * len(devices)
         if not strip_labels:
             warm = scored.warm & (labels >= 0)

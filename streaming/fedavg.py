@@ -56,7 +56,7 @@ from streaming.federation import (
     Version,
     label_free_statistics,
 )
-from streaming.learner import GlobalParams, LocalRound
+from streaming.learner import GlobalParams, LocalRound, as_sent
 from streaming.messages import decode_local_round, encode_global_params
 from streaming.model.detectors import NormalStats
 from streaming.model.features import N_FEATURES
@@ -570,7 +570,7 @@ class FedAvgService:
         now_ms: int | None = None,
     ) -> None:
         payload = encode_global_params(
-            model,
+            as_sent(model, self.settings.detector),
             self.clock() if now_ms is None else now_ms,
             key=self.signing_key,
             num_devices=num_devices,

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -122,6 +122,27 @@ class GlobalParams:
     # without labelled anomalies, the z-score rule's classes of unlabelled rows ("pseudo").
     # Devices histogram its fresh scores by the same labels, to calibrate its threshold.
     discriminant_labels: str = "ground_truth"
+
+
+def needs_normal_model(model: GlobalParams, detector: str) -> bool:
+    """Whether devices that score with ``detector`` (their :class:`LearnerConfig` setting) use
+    the version's normal model: ``label_free`` devices do, and ``auto`` ones do unless the
+    version's detector is a discriminant of labelled classes. Such a fleet never goes back to
+    the label-free model (its labelled anomalies' statistics only add up), so the model's
+    co-moments (three fifths of a version's bytes) would travel to every device for nothing."""
+    if detector == "label_free":
+        return True
+    if detector != "auto":
+        return False
+    return not (model.detector == "discriminant" and model.discriminant_labels == "ground_truth")
+
+
+def as_sent(model: GlobalParams, detector: str) -> GlobalParams:
+    """The version as it travels to devices that score with ``detector``: without its normal
+    model where they do not use it (:func:`needs_normal_model`)."""
+    if needs_normal_model(model, detector):
+        return model
+    return replace(model, normal=NormalStats.empty(), normal_threshold=None)
 
 
 @dataclass(frozen=True)

@@ -890,6 +890,9 @@ def encode_global_params(
     if SIGNATURE_FIELD in extra:
         raise ValueError("the signature is computed here, not passed in")
     model = replace(model, normal=symmetric(model.normal))
+    # A version without a normal model (learner.as_sent) leaves the block out: absent reads as
+    # no rows, and the signature covers that.
+    normal = {"normal": _normal_dict(model.normal)} if model.normal.count else {}
     return _dumps(
         {
             "version": model.version,
@@ -897,7 +900,7 @@ def encode_global_params(
             "hidden": model.hidden,
             "weights": model.params.tolist(),
             "threshold": model.threshold,
-            "normal": _normal_dict(model.normal),
+            **normal,
             "normal_threshold": model.normal_threshold,
             "label_source": model.label_source,
             "detector": model.detector,
@@ -919,7 +922,7 @@ def _global_from(obj: dict[str, Any]) -> GlobalParams:
         hidden=hidden,
         params=_floats(obj, "weights", size),
         threshold=_finite(obj, "threshold", optional=True),
-        normal=_normal_from(obj.get("normal"), "normal"),
+        normal=_optional_stats(obj, "normal"),
         normal_threshold=_finite(obj, "normal_threshold", optional=True),
         label_source=_choice(obj, "label_source", LABEL_SOURCES),
         detector=_choice(obj, "detector", DETECTOR_KINDS),

@@ -574,3 +574,38 @@ def test_a_state_remembers_the_event_time_it_began_and_its_rounds_carry_it() -> 
     assert state.since_ms == 5_000
     update = train_round(state, "d", None, config, 0)
     assert (update.round, update.since_ms) == (1, 5_000)
+
+
+@pytest.mark.parametrize(
+    "detector, model_detector, labels, needed",
+    [
+        ("auto", "discriminant", "ground_truth", False),  # a labelled fleet's: for ever
+        ("auto", "discriminant", "pseudo", True),  # it may go back to the Gaussian model
+        ("auto", "label_free", "ground_truth", True),
+        ("auto", "zscore", "ground_truth", True),  # calibrating it before it is chosen
+        ("label_free", "discriminant", "ground_truth", True),
+        ("discriminant", "label_free", "pseudo", False),
+        ("supervised", "label_free", "pseudo", False),
+        ("zscore", "label_free", "pseudo", False),
+    ],
+)
+def test_the_normal_model_travels_to_devices_that_use_it(detector, model_detector, labels, needed):
+    cfg = config(detector=detector)
+    model = global_model(
+        cfg,
+        np.zeros(Network(N_POOLED, 0).size),
+        normal=normal_stats(),
+        normal_threshold=2.0,
+        detector=model_detector,
+        discriminant=np.ones(N_FEATURES + 1),
+        discriminant_threshold=0.5,
+        discriminant_labels=labels,
+    )
+    assert L.needs_normal_model(model, detector) is needed
+    sent = L.as_sent(model, detector)
+    if needed:
+        assert sent is model
+    else:
+        assert sent.normal.count == 0 and sent.normal_threshold is None
+        assert replace(sent, normal=model.normal, normal_threshold=2.0) == replace(model)
+        assert Detector(sent, cfg).kind == Detector(model, cfg).kind  # what they score with

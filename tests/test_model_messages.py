@@ -319,6 +319,20 @@ def test_changing_anything_a_device_uses_breaks_the_signature(path, value):
             decode_global_params(json.dumps(obj), KEY)
 
 
+def test_a_version_without_a_normal_model_leaves_the_block_out_and_is_signed_so():
+    bare = global_params(normal=NormalStats.empty(), normal_threshold=None)
+    payload = encode_global_params(bare, TS, key=KEY)
+    obj = json.loads(payload)
+    assert "normal" not in obj
+    assert len(payload) * 2 < len(encode_global_params(global_params(), TS, key=KEY))
+    decoded = decode_global_params(payload, KEY)
+    assert decoded.normal.count == 0 and decoded.normal.mean.shape == (N_FEATURES,)
+    # A normal model added on the way is not the signed version.
+    obj["normal"] = json.loads(encode_global_params(global_params(), TS, key=KEY))["normal"]
+    with pytest.raises(InvalidMessage, match="badly signed"):
+        decode_global_params(json.dumps(obj), KEY)
+
+
 def test_a_version_from_before_the_discriminant_labels_decodes_as_the_streams():
     # Signed before the field existed: its signature covers no labels, and it still verifies.
     obj = signed_obj()
