@@ -136,6 +136,22 @@ def detection_tables(r: dict) -> list[str]:
                 f"| {name} | {method} | {c['f1']:.3f} | {c['mcc']:.3f} | {c['precision']:.3f}"
                 f" | {c['recall']:.3f} |"
             )
+    wires = {name: data["wire"] for name, data in r["data_sets"].items() if "wire" in data}
+    if wires:
+        lines += [
+            "",
+            "Bytes on the wire of the federated default's runs (every fold's, summed; each"
+            " version counted once per training device) against the raw readings' bytes:",
+            "",
+            "| data set | local rounds | global versions | raw readings | (rounds + versions) /"
+            " folds / raw |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for name, w in wires.items():
+            lines.append(
+                f"| {name} | {w['update_bytes'] / 1e6:,.1f} MB | {w['model_bytes'] / 1e6:,.1f} MB"
+                f" | {w['raw_bytes'] / 1e6:,.1f} MB | {w['ratio']:.2f} |"
+            )
     seeds = r.get("fold_seeds") or {}
     if seeds:
         methods = list(seeds["mean"])
