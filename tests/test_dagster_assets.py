@@ -378,6 +378,9 @@ def test_a_stored_version_brings_its_discriminant_to_the_evaluation() -> None:
     model = evaluation.global_params(row)
     np.testing.assert_array_equal(model.discriminant, w)
     assert model.discriminant_threshold == 1.5 and model.detector == "discriminant"
+    assert model.discriminant_labels == "ground_truth"  # stored before the rule's classes
+    row["server_state"]["discriminant"]["labels"] = "pseudo"
+    assert evaluation.global_params(row).discriminant_labels == "pseudo"
     row["server_state"] = {"normal": normal}  # made before the discriminant existed
     assert evaluation.global_params(row).discriminant is None
     row["server_state"] = {"normal": normal, "discriminant": {"params": [1.0]}}
@@ -417,24 +420,3 @@ def test_the_label_free_model_of_a_stored_version_counts_both_kinds_of_normal_ro
     np.testing.assert_allclose(normal.comoment, np.cov(every.T, ddof=0) * 42, rtol=1e-9, atol=1e-9)
     del row["server_state"]["pseudo_normal"]  # a version made before they travelled apart
     assert evaluation.global_params(row).normal.count == 30
-
-
-def test_a_stored_discriminant_keeps_the_labels_of_its_classes() -> None:
-    from streaming.model.detectors import Network
-    from streaming.model.features import N_FEATURES, N_POOLED
-
-    discriminant = {"params": [0.5] * (N_FEATURES + 1), "threshold": 0.25, "labels": "pseudo"}
-    row = {
-        "global_version": 4,
-        "hidden": 0,
-        "weights": [0.0] * Network(N_POOLED, 0).size,
-        "threshold": None,
-        "normal_threshold": None,
-        "label_source": "pseudo",
-        "detector": "discriminant",
-        "server_state": {"discriminant": discriminant},
-    }
-    model = evaluation.global_params(row)
-    assert (model.discriminant_threshold, model.discriminant_labels) == (0.25, "pseudo")
-    del discriminant["labels"]  # stored before the rule's classes could make one
-    assert evaluation.global_params(row).discriminant_labels == "ground_truth"
