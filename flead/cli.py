@@ -245,7 +245,7 @@ def cmd_wait(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
-    report = status.collect(settings)
+    report = status.collect(settings, wire=args.wire)
     print(json.dumps(report, indent=2) if args.json else status.render(report))
     healthy = all(report["services"][name]["healthy"] for name in status.MANAGED_SERVICES)
     return 0 if healthy else 1
@@ -365,6 +365,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status_cmd = commands.add_parser("status", help="service health, topic and table counts")
     status_cmd.add_argument("--json", action="store_true", help="print JSON")
+    status_cmd.add_argument(
+        "--wire",
+        action="store_true",
+        help="also the bytes federation put on the wire against the raw readings (reads the"
+        " readings and model topics once)",
+    )
     return parser
 
 

@@ -72,9 +72,10 @@ def _add_supervision(settings: Settings, health: dict[str, dict[str, Any]]) -> N
                 info["healthy"] = False
 
 
-def collect(settings: Settings) -> dict[str, Any]:
-    """Service health, per-topic message counts and per-table row counts; errors are reported
-    in place so one dead service never hides the others."""
+def collect(settings: Settings, wire: bool = False) -> dict[str, Any]:
+    """Service health, per-topic message counts and per-table row counts (and with ``wire``,
+    :func:`wire_cost`); errors are reported in place so one dead service never hides the
+    others."""
     report: dict[str, Any] = {"services": _service_health(settings)}
     if report["services"]["kafka"]["healthy"]:
         try:
@@ -92,6 +93,11 @@ def collect(settings: Settings) -> dict[str, Any]:
         report["tables"] = {"error": "PostgreSQL is not reachable"}
     if "model_evaluation_summaries" in report["tables"]:
         report["evaluations"] = evaluation_coverage(settings)
+    if wire:
+        try:
+            report["wire"] = wire_cost(settings)
+        except Exception as exc:
+            report["wire"] = {"error": str(exc)}
     if settings.deploy == "cluster":
         from flead import cluster
 
@@ -154,6 +160,29 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
     return coverage
 
 
+def wire_cost(settings: Settings) -> dict[str, Any]:
+    """What federation has put on the wire against the raw readings it replaces, counted as
+    ``flead evaluate`` counts it: the bytes of every local round, plus every global version's
+    bytes once per training device (each device receives each version), against the bytes of
+    the readings topic."""
+    topics = settings.topics
+    sizes = kafka.topic_bytes(
+        settings, [topics.readings, topics.local_updates, topics.global_updates]
+    )
+    with db.connect(settings.database_url, connect_timeout=3) as conn:
+        devices = conn.execute("SELECT count(DISTINCT device_id) FROM local_models").fetchone()[0]
+    updates, versions = sizes[topics.local_updates] or 0, sizes[topics.global_updates] or 0
+    raw = sizes[topics.readings] or 0
+    sent = updates + versions * devices
+    return {
+        "update_bytes": updates,
+        "model_bytes": versions,
+        "training_devices": devices,
+        "raw_bytes": raw,
+        "ratio": sent / raw if raw else None,
+    }
+
+
 def render(report: dict[str, Any]) -> str:
     lines = ["Services"]
     for name, info in report["services"].items():
@@ -197,7 +226,22 @@ def render(report: dict[str, Any]) -> str:
                 f" recall {preq['recall'] or 0:.3f}, F1 {preq['f1'] or 0:.3f},"
                 f" MCC {preq['mcc'] or 0:.3f}"
             )
+    lines += _render_wire(report.get("wire"))
     return "\n".join(lines)
+
+
+def _render_wire(wire: dict[str, Any] | None) -> list[str]:
+    if not wire:
+        return []
+    if "error" in wire:
+        return ["Wire", f"  unavailable: {wire['error']}"]
+    ratio = "no raw readings" if wire["ratio"] is None else f"{wire['ratio']:.2f}× the raw bytes"
+    return [
+        "Wire (what federation sent against the raw readings it replaces)",
+        f"  local rounds {wire['update_bytes'] / 1e6:,.1f} MB + global versions"
+        f" {wire['model_bytes'] / 1e6:,.1f} MB × {wire['training_devices']:,} training devices"
+        f" vs raw readings {wire['raw_bytes'] / 1e6:,.1f} MB: {ratio}",
+    ]
 
 
 def _render_cluster(report: dict[str, Any]) -> list[str]:

@@ -182,6 +182,49 @@ def test_status_json_reports_services_topics_and_tables(settings: Settings) -> N
     assert set(report["tables"]) >= EXPECTED_TABLES
 
 
+def test_status_wire_counts_every_byte_of_rounds_versions_and_readings(settings: Settings) -> None:
+    """Oracle: the byte counts of the messages as this test produced them; versions count once
+    per training device (distinct devices of ``local_models``)."""
+    import random
+
+    from confluent_kafka import Producer
+
+    rng = random.Random(5)
+    producer = Producer(kafka.producer_config(settings, "admin"))
+    sent: dict[str, int] = defaultdict(int)
+    topics = settings.topics
+    for topic, count in (
+        (topics.readings, 40),
+        (topics.local_updates, 12),
+        (topics.global_updates, 3),
+    ):
+        for i in range(count):
+            key = f"k{i}".encode() if i % 3 else None
+            value = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 3000)))
+            producer.produce(topic, value, key=key)
+            sent[topic] += len(value) + len(key or b"")
+    assert producer.flush(30) == 0
+    with psycopg.connect(settings.database_url) as conn:
+        for device in ("d1", "d2", "d1"):  # two training devices
+            conn.execute(
+                "INSERT INTO local_models (device_id, model_version, global_version, accuracy,"
+                " loss, samples_processed, weights) VALUES (%s, %s, 0, 0.9, 0.1, 50, '{}')",
+                (device, rng.randrange(1, 10**6)),
+            )
+    done = run_flead(settings, "status", "--json", "--wire")
+    assert done.returncode == 0, done.stderr
+    wire = json.loads(done.stdout)["wire"]
+    assert wire == {
+        "update_bytes": sent[topics.local_updates],
+        "model_bytes": sent[topics.global_updates],
+        "training_devices": 2,
+        "raw_bytes": sent[topics.readings],
+        "ratio": (sent[topics.local_updates] + 2 * sent[topics.global_updates])
+        / sent[topics.readings],
+    }
+    assert kafka.topic_bytes(settings, ["no-such-topic"]) == {"no-such-topic": None}
+
+
 def test_status_reports_a_dead_broker_without_crashing(settings: Settings) -> None:
     import dataclasses
 
