@@ -350,17 +350,22 @@ def _wait_for_leaders(settings: Settings, topics: list[str], timeout: float) -> 
         consumer.close()
 
 
+def _status_consumer(settings: Settings) -> Consumer:
+    """A consumer that only looks (assigned partitions, watermarks): it never commits."""
+    return Consumer(
+        client_config(
+            settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
+        )
+    )
+
+
 def topic_message_counts(
     settings: Settings, names: list[str] | None = None, timeout: float = 10.0
 ) -> dict[str, int | None]:
     """Messages held per topic (high minus low watermark over partitions); None if missing."""
     wanted = names if names is not None else settings.topics.all()
     metadata = admin(settings).list_topics(timeout=timeout)
-    consumer = Consumer(
-        client_config(
-            settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
-        )
-    )
+    consumer = _status_consumer(settings)
     try:
         counts: dict[str, int | None] = {}
         for name in wanted:
@@ -387,11 +392,7 @@ def topic_bytes(
     each partition's high watermark at the call, read once. Reads every byte, so it takes
     about a second per few hundred MB on a local broker; ``flead status --wire`` only."""
     metadata = admin(settings).list_topics(timeout=timeout)
-    consumer = Consumer(
-        client_config(
-            settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
-        )
-    )
+    consumer = _status_consumer(settings)
     try:
         totals: dict[str, int | None] = {}
         for name in names:
