@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import (
@@ -350,39 +350,44 @@ def _wait_for_leaders(settings: Settings, topics: list[str], timeout: float) -> 
         consumer.close()
 
 
-def _status_consumer(settings: Settings) -> Consumer:
-    """A consumer that only looks (assigned partitions, watermarks): it never commits."""
-    return Consumer(
+def _per_topic(
+    settings: Settings,
+    names: list[str],
+    measure: Callable[[Consumer, TopicPartition], int],
+    timeout: float,
+) -> dict[str, int | None]:
+    """``measure`` summed over each topic's partitions (None for a missing topic), with one
+    consumer that only looks: it is assigned partitions and never commits."""
+    metadata = admin(settings).list_topics(timeout=timeout)
+    consumer = Consumer(
         client_config(
             settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
         )
     )
+    try:
+        totals: dict[str, int | None] = {}
+        for name in names:
+            topic = metadata.topics.get(name)
+            if topic is None or topic.error is not None:
+                totals[name] = None
+                continue
+            totals[name] = sum(measure(consumer, TopicPartition(name, p)) for p in topic.partitions)
+        return totals
+    finally:
+        consumer.close()
 
 
 def topic_message_counts(
     settings: Settings, names: list[str] | None = None, timeout: float = 10.0
 ) -> dict[str, int | None]:
     """Messages held per topic (high minus low watermark over partitions); None if missing."""
+
+    def held(consumer: Consumer, partition: TopicPartition) -> int:
+        low, high = consumer.get_watermark_offsets(partition, timeout=timeout)
+        return high - low
+
     wanted = names if names is not None else settings.topics.all()
-    metadata = admin(settings).list_topics(timeout=timeout)
-    consumer = _status_consumer(settings)
-    try:
-        counts: dict[str, int | None] = {}
-        for name in wanted:
-            topic = metadata.topics.get(name)
-            if topic is None or topic.error is not None:
-                counts[name] = None
-                continue
-            total = 0
-            for partition in topic.partitions:
-                low, high = consumer.get_watermark_offsets(
-                    TopicPartition(name, partition), timeout=timeout
-                )
-                total += high - low
-            counts[name] = total
-        return counts
-    finally:
-        consumer.close()
+    return _per_topic(settings, wanted, held, timeout)
 
 
 def topic_bytes(
@@ -391,22 +396,9 @@ def topic_bytes(
     """Bytes of the keys and values each topic holds now (None if missing): its messages up to
     each partition's high watermark at the call, read once. Reads every byte, so it takes
     about a second per few hundred MB on a local broker; ``flead status --wire`` only."""
-    metadata = admin(settings).list_topics(timeout=timeout)
-    consumer = _status_consumer(settings)
-    try:
-        totals: dict[str, int | None] = {}
-        for name in names:
-            topic = metadata.topics.get(name)
-            if topic is None or topic.error is not None:
-                totals[name] = None
-                continue
-            totals[name] = sum(
-                _partition_bytes(consumer, TopicPartition(name, p), timeout)
-                for p in topic.partitions
-            )
-        return totals
-    finally:
-        consumer.close()
+    return _per_topic(
+        settings, names, lambda consumer, tp: _partition_bytes(consumer, tp, timeout), timeout
+    )
 
 
 def _partition_bytes(consumer: Consumer, partition: TopicPartition, timeout: float) -> int:
