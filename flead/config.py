@@ -111,6 +111,12 @@ class Settings:
     positive_memory: int = 32  # anomalous rows a device remembers and replays in its rounds
     baseline_gate: float = 4.0  # readings with max |z| above this stay out of the baseline
     contamination: float = 0.02  # share of readings the label-free model's threshold flags
+    # A device with labelled readings keeps its own discriminant and scores with it instead of
+    # the global version while its recent record is better by personal_z standard errors
+    # (McNemar's test over about the last personal_memory labelled readings; README).
+    personalise: bool = True
+    personal_memory: int = 100
+    personal_z: float = 3.0
     # Federated averaging: the FedAvg service
     fedavg_min_devices: int = 20  # distinct devices buffered before a new global version
     fedavg_round_window_s: float = 60.0  # a round closes this long after its first update ...

@@ -10,7 +10,11 @@ devices, and its newest global version scores the held-out devices' readings it 
 Methods, all scored on the same rows, every reading of the held-out devices:
 
 - ``majority``: the majority class of all those rows; ``zscore``: the plain rule |z| > 2.5;
-- ``federated``: the default detector (``auto``: the one the server chose for the version);
+- ``federated``: what a device running the defaults does: the version's default detector
+  (``auto``: the one the server chose), or, where the device's own labelled readings have
+  shown its own discriminant to be better, that (``personalise``; test-then-train on the
+  held-out device's labels, as ``local_only``); ``global``: the version's default detector
+  alone;
 - ``supervised`` / ``linear`` / ``discriminant``: each model family of the federation
   (``linear`` is its own federation with no hidden layer);
 - ``label_free``: a federation of the same devices with their labels stripped, scored by its
@@ -49,6 +53,7 @@ METHODS = (
     "majority",
     "zscore",
     "federated",
+    "global",
     "supervised",
     "linear",
     "discriminant",
@@ -276,6 +281,18 @@ def _decisions(series: DeviceSeries, detector: Detector) -> np.ndarray:
     return np.concatenate([detector.decide(s).flagged for s in series.scored])
 
 
+def _personalised(series: DeviceSeries, detector: Detector, config: LearnerConfig) -> np.ndarray:
+    """The device's decisions as it goes: the global version's, or its own model's where that
+    has proven better on the labelled readings before (``learner.personalised``)."""
+    state = learner.DeviceState()
+    flags = []
+    for scored, (lo, hi) in zip(series.scored, series.bounds, strict=True):
+        fleet = detector.decide(scored)
+        flags.append(learner.personalised(state, scored, fleet, config).flagged)
+        learner.learn_personal(state, scored, series.labels[lo:hi], fleet, config)
+    return np.concatenate(flags)
+
+
 def _zscore(series: DeviceSeries, config: LearnerConfig) -> np.ndarray:
     rows = []
     for s in series.scored:
@@ -463,6 +480,8 @@ def evaluate(
                     flagged = _zscore(series, config)
                 elif m == "local_only":
                     flagged = _local_only(series, config, fed_config)
+                elif m == "federated":
+                    flagged = _personalised(series, detectors_by_method[m], config)
                 else:
                     flagged = _decisions(series, detectors_by_method[m])
                 totals[m] = totals[m] + confusion(y, flagged[labelled].astype(np.int64))
@@ -508,6 +527,7 @@ def _detectors(runs: dict[str, FederationRun], config: LearnerConfig) -> dict[st
     main = runs["federated"]
     found = {
         "federated": Detector(main.model, config),
+        "global": Detector(main.model, config),
         "supervised": Detector(main.model, replace(config, detector="supervised")),
         "discriminant": Detector(main.model, replace(config, detector="discriminant")),
     }

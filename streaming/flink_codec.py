@@ -11,12 +11,14 @@ results are the same either way, which ``tests/test_flink_codec.py`` checks.
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
 
-from streaming.learner import DeviceState
+from streaming.learner import DeviceState, PersonalModel
 from streaming.messages import Reading
+from streaming.model.detectors import LOGIT_EDGES, NormalStats
 from streaming.model.features import N_FEATURES, N_POOLED, FeatureState
 from streaming.model.metrics import Confusion
 
@@ -78,8 +80,9 @@ def unpacked_readings(device_id: str, payload: bytes) -> list[Reading]:
 # time. These bytes are one int64 header, the float64 arrays back to back, the int64 arrays,
 # the bool array and the names: a few numpy calls each way.
 
-_STATE_FORMAT = 3  # first header field: a later layout gets a new number (and reads this one)
-_READABLE_FORMATS = (1, 2, 3)  # 1: before the discriminant's histograms; < 3: 18 features
+_STATE_FORMAT = 4  # first header field: a later layout gets a new number (and reads this one)
+# 1: before the discriminant's histograms; < 3: 18 features; < 4: no personal model
+_READABLE_FORMATS = (1, 2, 3, 4)
 _HEADER_FIELDS = 22
 
 
@@ -149,7 +152,58 @@ def encode_state(state: DeviceState) -> bytes:
             *(np.ascontiguousarray(a, np.float64).data for a in floats if a is not None),
             np.ascontiguousarray(pseudo, bool).data,
             names,
+            _encode_personal(state.personal),
         ]
+    )
+
+
+# The personal model after the names, float64 of a fixed size (none: no bytes). None
+# parameters or threshold are NaN: a discriminant's are finite.
+_PERSONAL_FLOATS = (
+    2 * (1 + N_FEATURES + N_FEATURES**2) + 2 * (LOGIT_EDGES.size + 1) + 3 + (N_FEATURES + 1)
+)
+
+
+def _encode_personal(personal: PersonalModel | None) -> bytes:
+    if personal is None:
+        return b""
+    p = personal
+    missing = np.full(N_FEATURES + 1, np.nan)
+    parts = [
+        *(np.r_[c.count, c.mean, c.comoment.ravel()] for c in (p.normal, p.anomalous)),
+        p.hist_pos,
+        p.hist_neg,
+        [p.wins, p.losses, np.nan if p.threshold is None else p.threshold],
+        missing if p.params is None else p.params,
+    ]
+    return np.concatenate([np.asarray(a, np.float64) for a in parts]).tobytes()
+
+
+def _decode_personal(payload: bytes, at: int) -> PersonalModel | None:
+    if at >= len(payload):
+        return None
+    floats = np.frombuffer(payload, np.float64, _PERSONAL_FLOATS, at).copy()
+    f, bins = N_FEATURES, LOGIT_EDGES.size + 1
+    classes = []
+    for _ in range(2):
+        classes.append(
+            NormalStats(
+                float(floats[0]), floats[1 : 1 + f], floats[1 + f : 1 + f + f * f].reshape(f, f)
+            )
+        )
+        floats = floats[1 + f + f * f :]
+    hist_pos, hist_neg, floats = floats[:bins], floats[bins : 2 * bins], floats[2 * bins :]
+    wins, losses, threshold = floats[:3].tolist()
+    params = floats[3:]
+    return PersonalModel(
+        classes[0],
+        classes[1],
+        hist_pos,
+        hist_neg,
+        None if np.isnan(params[0]) else params,
+        None if math.isnan(threshold) else threshold,
+        wins,
+        losses,
     )
 
 
@@ -218,6 +272,7 @@ def decode_state(payload: bytes) -> DeviceState:
         last_abs_z = take(np.float64, c)
     pseudo = take(bool, n_rows)
     names = payload[at : at + n_names].decode().split("\x00") if n_names else []
+    personal = _decode_personal(payload, at + n_names) if fmt >= 4 else None
     if c >= 0:
         features = FeatureState(
             channels=tuple(names[:c]),
@@ -252,4 +307,5 @@ def decode_state(payload: bytes) -> DeviceState:
         hist_disc_neg=hists[6],
         prequential=Confusion(tp, fp, tn, fn),
         scored_version=scored_version,
+        personal=personal,
     )

@@ -22,6 +22,7 @@ Per batch of one device's readings (:func:`observe`):
 from __future__ import annotations
 
 import hashlib
+import math
 import zlib
 from dataclasses import dataclass, field, replace
 
@@ -54,6 +55,9 @@ class LearnerConfig:
     gate: float = features.GATE
     holdout_fraction: float = 0.1
     seed: int = 42
+    personalise: bool = True
+    personal_memory: int = 100
+    personal_z: float = 3.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_round_samples <= self.train_every:
@@ -65,6 +69,10 @@ class LearnerConfig:
             raise ValueError(f"detector must be one of {', '.join(DETECTORS)}: {self.detector!r}")
         if self.positive_memory < 0:
             raise ValueError("positive_memory must be >= 0")
+        if self.personal_memory < 1:
+            raise ValueError("personal_memory must be >= 1")
+        if not self.personal_z >= 0.0:
+            raise ValueError("personal_z must be >= 0")
 
     @property
     def network(self) -> Network:
@@ -86,6 +94,9 @@ class LearnerConfig:
             gate=settings.baseline_gate,
             holdout_fraction=settings.holdout_fraction,
             seed=settings.seed,
+            personalise=settings.personalise,
+            personal_memory=settings.personal_memory,
+            personal_z=settings.personal_z,
         )
 
 
@@ -152,8 +163,8 @@ class Decision:
     flagged: np.ndarray  # bool (n,)
     score: np.ndarray  # (n,) the detector's score (|z| max for the rule)
     threshold: float
-    kind: str  # "supervised" | "label_free" | "zscore"
-    version: int  # the global version that decided (0: the rule before any version)
+    kind: str  # "supervised" | "discriminant" | "label_free" | "zscore" | "personal"
+    version: int  # the global version the device held (0: the rule before any version)
 
 
 class Detector:
@@ -230,6 +241,59 @@ class Detector:
 
 
 # --------------------------------------------------------------------------------------------
+# Personalisation: the device's own discriminant, used where it has proven better
+# --------------------------------------------------------------------------------------------
+
+PERSONAL_CALIBRATION_DECAY = 0.99
+"""How much of the personal threshold's score histograms is kept per ``train_every`` readings:
+the server's default ``calibration_decay`` per version, so the device calibrates its own
+discriminant as a fleet of one would (``flead evaluate``'s ``local_only``)."""
+
+
+@dataclass
+class PersonalModel:
+    """A device's own discriminant of its labelled rows (what it would have federating alone)
+    and the evidence whether it detects this device's anomalies better than the global version.
+
+    Devices differ: a fleet's discriminant may miss what one device's anomalies look like, and
+    a device with labels learns its own. It is used only while it has been right where the
+    global version was wrong significantly more often than the other way round, over about
+    the last ``personal_memory`` labelled readings (McNemar's test at ``personal_z``): a device
+    whose own model is noise (few anomalies of its own) keeps the fleet's. Nothing of it leaves
+    the device; the rounds a device sends are the same with or without it."""
+
+    normal: NormalStats
+    anomalous: NormalStats
+    hist_pos: np.ndarray  # its scores of fresh labelled readings, by label (faded)
+    hist_neg: np.ndarray
+    params: np.ndarray | None = None  # [w, b] (detectors.discriminant); None: a class is missing
+    threshold: float | None = None
+    wins: float = 0.0  # labelled readings it got right and the global version wrong (faded)
+    losses: float = 0.0  # ... and the other way round
+
+    @classmethod
+    def empty(cls) -> PersonalModel:
+        return cls(
+            NormalStats.empty(),
+            NormalStats.empty(),
+            np.zeros(LOGIT_EDGES.size + 1),
+            np.zeros(LOGIT_EDGES.size + 1),
+        )
+
+    def preferred(self, z: float) -> bool:
+        """McNemar's test on the readings where the two disagree: wins − losses beyond ``z``
+        standard errors (under "equally good", wins − losses has variance wins + losses)."""
+        gap = self.wins - self.losses
+        return (
+            self.params is not None and gap > 0.0 and gap > z * math.sqrt(self.wins + self.losses)
+        )
+
+    def flags(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        scores = detectors.discriminant_scores(self.params, X)
+        return scores >= self.threshold, scores
+
+
+# --------------------------------------------------------------------------------------------
 # The device's state and its learning
 # --------------------------------------------------------------------------------------------
 
@@ -277,6 +341,7 @@ class DeviceState:
     )
     prequential: Confusion = field(default_factory=lambda: Confusion(0, 0, 0, 0))
     scored_version: int = 0  # the global version the histograms and counts belong to
+    personal: PersonalModel | None = None  # from the first labelled reading on (personalise)
 
 
 def readings_matrix(state: DeviceState, channels: tuple[str, ...], values: list) -> np.ndarray:
@@ -367,6 +432,72 @@ def _reset_scores(state: DeviceState, version: int) -> None:
     state.hist_disc_neg = np.zeros_like(state.hist_disc_neg)
     state.prequential = Confusion(0, 0, 0, 0)
     state.scored_version = version
+
+
+def personalised(
+    state: DeviceState, scored: Scored, decision: Decision, config: LearnerConfig
+) -> Decision:
+    """The device's decision on a batch: the global version's ``decision``, or its own
+    discriminant's while that has proven better (:class:`PersonalModel`)."""
+    personal = state.personal
+    if not config.personalise or personal is None or not personal.preferred(config.personal_z):
+        return decision
+    flagged, scores = personal.flags(scored.features)
+    return Decision(
+        scored.warm & flagged, scores, float(personal.threshold), "personal", decision.version
+    )
+
+
+def learn_personal(
+    state: DeviceState,
+    scored: Scored,
+    labels: np.ndarray,
+    decision: Decision,
+    config: LearnerConfig,
+) -> None:
+    """Test-then-train the device's own discriminant on a batch's labelled readings: first
+    count where it and the global version's ``decision`` were right, and its scores into its
+    calibration histograms; then add the rows to its classes and remake it."""
+    if not config.personalise:
+        return
+    rows = scored.warm & (labels >= 0)
+    if not rows.any():
+        return
+    if state.personal is None:
+        state.personal = PersonalModel.empty()
+    personal = state.personal
+    X, actual = scored.features[rows], labels[rows] == 1
+    n = X.shape[0]
+    if personal.params is not None:
+        mine, scores = personal.flags(X)
+        theirs = decision.flagged[rows]
+        kept = (1.0 - 1.0 / config.personal_memory) ** n
+        personal.wins = personal.wins * kept + np.count_nonzero(
+            (mine == actual) & (theirs != actual)
+        )
+        personal.losses = personal.losses * kept + np.count_nonzero(
+            (theirs == actual) & (mine != actual)
+        )
+        faded = PERSONAL_CALIBRATION_DECAY ** (n / config.train_every)
+        personal.hist_pos = personal.hist_pos * faded + detectors.histogram(
+            scores[actual], LOGIT_EDGES
+        )
+        personal.hist_neg = personal.hist_neg * faded + detectors.histogram(
+            scores[~actual], LOGIT_EDGES
+        )
+    if (~actual).any():
+        personal.normal = personal.normal + NormalStats.of(X[~actual])
+    if actual.any():
+        personal.anomalous = personal.anomalous + NormalStats.of(X[actual])
+    personal.params = detectors.discriminant(personal.normal, personal.anomalous)
+    if personal.params is not None:
+        personal.threshold = detectors.best_mcc_threshold(
+            personal.hist_pos, personal.hist_neg, LOGIT_EDGES
+        )
+        if personal.threshold is None:
+            personal.threshold = detectors.discriminant_boundary(
+                personal.normal, personal.anomalous
+            )
 
 
 def round_due(state: DeviceState, config: LearnerConfig) -> bool:
@@ -545,7 +676,7 @@ class Anomaly:
     score: float  # the detector's score (|z| for the rule)
     threshold: float  # the score at and above which the detector flags
     model_version: int  # the global version that decided; 0 = the rule before any version
-    detector: str  # "supervised" | "label_free" | "zscore"
+    detector: str  # a Decision's kind
     channels: tuple[str, ...]  # the channels that drove it (|z| above anomaly_z, else the top)
     reason: str
 
@@ -570,6 +701,11 @@ def anomalies(
         score = float(decision.score[i])
         if decision.kind == "zscore":
             why = f"z-score rule: |z| {abs_z[top]:.2f} > {decision.threshold:g}"
+        elif decision.kind == "personal":
+            why = (
+                f"the device's own model (global v{decision.version} held): score {score:.2f} "
+                f">= {decision.threshold:.2f}; largest |z| {abs_z[top]:.2f}"
+            )
         else:
             why = (
                 f"{decision.kind} model v{decision.version}: score {score:.2f} >= "
@@ -641,7 +777,9 @@ def observe_arrays(
         state.since_ms = int(timestamps_ms[0])
     X = readings_matrix(state, channels, values)
     scored = score(state, X, config)
-    decision = detector.decide(scored)
+    fleet = detector.decide(scored)
+    decision = personalised(state, scored, fleet, config)
     if trains:
         record(state, scored, labels, detector, config)
+    learn_personal(state, scored, labels, fleet, config)
     return anomalies(device_id, timestamps_ms, X, channels, scored, decision, config)

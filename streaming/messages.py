@@ -828,6 +828,8 @@ def _confusion_from(obj: Any, name: str) -> Confusion:
 
 
 DETECTOR_KINDS = ("supervised", "discriminant", "label_free", "zscore")
+ANOMALY_DETECTORS = (*DETECTOR_KINDS, "personal")
+"""What may decide an anomaly: a global version's detector, or the device's own model."""
 
 
 #: The field of a global version that carries its HMAC, and the algorithm's label in it.
@@ -1058,7 +1060,7 @@ def decode_anomaly(obj: dict[str, Any]) -> Anomaly:
         score=_bounded(obj, "score", SCORE_LIMIT),
         threshold=_bounded(obj, "threshold", SCORE_LIMIT),
         model_version=_integer(obj, "model_version"),
-        detector=_choice(obj, "detector", DETECTOR_KINDS),
+        detector=_choice(obj, "detector", ANOMALY_DETECTORS),
         channels=_anomaly_channels(obj),
         reason=reason,
     )

@@ -137,7 +137,7 @@ def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None
     header = np.frombuffer(payload, np.int64, 22).copy()
     bins = state.hist_pos.size
     start = 8 * (22 + 2 * bins + 3 * state.hist_normal.size)  # no buffered rows: no labels
-    assert header[0] == 3 and header[17] == 0  # no z window (formats 1-2: no candidate counts)
+    assert header[0] == 4 and header[17] == 0  # no z window (formats 1-2: no candidate counts)
     header[0] = 1
     old = header.tobytes() + payload[8 * 22 : start] + payload[start + 8 * 2 * bins :]
     decoded = decode_state(old)
@@ -145,6 +145,51 @@ def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None
     assert decoded.hist_disc_pos.sum() == decoded.hist_disc_neg.sum() == 0
     again = decode_state(payload)
     assert again.hist_disc_pos[7] == 9
+
+
+def personal_model(rng: np.random.Generator, ready: bool) -> learner.PersonalModel:
+    from streaming.model.detectors import NormalStats
+
+    return learner.PersonalModel(
+        NormalStats.of(rng.normal(size=(30, N_FEATURES))),
+        NormalStats.of(rng.normal(size=(3, N_FEATURES))),
+        rng.uniform(0, 5, LOGIT_EDGES.size + 1),
+        rng.uniform(0, 5, LOGIT_EDGES.size + 1),
+        rng.normal(size=N_FEATURES + 1) if ready else None,
+        0.75 if ready else None,
+        wins=6.5,
+        losses=1.25,
+    )
+
+
+@pytest.mark.parametrize("ready", [True, False])
+def test_the_personal_model_travels_in_the_state_exactly(ready: bool) -> None:
+    state = learner.DeviceState(personal=personal_model(np.random.default_rng(3), ready))
+    back = decode_state(encode_state(state)).personal
+    sent = state.personal
+    for name in ("hist_pos", "hist_neg"):
+        assert np.array_equal(getattr(back, name), getattr(sent, name))
+    for cls in ("normal", "anomalous"):
+        a, b = getattr(back, cls), getattr(sent, cls)
+        assert a.count == b.count and np.array_equal(a.mean, b.mean)
+        assert np.array_equal(a.comoment, b.comoment)
+    assert (back.wins, back.losses, back.threshold) == (6.5, 1.25, 0.75 if ready else None)
+    assert (back.params is None) == (not ready)
+    if ready:
+        assert np.array_equal(back.params, sent.params)
+
+
+def test_keyed_state_of_format_3_reads_without_a_personal_model() -> None:
+    # Format 3 ended at the channel names; format 4 appends the personal model after them.
+    state = learner.DeviceState(personal=personal_model(np.random.default_rng(8), True))
+    state.hist_neg[2] = 5
+    without = encode_state(learner.DeviceState(hist_neg=state.hist_neg.copy()))
+    payload = encode_state(state)
+    assert payload.startswith(without[8:], 8) and len(payload) > len(without)
+    old = np.int64(3).tobytes() + without[8:]
+    decoded = decode_state(old)
+    assert decoded.personal is None and decoded.hist_neg[2] == 5
+    assert decode_state(without).personal is None
 
 
 def test_keyed_state_of_format_2_reads_with_its_rows_widened_by_zeros() -> None:
@@ -215,7 +260,7 @@ def test_keyed_state_of_format_2_reads_with_its_rows_widened_by_zeros() -> None:
         np.testing.assert_array_equal(got, want)
     # Written again, it is format 3 and reads back the same.
     again = encode_state(state)
-    assert np.frombuffer(again, np.int64, 1)[0] == 3
+    assert np.frombuffer(again, np.int64, 1)[0] == 4
     assert encode_state(decode_state(again)) == again
     np.testing.assert_array_equal(decode_state(again).rows[0], got_rows)
     # The widened rows train: a round of the restored state has every feature's statistics.
