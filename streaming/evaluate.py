@@ -289,7 +289,7 @@ def _personalised(series: DeviceSeries, detector: Detector, config: LearnerConfi
     for scored, (lo, hi) in zip(series.scored, series.bounds, strict=True):
         fleet = detector.decide(scored)
         flags.append(learner.personalised(state, scored, fleet, config).flagged)
-        learner.learn_personal(state, scored, series.labels[lo:hi], fleet, config)
+        learner.learn_personal(state, scored, series.labels[lo:hi], fleet, config, trains=False)
     return np.concatenate(flags)
 
 

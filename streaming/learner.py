@@ -288,6 +288,16 @@ class PersonalModel:
             self.params is not None and gap > 0.0 and gap > z * math.sqrt(self.wins + self.losses)
         )
 
+    def learn(self, normal: NormalStats, anomalous: NormalStats) -> None:
+        """Add labelled rows' statistics to its classes and remake the discriminant."""
+        self.normal = self.normal + normal
+        self.anomalous = self.anomalous + anomalous
+        self.params = detectors.discriminant(self.normal, self.anomalous)
+        if self.params is not None:
+            self.threshold = detectors.best_mcc_threshold(self.hist_pos, self.hist_neg, LOGIT_EDGES)
+            if self.threshold is None:  # no fresh score of both labels yet
+                self.threshold = detectors.discriminant_boundary(self.normal, self.anomalous)
+
     def flags(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = detectors.discriminant_scores(self.params, X)
         return scores >= self.threshold, scores
@@ -454,10 +464,12 @@ def learn_personal(
     labels: np.ndarray,
     decision: Decision,
     config: LearnerConfig,
+    trains: bool,
 ) -> None:
     """Test-then-train the device's own discriminant on a batch's labelled readings: first
     count where it and the global version's ``decision`` were right, and its scores into its
-    calibration histograms; then add the rows to its classes and remake it."""
+    calibration histograms; then learn from the rows (a training device: in its next round,
+    from the statistics the round computes for the server anyway)."""
     if not config.personalise:
         return
     rows = scored.warm & (labels >= 0)
@@ -485,19 +497,8 @@ def learn_personal(
         personal.hist_neg = personal.hist_neg * faded + detectors.histogram(
             scores[~actual], LOGIT_EDGES
         )
-    if (~actual).any():
-        personal.normal = personal.normal + NormalStats.of(X[~actual])
-    if actual.any():
-        personal.anomalous = personal.anomalous + NormalStats.of(X[actual])
-    personal.params = detectors.discriminant(personal.normal, personal.anomalous)
-    if personal.params is not None:
-        personal.threshold = detectors.best_mcc_threshold(
-            personal.hist_pos, personal.hist_neg, LOGIT_EDGES
-        )
-        if personal.threshold is None:
-            personal.threshold = detectors.discriminant_boundary(
-                personal.normal, personal.anomalous
-            )
+    if not trains:  # a training device's rounds add its rows (train_round): no second pass
+        personal.learn(_stats_or_none(X[~actual]), _stats_or_none(X[actual]))
 
 
 def round_due(state: DeviceState, config: LearnerConfig) -> bool:
@@ -632,6 +633,8 @@ def train_round(
         timestamp_ms=now_ms,
         since_ms=state.since_ms,
     )
+    if config.personalise and state.personal is not None:
+        state.personal.learn(update.normal, update.anomalous)
     state.rounds = version
     state.local_params = result.params
     _reset_scores(state, state.scored_version)
@@ -781,5 +784,5 @@ def observe_arrays(
     decision = personalised(state, scored, fleet, config)
     if trains:
         record(state, scored, labels, detector, config)
-    learn_personal(state, scored, labels, fleet, config)
+    learn_personal(state, scored, labels, fleet, config, trains)
     return anomalies(device_id, timestamps_ms, X, channels, scored, decision, config)

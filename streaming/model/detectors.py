@@ -272,9 +272,11 @@ class NormalStats:
         return cls(float(X.shape[0]), mean, (co + co.T) * 0.5)
 
     def __add__(self, other: NormalStats) -> NormalStats:
-        total = self.count + other.count
-        if total == 0:
+        if other.count == 0:  # most rounds' anomalous rows: none
             return self
+        if self.count == 0:
+            return other
+        total = self.count + other.count
         delta = other.mean - self.mean
         mean = self.mean + delta * (other.count / total)
         co = (
