@@ -609,3 +609,105 @@ def test_the_normal_model_travels_to_devices_that_use_it(detector, model_detecto
         assert sent.normal.count == 0 and sent.normal_threshold is None
         assert replace(sent, normal=model.normal, normal_threshold=2.0) == replace(model)
         assert Detector(sent, cfg).kind == Detector(model, cfg).kind  # what they score with
+
+
+# --------------------------------------------------------------------------------------------
+# personalisation: the device's own discriminant where it has proven better
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "wins, losses, preferred",
+    [
+        (12, 1, True),  # 11 > 3·√13 = 10.8
+        (10, 1, False),  # 9 < 3·√11 = 9.95
+        (40, 10, True),  # 30 > 3·√50 = 21.2
+        (30, 25, False),  # 5 < 3·√55
+        (0, 0, False),
+        (1, 12, False),
+    ],
+)
+def test_the_personal_model_is_preferred_by_mcnemars_test_at_three(wins, losses, preferred):
+    personal = L.PersonalModel.empty()
+    personal.params, personal.threshold = np.zeros(N_FEATURES + 1), 0.0
+    personal.wins, personal.losses = float(wins), float(losses)
+    assert personal.preferred(3.0) is preferred
+    personal.params = None  # no discriminant yet: never preferred
+    assert not personal.preferred(3.0)
+
+
+def level_shifts(n: int = 1_000, period: int = 100, length: int = 25, seed: int = 4):
+    """Two channels with a labelled shift of the first for ``length`` readings per ``period``."""
+    rng = np.random.default_rng(seed)
+    X = rng.normal(size=(n, 2)) * [5.0, 0.3] + [60.0, 21.0]
+    labels = np.zeros(n, dtype=np.int64)
+    for start in range(period // 2, n, period):
+        X[start : start + length, 0] += 12.0
+        labels[start : start + length] = 1
+    labels[np.random.default_rng(seed + 1).random(n) < 0.2] = -1  # some readings unlabelled
+    return X, labels
+
+
+def stream(cfg, X, labels, detector, trains, batch=25, flush=False):
+    """The device's state and anomalies after the stream, in messages of ``batch``."""
+    state, found = DeviceState(), []
+    for lo in range(0, X.shape[0], batch):
+        rows = slice(lo, lo + batch)
+        out = L.observe_arrays(
+            state, "dev", CHANNELS, X[rows].tolist(), labels[rows],
+            list(range(lo, min(lo + batch, X.shape[0]))), detector, cfg, trains,
+        )  # fmt: skip
+        found += out
+        while trains and L.round_due(state, cfg):
+            train_round(state, "dev", detector.model, cfg, lo)
+    while trains and flush and state.buffered:
+        train_round(state, "dev", detector.model, cfg, 0)
+    return state, found
+
+
+@pytest.mark.parametrize("trains", [True, False])
+def test_the_personal_classes_are_the_devices_labelled_warm_rows(trains):
+    cfg = config(min_round_samples=1)
+    X, labels = level_shifts()
+    state, _ = stream(cfg, X, labels, Detector(None, cfg), trains, flush=True)
+    # The oracle: the same feature rows (the features module alone, in the same messages),
+    # numpy's mean and co-moment of each class of labelled warm rows.
+    own = DeviceState()
+    batches = [score(own, readings_matrix(own, CHANNELS, X[lo : lo + 25].tolist()), cfg)
+               for lo in range(0, X.shape[0], 25)]  # fmt: skip
+    features = np.vstack([b.features for b in batches])
+    rows = np.concatenate([b.warm for b in batches]) & (labels >= 0)
+    for label, stats in ((0, state.personal.normal), (1, state.personal.anomalous)):
+        F = features[rows & (labels == label)]
+        centred = F - F.mean(axis=0)
+        assert stats.count == F.shape[0]
+        np.testing.assert_allclose(stats.mean, F.mean(axis=0), rtol=1e-9, atol=1e-9)
+        np.testing.assert_allclose(stats.comoment, centred.T @ centred, rtol=1e-7, atol=1e-6)
+
+
+def test_a_device_whose_anomalies_the_fleet_misses_switches_to_its_own_model():
+    cfg = config()
+    X, labels = level_shifts()
+    blind = global_model(  # a version whose discriminant never flags
+        cfg,
+        np.zeros(N_POOLED + 1),
+        detector="discriminant",
+        discriminant=np.r_[np.zeros(N_FEATURES), -1.0],
+        discriminant_threshold=0.0,
+    )
+    detector = Detector(blind, cfg)
+    for trains in (True, False):
+        state, found = stream(cfg, X, labels, detector, trains)
+        assert found and all(a.detector == "personal" and a.model_version == 3 for a in found)
+        assert state.personal.preferred(cfg.personal_z)
+        # The last shift (its labels known or not) is found by the device's own model.
+        last = np.zeros(X.shape[0], bool)
+        last[950:975] = True
+        flagged = np.isin(np.arange(X.shape[0]), [a.timestamp_ms for a in found])
+        assert np.count_nonzero(flagged & last) >= 20
+        assert np.count_nonzero(flagged & ~(labels == 1) & (labels >= 0)) < 10
+        # Not before the device had any evidence: the first shift is the fleet's (none).
+        assert not (flagged[:150]).any()
+    off = replace(cfg, personalise=False)
+    state, found = stream(off, X, labels, detector, True)
+    assert state.personal is None and found == []
