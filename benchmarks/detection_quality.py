@@ -3,9 +3,10 @@
 Every method of :mod:`streaming.evaluate` (majority class, z-score rule, the federated default,
 each model family, local-only, central; prequential beside them) on the data sets at hand,
 measured side by side in one run with the same settings: the embedded synthetic fleet
-(``--devices`` of it, default 600), SKAB (one 8-channel device per experiment) and the WSN
-motes (4 devices, 2 channels). SKAB's 5 device folds are then drawn again with ``--fold-seeds``
-(its figure moves by a few hundredths with the split alone). Then model poisoning: every
+(``--devices`` of it, default 600), SKAB (one 8-channel device per experiment, and one
+device per experiment and sensor) and the WSN motes (4 devices, 2 channels). SKAB's 5 device
+folds are then drawn again with ``--fold-seeds`` (its figure moves by a few hundredths with the
+split alone). Then model poisoning: every
 aggregation rule, with and without 20 % of the synthetic fleet's training devices attacking
 (``streaming.evaluate.ATTACKS``).
 Last, the learner alone: decode, score and train in this process, no Flink and no broker, on
@@ -29,9 +30,13 @@ from streaming.model import aggregation
 
 
 def data_sets(devices: int) -> dict[str, dict]:
+    """Name → the loader's options (``source``: the loader, when it is not the name)."""
     found = {"synthetic": {"num_devices": devices}}
     if (sources.SHARED_DATA_DIR / "skab").is_dir():
         found["skab"] = {}
+        # One device per (experiment, sensor): a fleet of one-channel devices whose labels are
+        # the experiment's, so many devices never move during their "anomaly".
+        found["skab_per_sensor"] = {"source": "skab", "per_sensor": True}
     if (sources.SHARED_DATA_DIR / "wsn").is_dir():
         found["wsn"] = {}
     return found
@@ -64,8 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     fed_config = FederationConfig.from_settings(settings)
     results = {}
     for name, options in data_sets(args.devices).items():
+        options = dict(options)
         report = evaluate.evaluate(
-            sources.open_source(name, **options),
+            sources.open_source(options.pop("source", name), **options),
             source=name,
             config=config,
             fed_config=fed_config,
@@ -89,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
     return payload
 
 
-SEED_METHODS = ("zscore", "federated", "central", "central_discriminant")
+SEED_METHODS = ("zscore", "federated", "global", "central", "central_discriminant")
 
 
 def fold_seeds(

@@ -18,7 +18,7 @@ import numpy as np
 
 from streaming.learner import DeviceState, PersonalModel
 from streaming.messages import Reading
-from streaming.model.detectors import LOGIT_EDGES, NormalStats
+from streaming.model.detectors import LOGIT_EDGES
 from streaming.model.features import N_FEATURES, N_POOLED, FeatureState
 from streaming.model.metrics import Confusion
 
@@ -157,24 +157,26 @@ def encode_state(state: DeviceState) -> bytes:
     )
 
 
-# The personal model after the names, float64 of a fixed size (none: no bytes). None
-# parameters or threshold are NaN: a discriminant's are finite.
-_PERSONAL_FLOATS = (
-    2 * (1 + N_FEATURES + N_FEATURES**2) + 2 * (LOGIT_EDGES.size + 1) + 3 + (N_FEATURES + 1)
-)
+# The personal model after the names, float64 of a fixed size (none: no bytes): counts, means,
+# the upper triangle of the summed co-moment (it is symmetric), histograms, wins, losses,
+# threshold and parameters (None: NaN, a discriminant's are finite).
+_UPPER = np.triu_indices(N_FEATURES)
+_BINS = LOGIT_EDGES.size + 1
+_PERSONAL_FLOATS = 2 + 2 * N_FEATURES + _UPPER[0].size + 2 * _BINS + 3 + (N_FEATURES + 1)
 
 
 def _encode_personal(personal: PersonalModel | None) -> bytes:
     if personal is None:
         return b""
     p = personal
-    missing = np.full(N_FEATURES + 1, np.nan)
     parts = [
-        *(np.r_[c.count, c.mean, c.comoment.ravel()] for c in (p.normal, p.anomalous)),
+        p.counts,
+        p.means.ravel(),
+        p.within[_UPPER],
         p.hist_pos,
         p.hist_neg,
         [p.wins, p.losses, np.nan if p.threshold is None else p.threshold],
-        missing if p.params is None else p.params,
+        np.full(N_FEATURES + 1, np.nan) if p.params is None else p.params,
     ]
     return np.concatenate([np.asarray(a, np.float64) for a in parts]).tobytes()
 
@@ -182,22 +184,19 @@ def _encode_personal(personal: PersonalModel | None) -> bytes:
 def _decode_personal(payload: bytes, at: int) -> PersonalModel | None:
     if at >= len(payload):
         return None
-    floats = np.frombuffer(payload, np.float64, _PERSONAL_FLOATS, at).copy()
-    f, bins = N_FEATURES, LOGIT_EDGES.size + 1
-    classes = []
-    for _ in range(2):
-        classes.append(
-            NormalStats(
-                float(floats[0]), floats[1 : 1 + f], floats[1 + f : 1 + f + f * f].reshape(f, f)
-            )
-        )
-        floats = floats[1 + f + f * f :]
-    hist_pos, hist_neg, floats = floats[:bins], floats[bins : 2 * bins], floats[2 * bins :]
-    wins, losses, threshold = floats[:3].tolist()
-    params = floats[3:]
+    floats = np.frombuffer(payload, np.float64, _PERSONAL_FLOATS, at)
+    sizes = (2, 2 * N_FEATURES, _UPPER[0].size, _BINS, _BINS, 3, N_FEATURES + 1)
+    counts, means, upper, hist_pos, hist_neg, scalars, params = (
+        a.copy() for a in np.split(floats, np.cumsum(sizes)[:-1])
+    )
+    within = np.zeros((N_FEATURES, N_FEATURES))
+    within[_UPPER] = upper
+    within.T[_UPPER] = upper
+    wins, losses, threshold = scalars.tolist()
     return PersonalModel(
-        classes[0],
-        classes[1],
+        counts,
+        means.reshape(2, N_FEATURES),
+        within,
         hist_pos,
         hist_neg,
         None if np.isnan(params[0]) else params,

@@ -250,6 +250,10 @@ the server's default ``calibration_decay`` per version, so the device calibrates
 discriminant as a fleet of one would (``flead evaluate``'s ``local_only``)."""
 
 
+_NO_COMOMENT = np.zeros((features.N_FEATURES, features.N_FEATURES))
+_NO_COMOMENT.flags.writeable = False
+
+
 @dataclass
 class PersonalModel:
     """A device's own discriminant of its labelled rows (what it would have federating alone)
@@ -262,8 +266,11 @@ class PersonalModel:
     whose own model is noise (few anomalies of its own) keeps the fleet's. Nothing of it leaves
     the device; the rounds a device sends are the same with or without it."""
 
-    normal: NormalStats
-    anomalous: NormalStats
+    # Its classes, normal and anomalous: counts (2), means (2 × F), and the sum of their
+    # co-moments (F × F), all Fisher's discriminant uses: half the keyed state of two.
+    counts: np.ndarray
+    means: np.ndarray
+    within: np.ndarray
     hist_pos: np.ndarray  # its scores of fresh labelled readings, by label (faded)
     hist_neg: np.ndarray
     params: np.ndarray | None = None  # [w, b] (detectors.discriminant); None: a class is missing
@@ -272,10 +279,11 @@ class PersonalModel:
     losses: float = 0.0  # ... and the other way round
 
     @classmethod
-    def empty(cls) -> PersonalModel:
+    def empty(cls, n_features: int = features.N_FEATURES) -> PersonalModel:
         return cls(
-            NormalStats.empty(),
-            NormalStats.empty(),
+            np.zeros(2),
+            np.zeros((2, n_features)),
+            np.zeros((n_features, n_features)),
             np.zeros(LOGIT_EDGES.size + 1),
             np.zeros(LOGIT_EDGES.size + 1),
         )
@@ -290,13 +298,27 @@ class PersonalModel:
 
     def learn(self, normal: NormalStats, anomalous: NormalStats) -> None:
         """Add labelled rows' statistics to its classes and remake the discriminant."""
-        self.normal = self.normal + normal
-        self.anomalous = self.anomalous + anomalous
-        self.params = detectors.discriminant(self.normal, self.anomalous)
+        for k, fresh in enumerate((normal, anomalous)):
+            if fresh.count:
+                # The class without its co-moment plus the rows: the merged co-moment is the
+                # rows' own plus the shift of the class mean, exactly what the sum gains.
+                merged = NormalStats(self.counts[k], self.means[k], _NO_COMOMENT) + fresh
+                self.counts[k], self.means[k] = merged.count, merged.mean
+                self.within = self.within + merged.comoment
+        classes = self.classes()
+        self.params = detectors.discriminant(*classes)
         if self.params is not None:
             self.threshold = detectors.best_mcc_threshold(self.hist_pos, self.hist_neg, LOGIT_EDGES)
             if self.threshold is None:  # no fresh score of both labels yet
-                self.threshold = detectors.discriminant_boundary(self.normal, self.anomalous)
+                self.threshold = detectors.discriminant_boundary(*classes)
+
+    def classes(self) -> tuple[NormalStats, NormalStats]:
+        """Its classes as statistics, the summed co-moment in the first: Fisher's direction
+        and distance use only the sum (:func:`streaming.model.detectors.discriminant`)."""
+        return (
+            NormalStats(float(self.counts[0]), self.means[0], self.within),
+            NormalStats(float(self.counts[1]), self.means[1], _NO_COMOMENT),
+        )
 
     def flags(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         scores = detectors.discriminant_scores(self.params, X)

@@ -150,16 +150,17 @@ def test_keyed_state_of_the_format_before_the_discriminant_still_reads() -> None
 def personal_model(rng: np.random.Generator, ready: bool) -> learner.PersonalModel:
     from streaming.model.detectors import NormalStats
 
-    return learner.PersonalModel(
+    personal = learner.PersonalModel.empty()
+    personal.learn(
         NormalStats.of(rng.normal(size=(30, N_FEATURES))),
-        NormalStats.of(rng.normal(size=(3, N_FEATURES))),
-        rng.uniform(0, 5, LOGIT_EDGES.size + 1),
-        rng.uniform(0, 5, LOGIT_EDGES.size + 1),
-        rng.normal(size=N_FEATURES + 1) if ready else None,
-        0.75 if ready else None,
-        wins=6.5,
-        losses=1.25,
+        NormalStats.of(rng.normal(size=(3 if ready else 0, N_FEATURES))),
     )
+    personal.hist_pos = rng.uniform(0, 5, LOGIT_EDGES.size + 1)
+    personal.hist_neg = rng.uniform(0, 5, LOGIT_EDGES.size + 1)
+    personal.wins, personal.losses = 6.5, 1.25
+    if ready:
+        personal.threshold = 0.75
+    return personal
 
 
 @pytest.mark.parametrize("ready", [True, False])
@@ -167,12 +168,8 @@ def test_the_personal_model_travels_in_the_state_exactly(ready: bool) -> None:
     state = learner.DeviceState(personal=personal_model(np.random.default_rng(3), ready))
     back = decode_state(encode_state(state)).personal
     sent = state.personal
-    for name in ("hist_pos", "hist_neg"):
-        assert np.array_equal(getattr(back, name), getattr(sent, name))
-    for cls in ("normal", "anomalous"):
-        a, b = getattr(back, cls), getattr(sent, cls)
-        assert a.count == b.count and np.array_equal(a.mean, b.mean)
-        assert np.array_equal(a.comoment, b.comoment)
+    for name in ("counts", "means", "within", "hist_pos", "hist_neg"):
+        assert np.array_equal(getattr(back, name), getattr(sent, name)), name
     assert (back.wins, back.losses, back.threshold) == (6.5, 1.25, 0.75 if ready else None)
     assert (back.params is None) == (not ready)
     if ready:

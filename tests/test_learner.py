@@ -677,12 +677,15 @@ def test_the_personal_classes_are_the_devices_labelled_warm_rows(trains):
                for lo in range(0, X.shape[0], 25)]  # fmt: skip
     features = np.vstack([b.features for b in batches])
     rows = np.concatenate([b.warm for b in batches]) & (labels >= 0)
-    for label, stats in ((0, state.personal.normal), (1, state.personal.anomalous)):
+    personal, within = state.personal, np.zeros((N_FEATURES, N_FEATURES))
+    for label in (0, 1):
         F = features[rows & (labels == label)]
         centred = F - F.mean(axis=0)
-        assert stats.count == F.shape[0]
-        np.testing.assert_allclose(stats.mean, F.mean(axis=0), rtol=1e-9, atol=1e-9)
-        np.testing.assert_allclose(stats.comoment, centred.T @ centred, rtol=1e-7, atol=1e-6)
+        within += centred.T @ centred
+        assert personal.counts[label] == F.shape[0]
+        np.testing.assert_allclose(personal.means[label], F.mean(axis=0), rtol=1e-9, atol=1e-9)
+    # Fisher's discriminant needs the classes' co-moments only summed, and keeps only the sum.
+    np.testing.assert_allclose(personal.within, within, rtol=1e-7, atol=1e-6)
 
 
 def test_a_device_whose_anomalies_the_fleet_misses_switches_to_its_own_model():
