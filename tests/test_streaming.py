@@ -10,17 +10,26 @@ import os
 import signal
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from datetime import UTC, datetime
 
 import numpy as np
 import pytest
+from confluent_kafka import Producer
 
 from flead import kafka, services
 from flead.config import Settings
+from flead.secrets import secret
 from streaming import learner
 from streaming.learner import LearnerConfig, LocalRound
-from streaming.messages import Reading, decode_local_round, encode_local_round
+from streaming.messages import (
+    Reading,
+    decode_anomaly,
+    decode_local_round,
+    encode_global_params,
+    encode_local_round,
+    encode_reading_batch,
+)
 from streaming.model.detectors import LOGIT_EDGES, NORMAL_EDGES, Network, NormalStats
 from streaming.model.features import N_FEATURES, N_POOLED
 from streaming.model.metrics import Confusion
@@ -30,6 +39,7 @@ from tests.conftest import MALFORMED, isolated, table_counts, wait_until_consume
 from tests.exactly_once import assert_versions_are_weighted_means
 from tests.streaming_harness import (
     dead_letters,
+    group_lag,
     query,
     read_topic,
     scalar,
@@ -221,6 +231,85 @@ def test_multichannel_fleet_gets_versions_and_model_detections(
     assert all(detector != "zscore" for detector, _, _ in by_model), by_model
     channels = {c for (cs,) in query(settings, "SELECT channels FROM anomalies") for c in cs}
     assert channels <= set(CHANNELS)
+
+
+def test_a_device_the_version_misses_flags_with_its_own_model_live(
+    kafka_broker: Settings, database: str, tmp_path
+) -> None:
+    """The Flink job alone, a signed version whose discriminant never flags in the FedAvg
+    service's place, and one device with labelled level shifts: the device's own model takes
+    over (``personal`` anomaly records), and the job's records are exactly those of the same
+    learner functions run here on the same messages (the personal model in keyed state as
+    bytes between messages, rounds folded into it)."""
+    s = isolated(
+        kafka_broker,
+        database,
+        state_dir=tmp_path,
+        holdout_fraction=0.0,
+        train_interval_s=3600.0,  # rounds by count only, as the in-process run makes them
+        checkpoint_interval_ms=1000,
+    )
+    config = LearnerConfig.from_settings(s)
+    blind = learner.GlobalParams(
+        version=4,
+        hidden=s.hidden_units,
+        params=Network(N_POOLED, s.hidden_units).initial(),
+        threshold=None,
+        normal=NormalStats.empty(),
+        normal_threshold=None,
+        label_source="ground_truth",
+        detector="discriminant",
+        discriminant=np.r_[np.zeros(N_FEATURES), -1.0],  # scores -1: never >= 0
+        discriminant_threshold=0.0,
+    )
+    rng = np.random.default_rng(11)
+    values = rng.normal(size=(800, 2)) * [5.0, 0.3] + [60.0, 21.0]
+    labels = np.zeros(800, dtype=int)
+    for at in range(50, 800, 100):
+        values[at : at + 25, 0] += 12.0
+        labels[at : at + 25] = 1
+    start_ms = int(datetime(2025, 11, 7, tzinfo=UTC).timestamp() * 1000)
+    readings = [
+        Reading("pump-7", start_ms + 1000 * k, tuple(values[k]), int(labels[k]), ("flow", "temp"))
+        for k in range(800)
+    ]
+    messages = [readings[k : k + 25] for k in range(0, 800, 25)]
+
+    state, expected = learner.DeviceState(), Counter()
+    detector = learner.Detector(blind, config)
+    for batch in messages:
+        for a in learner.observe(state, "pump-7", batch, detector, config, True):
+            expected[(a.timestamp_ms, a.detector, a.model_version)] += 1
+        while learner.round_due(state, config):
+            learner.train_round(state, "pump-7", blind, config, 0)
+    assert expected and {d for _, d, _ in expected} <= {"personal"}, expected
+
+    producer = Producer(kafka.producer_config(s, "admin"))
+    key = secret(s.state_dir, "model_signing_key")  # the deployment's: the job reads the same
+    start(s, "flink-job")
+    try:
+        producer.produce(s.topics.global_updates, encode_global_params(blind, start_ms, key=key))
+        assert producer.flush(30) == 0
+        wait_for(
+            lambda: group_lag(s, s.consumer_group("edge-models"), s.topics.global_updates) == 0,
+            120,
+            "the job to read the version",
+        )
+        for batch in messages:
+            producer.produce(s.topics.readings, encode_reading_batch(batch), key=b"pump-7")
+        assert producer.flush(30) == 0
+        total = sum(expected.values())
+        found = wait_for(
+            lambda: (got := read_topic(s, s.topics.anomalies)) and len(got) >= total and got,
+            180,
+            f"{total} anomaly records",
+        )
+        alive = services.recorded_pid(s, "flink-job")
+    finally:
+        stop(s, "flink-job")
+    assert alive, "the Flink job died"
+    records = [decode_anomaly(v) for v in found]
+    assert Counter((a.timestamp_ms, a.detector, a.model_version) for a in records) == expected
 
 
 # --- fault tests ------------------------------------------------------------------------------
