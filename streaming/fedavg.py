@@ -54,7 +54,9 @@ from streaming.federation import (
     FederationConfig,
     ServerState,
     Version,
+    discriminant_json,
     label_free_statistics,
+    saved_discriminant,
 )
 from streaming.learner import GlobalParams, LocalRound, as_sent
 from streaming.messages import decode_local_round, encode_global_params
@@ -122,28 +124,6 @@ def _array(values: Any) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-def discriminant_json(model: GlobalParams | None) -> dict[str, Any] | None:
-    if model is None or model.discriminant is None:
-        return None
-    return {
-        "params": model.discriminant.tolist(),
-        "threshold": model.discriminant_threshold,
-        "labels": model.discriminant_labels,
-    }
-
-
-def discriminant_from(saved: Any) -> tuple[np.ndarray | None, float | None, str]:
-    """The discriminant, its threshold and its classes' labels from a saved state (absent
-    before the discriminant existed: none; labels absent before the rule's classes could
-    make one: the stream's)."""
-    found = saved.get("discriminant") if isinstance(saved, dict) else None
-    if not found:
-        return None, None, "ground_truth"
-    threshold = found.get("threshold")
-    labels = found.get("labels", "ground_truth")
-    return _array(found["params"]), None if threshold is None else float(threshold), labels
-
-
 def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
     """``ServerState`` and the devices' last-seen times from the newest ``federated_models`` row
     (global_version, hidden, weights, threshold, normal_threshold, label_source, detector,
@@ -158,7 +138,7 @@ def state_from_row(row: tuple) -> tuple[ServerState, dict[str, int]]:
     anomalous = _stats_from(saved, "anomalous")
     pseudo_normal = _stats_from(saved, "pseudo_normal")
     pseudo_anomalous = _stats_from(saved, "pseudo_anomalous")
-    discriminant, discriminant_threshold, discriminant_labels = discriminant_from(saved)
+    discriminant, discriminant_threshold, discriminant_labels = saved_discriminant(saved)
     no_hist = np.zeros_like(saved["hist_pos"])
     if normal.mean.size != N_FEATURES:
         # Statistics of another feature layout (a service before the channel slots) cannot be

@@ -39,7 +39,9 @@ devices sent and never from their raw readings:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -447,3 +449,34 @@ class Federation:
         if found is not None:
             return found
         return self.state.current.threshold if self.state.current else None
+
+
+# --- the version's discriminant as the service stores it (server_state -> 'discriminant') -----
+
+
+def discriminant_json(model: GlobalParams | None) -> dict[str, Any] | None:
+    """The discriminant block of ``federated_models.server_state``: what the service reads back
+    on restart and the Spark evaluation scores held-out devices with."""
+    if model is None or model.discriminant is None:
+        return None
+    return {
+        "params": model.discriminant.tolist(),
+        "threshold": model.discriminant_threshold,
+        "labels": model.discriminant_labels,
+    }
+
+
+def saved_discriminant(saved: Any) -> tuple[np.ndarray | None, float | None, str]:
+    """The discriminant, its threshold and its classes' labels from a saved state (absent
+    before the discriminant existed: none; labels absent before the rule's classes could make
+    one: the stream's). ValueError for a malformed block."""
+    found = saved.get("discriminant") if isinstance(saved, Mapping) else None
+    if not found:
+        return None, None, "ground_truth"
+    try:
+        params = np.asarray(found["params"], dtype=np.float64)
+        threshold = found.get("threshold")
+        labels = str(found.get("labels", "ground_truth"))
+        return params, None if threshold is None else float(threshold), labels
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"malformed discriminant ({exc})") from None

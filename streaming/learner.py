@@ -727,9 +727,10 @@ def anomalies(
         if decision.kind == "zscore":
             why = f"z-score rule: |z| {abs_z[top]:.2f} > {decision.threshold:g}"
         elif decision.kind == "personal":
+            held = f"global v{decision.version}" if decision.version else "no global version"
             why = (
-                f"the device's own model (global v{decision.version} held): score {score:.2f} "
-                f">= {decision.threshold:.2f}; largest |z| {abs_z[top]:.2f}"
+                f"the device's own model (it holds {held}): score {score:.2f} >= "
+                f"{decision.threshold:.2f}; largest |z| {abs_z[top]:.2f}"
             )
         else:
             why = (

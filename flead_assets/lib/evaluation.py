@@ -26,7 +26,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from streaming import learner
-from streaming.federation import label_free_statistics
+from streaming.federation import label_free_statistics, saved_discriminant
 from streaming.learner import Detector, GlobalParams, LearnerConfig
 from streaming.model.detectors import Network, NormalStats
 from streaming.model.features import FEATURE_NAMES, N_FEATURES, N_POOLED, Scored
@@ -144,19 +144,14 @@ def global_params(row: Mapping[str, object]) -> GlobalParams:
 
 
 def _discriminant(state: object, version: int) -> tuple[np.ndarray | None, float | None, str]:
-    """The version's discriminant, threshold and classes' labels from ``server_state ->
-    'discriminant'`` (none in rows made before it existed; labels: the stream's in rows made
-    before the rule's classes could make one)."""
-    found = state.get("discriminant") if isinstance(state, Mapping) else None
-    if not found:
-        return None, None, "ground_truth"
+    """The version's discriminant, threshold and classes' labels from ``server_state``."""
     try:
-        params = np.asarray(found["params"], dtype=np.float64).reshape(N_FEATURES + 1)
-        threshold = found.get("threshold")
-        labels = str(found.get("labels", "ground_truth"))
-        return params, None if threshold is None else float(threshold), labels
-    except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise NotEvaluable(f"version {version}: malformed discriminant ({exc})") from None
+        params, threshold, labels = saved_discriminant(state)
+        if params is not None:
+            params = params.reshape(N_FEATURES + 1)
+    except ValueError as exc:
+        raise NotEvaluable(f"version {version}: discriminant: {exc}") from None
+    return params, threshold, labels
 
 
 def load_global_params(conn: psycopg.Connection, versions: Sequence[int]) -> list[GlobalParams]:
