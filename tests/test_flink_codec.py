@@ -182,7 +182,12 @@ def test_keyed_state_of_format_3_reads_without_a_personal_model() -> None:
     state.hist_neg[2] = 5
     without = encode_state(learner.DeviceState(hist_neg=state.hist_neg.copy()))
     payload = encode_state(state)
-    assert payload.startswith(without[8:], 8) and len(payload) > len(without)
+    # Counts 2, means 2·F, the co-moment's upper triangle, two histograms, wins, losses,
+    # threshold, F + 1 parameters: float64 each.
+    f, bins = N_FEATURES, LOGIT_EDGES.size + 1
+    personal_bytes = 8 * (2 + 2 * f + f * (f + 1) // 2 + 2 * bins + 3 + f + 1)
+    assert payload == without + payload[len(without) :]
+    assert len(payload) - len(without) == personal_bytes
     old = np.int64(3).tobytes() + without[8:]
     decoded = decode_state(old)
     assert decoded.personal is None and decoded.hist_neg[2] == 5
