@@ -14,7 +14,10 @@ Per batch of one device's readings (:func:`observe`):
 3. on training devices, test-then-train bookkeeping: the detector's scores go into the
    calibration histograms and, where a label is known, into the prequential confusion counts
    of that version; then the rows join the round's buffer (label: the stream's, else the
-   z-score rule's).
+   z-score rule's);
+4. on any device with labelled readings, personalisation (:class:`PersonalModel`): the
+   device's own discriminant decides instead of the version while it has proven better, and
+   learns from the labelled rows after scoring them.
 
 :func:`train_round` turns the buffer into a :class:`~streaming.messages.ModelUpdate`.
 """
@@ -338,7 +341,7 @@ class ChannelMismatch(ValueError):
 class DeviceState:
     """Everything one device remembers; bounded: feature state O(C² + 30·C), a buffer of fewer
     than ``train_every`` rows between batches, at most ``positive_memory`` remembered anomalies,
-    histograms of fixed size."""
+    histograms of fixed size, and with labels a personal model of O(F²) (F features)."""
 
     features: FeatureState | None = None
     rows: list[np.ndarray] = field(default_factory=list)  # feature rows waiting for a round
@@ -700,7 +703,7 @@ class Anomaly:
     severity: str  # "warning" | "critical"
     score: float  # the detector's score (|z| for the rule)
     threshold: float  # the score at and above which the detector flags
-    model_version: int  # the global version that decided; 0 = the rule before any version
+    model_version: int  # the global version the device held; 0 = none yet (the rule decided)
     detector: str  # a Decision's kind
     channels: tuple[str, ...]  # the channels that drove it (|z| above anomaly_z, else the top)
     reason: str
