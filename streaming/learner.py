@@ -703,7 +703,7 @@ class Anomaly:
     severity: str  # "warning" | "critical"
     score: float  # the detector's score (|z| for the rule)
     threshold: float  # the score at and above which the detector flags
-    model_version: int  # the global version the device held; 0 = none yet (the rule decided)
+    model_version: int  # the global version the device held (0: none yet)
     detector: str  # a Decision's kind
     channels: tuple[str, ...]  # the channels that drove it (|z| above anomaly_z, else the top)
     reason: str
