@@ -6,6 +6,10 @@ from typing import Any
 
 from flead import db, kafka, secrets, services
 from flead.config import Settings, describe
+from streaming.model.metrics import Confusion
+
+RECENT_PREQUENTIAL = 5_000
+"""Readings of training devices the pooled prequential figure of the newest versions counts."""
 
 MANAGED_SERVICES = ("postgres", "kafka")
 
@@ -146,6 +150,15 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
             "SELECT model_version, samples, precision, recall, f1, mcc FROM prequential_metrics"
             " WHERE samples >= 100 ORDER BY model_version DESC LIMIT 1"
         ).fetchone()
+        # The newest versions together, back until RECENT_PREQUENTIAL readings are counted:
+        # one version's readings are often too few for a figure that holds still.
+        recent = conn.execute(
+            "SELECT min(model_version), max(model_version), sum(tp), sum(fp), sum(tn), sum(fn)"
+            " FROM (SELECT *, sum(tp + fp + tn + fn) OVER (ORDER BY model_version DESC)"
+            "       - (tp + fp + tn + fn) AS newer FROM prequential_evaluations) v"
+            " WHERE newer < %s",
+            (RECENT_PREQUENTIAL,),
+        ).fetchone()
     coverage: dict[str, Any] = {
         "global_versions": versions,
         "evaluated": evaluated,
@@ -157,6 +170,11 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
     if prequential:
         keys = ("version", "samples", "precision", "recall", "f1", "mcc")
         coverage["newest_prequential"] = dict(zip(keys, prequential, strict=True))
+    if recent and recent[0] is not None:
+        first, last, *counts = recent
+        pooled = Confusion(*(int(c) for c in counts))
+        coverage["recent_prequential"] = {"first_version": first, "last_version": last}
+        coverage["recent_prequential"].update(pooled.as_dict())
     return coverage
 
 
@@ -225,6 +243,13 @@ def render(report: dict[str, Any]) -> str:
                 f" devices, scored before training): precision {preq['precision'] or 0:.3f},"
                 f" recall {preq['recall'] or 0:.3f}, F1 {preq['f1'] or 0:.3f},"
                 f" MCC {preq['mcc'] or 0:.3f}"
+            )
+        recent = coverage.get("recent_prequential")
+        if recent:
+            lines.append(
+                f"  prequential v{recent['first_version']}-v{recent['last_version']} together"
+                f" ({recent['samples']:,} readings): precision {recent['precision']:.3f},"
+                f" recall {recent['recall']:.3f}, F1 {recent['f1']:.3f}, MCC {recent['mcc']:.3f}"
             )
     lines += _render_wire(report.get("wire"))
     return "\n".join(lines)

@@ -182,6 +182,27 @@ def test_status_json_reports_services_topics_and_tables(settings: Settings) -> N
     assert set(report["tables"]) >= EXPECTED_TABLES
 
 
+def test_status_pools_the_newest_versions_prequential_counts(settings: Settings) -> None:
+    # v1-v4 with 2,000 / 1,000 / 3,000 / 1,000 readings (tp, fp, tn, fn). Newest first: v4
+    # (none newer), v3 (1,000 newer), v2 (4,000 newer) count; v1 does not (5,000 newer).
+    rows = [(1, 9, 9, 1973, 9), (2, 8, 2, 980, 10), (3, 30, 10, 2940, 20), (4, 12, 4, 980, 4)]
+    with psycopg.connect(settings.database_url) as conn:
+        for row in rows:
+            conn.execute("INSERT INTO prequential_evaluations VALUES (%s, %s, %s, %s, %s)", row)
+    done = run_flead(settings, "status", "--json")
+    assert done.returncode == 0, done.stderr
+    recent = json.loads(done.stdout)["evaluations"]["recent_prequential"]
+    tp, fp, tn, fn = 8 + 30 + 12, 2 + 10 + 4, 980 + 2940 + 980, 10 + 20 + 4  # v2-v4
+    assert (recent["first_version"], recent["last_version"]) == (2, 4)
+    assert (recent["tp"], recent["fp"], recent["tn"], recent["fn"]) == (tp, fp, tn, fn)
+    assert recent["samples"] == 5_000
+    assert recent["f1"] == pytest.approx(2 * 50 / (2 * 50 + 16 + 34))
+    mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
+    assert recent["mcc"] == pytest.approx(mcc)
+    text = run_flead(settings, "status").stdout
+    assert "prequential v2-v4 together (5,000 readings)" in text
+
+
 def test_status_wire_counts_every_byte_of_rounds_versions_and_readings(settings: Settings) -> None:
     """Oracle: the byte counts of the messages as this test produced them; versions count once
     per training device (distinct devices of ``local_models``)."""
