@@ -245,7 +245,7 @@ def render(report: dict[str, Any]) -> str:
                 f" MCC {preq['mcc'] or 0:.3f}"
             )
         recent = coverage.get("recent_prequential")
-        if recent:
+        if recent and recent["first_version"] != recent["last_version"]:  # else: the line above
             lines.append(
                 f"  prequential v{recent['first_version']}-v{recent['last_version']} together"
                 f" ({recent['samples']:,} readings): precision {recent['precision']:.3f},"
