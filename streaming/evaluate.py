@@ -283,13 +283,12 @@ def _decisions(series: DeviceSeries, detector: Detector) -> np.ndarray:
 
 def _personalised(series: DeviceSeries, detector: Detector, config: LearnerConfig) -> np.ndarray:
     """The device's decisions as it goes: the global version's, or its own model's where that
-    has proven better on the labelled readings before (``learner.personalised``)."""
+    has proven better on the labelled readings before (``learner.decide``)."""
     state = learner.DeviceState()
     flags = []
     for scored, (lo, hi) in zip(series.scored, series.bounds, strict=True):
-        fleet = detector.decide(scored)
-        flags.append(learner.personalised(state, scored, fleet, config).flagged)
-        learner.learn_personal(state, scored, series.labels[lo:hi], fleet, config, trains=False)
+        labels = series.labels[lo:hi]
+        flags.append(learner.decide(state, scored, labels, detector, config, False).flagged)
     return np.concatenate(flags)
 
 

@@ -526,6 +526,22 @@ def learn_personal(
         personal.learn(_stats_or_none(X[~actual]), _stats_or_none(X[actual]))
 
 
+def decide(
+    state: DeviceState,
+    scored: Scored,
+    labels: np.ndarray,
+    detector: Detector,
+    config: LearnerConfig,
+    trains: bool,
+) -> Decision:
+    """The device's decision on a batch (its version's, or its own model's where proven),
+    then its own model learns from the batch's labels: test-then-train."""
+    fleet = detector.decide(scored)
+    decision = personalised(state, scored, fleet, config)
+    learn_personal(state, scored, labels, fleet, config, trains)
+    return decision
+
+
 def round_due(state: DeviceState, config: LearnerConfig) -> bool:
     return state.buffered >= config.train_every
 
@@ -806,9 +822,7 @@ def observe_arrays(
         state.since_ms = int(timestamps_ms[0])
     X = readings_matrix(state, channels, values)
     scored = score(state, X, config)
-    fleet = detector.decide(scored)
-    decision = personalised(state, scored, fleet, config)
+    decision = decide(state, scored, labels, detector, config, trains)
     if trains:
         record(state, scored, labels, detector, config)
-    learn_personal(state, scored, labels, fleet, config, trains)
     return anomalies(device_id, timestamps_ms, X, channels, scored, decision, config)
