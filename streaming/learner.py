@@ -253,10 +253,6 @@ the server's default ``calibration_decay`` per version, so the device calibrates
 discriminant as a fleet of one would (``flead evaluate``'s ``local_only``)."""
 
 
-_NO_COMOMENT = np.zeros((features.N_FEATURES, features.N_FEATURES))
-_NO_COMOMENT.flags.writeable = False
-
-
 @dataclass
 class PersonalModel:
     """A device's own discriminant of its labelled rows (what it would have federating alone)
@@ -305,7 +301,7 @@ class PersonalModel:
             if fresh.count:
                 # The class without its co-moment plus the rows: the merged co-moment is the
                 # rows' own plus the shift of the class mean, exactly what the sum gains.
-                merged = NormalStats(self.counts[k], self.means[k], _NO_COMOMENT) + fresh
+                merged = NormalStats(self.counts[k], self.means[k], _NO_ROWS.comoment) + fresh
                 self.counts[k], self.means[k] = merged.count, merged.mean
                 self.within = self.within + merged.comoment
         classes = self.classes()
@@ -320,7 +316,7 @@ class PersonalModel:
         and distance use only the sum (:func:`streaming.model.detectors.discriminant`)."""
         return (
             NormalStats(float(self.counts[0]), self.means[0], self.within),
-            NormalStats(float(self.counts[1]), self.means[1], _NO_COMOMENT),
+            NormalStats(float(self.counts[1]), self.means[1], _NO_ROWS.comoment),
         )
 
     def flags(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
