@@ -162,6 +162,55 @@ def test_train_reports_the_class_weighted_loss():
     assert result.loss == pytest.approx(np.mean(w * (np.logaddexp(0, s) - y * s)), rel=1e-12)
 
 
+def textbook_sgd(params, X, y, f, h, *, lr, epochs, batch_size, l2, seed):
+    """Minibatch SGD written out from the definitions: one permutation of the rows per epoch
+    from ``default_rng(seed)``, the class-weighted log-loss (positives weighted n_neg / n_pos,
+    capped, weights rescaled to mean 1), each batch's mean gradient, then
+    ``p ← p·(1 − lr·l2) − lr·∇``."""
+    p = np.array(params, dtype=np.float64)
+    Xs = X / INPUT_SCALE[:f]
+    pos = y.sum()
+    weight = min((y.size - pos) / pos, D.MAX_POSITIVE_WEIGHT) if 0 < pos < y.size else 1.0
+    w = np.where(y == 1, weight, 1.0)
+    w = w / w.mean()
+    rng = np.random.default_rng(seed)
+    for _ in range(epochs):
+        order = rng.permutation(y.size)
+        for start in range(0, y.size, batch_size):
+            rows = order[start : start + batch_size]
+            x, t, c = Xs[rows], y[rows], w[rows]
+            grad = np.zeros_like(p)
+            for xi, ti, ci in zip(x, t, c, strict=True):
+                if h == 0:
+                    s = xi @ p[:f] + p[f]
+                    e = ci * (1.0 / (1.0 + np.exp(-s)) - ti)
+                    grad += np.concatenate((e * xi, [e]))
+                    continue
+                w1 = p[: f * h].reshape(f, h)
+                b1, w2 = p[f * h : f * h + h], p[f * h + h : f * h + 2 * h]
+                a = np.tanh(xi @ w1 + b1)
+                e = ci * (1.0 / (1.0 + np.exp(-(a @ w2 + p[-1]))) - ti)
+                back = e * w2 * (1.0 - a**2)
+                grad += np.concatenate((np.outer(xi, back).ravel(), back, e * a, [e]))
+            p = p * (1.0 - lr * l2) - lr * grad / rows.size
+    return p
+
+
+@pytest.mark.parametrize("hidden", [0, 5])
+def test_train_is_minibatch_sgd_step_by_step(hidden):
+    """The hot loop's rewrites (biases as weights of constant units, σ through tanh) leave
+    every step the textbook one: the same parameters to rounding after 3 epochs of uneven
+    batches (23 rows in batches of 8)."""
+    X, y, _ = small_problem(11, n=23)
+    net = Network(N_FEATURES, hidden)
+    start = net.initial(2) + np.random.default_rng(3).normal(0, 0.1, net.size)
+    kwargs = {"lr": 0.3, "epochs": 3, "batch_size": 8, "l2": 0.01, "seed": 5}
+    result = train(net, start, X, y, learning_rate=0.3, epochs=3, batch_size=8, l2=0.01, seed=5)
+    expected = textbook_sgd(start, X, y, N_FEATURES, hidden, **kwargs)
+    np.testing.assert_allclose(result.params, expected, rtol=1e-10, atol=1e-12)
+    assert not np.allclose(result.params, start)
+
+
 def test_zero_epochs_leave_the_parameters_and_bad_arguments_raise():
     X, y = separable(4, n=20)
     net = Network(N_FEATURES, 2)
