@@ -154,7 +154,17 @@ class FeatureState:
 
 
 def _slots(channels: tuple[str, ...]) -> np.ndarray:
-    return np.argsort(np.array(channels, dtype=object), kind="stable")[:SLOTS].astype(np.intp)
+    slots = _SLOTS.get(channels)
+    if slots is None:
+        if len(_SLOTS) >= 4096:  # bounded: a fleet's channel sets are few
+            _SLOTS.clear()
+        slots = np.argsort(np.array(channels, dtype=object), kind="stable")[:SLOTS].astype(np.intp)
+        slots.flags.writeable = False  # shared by every device with these channels
+        _SLOTS[channels] = slots
+    return slots
+
+
+_SLOTS: dict[tuple[str, ...], np.ndarray] = {}
 
 
 def new_state(channels: tuple[str, ...]) -> FeatureState:
@@ -185,6 +195,16 @@ class Scored:
     warm: np.ndarray  # (n,) bool: the device had seen >= WARMUP readings before this one
 
 
+# The reductions and the clip as the ufuncs they are: ``ndarray.max`` and ``np.clip`` reach the
+# same ufuncs through Python wrappers, which cost more than the work on a message's rows.
+_max, _min, _sum = np.maximum.reduce, np.minimum.reduce, np.add.reduce
+
+
+def _clip(values: np.ndarray, cap: float) -> np.ndarray:
+    """``values`` clipped to [-cap, cap] (NaN stays NaN, as with ``np.clip``)."""
+    return np.minimum(np.maximum(values, -cap), cap)
+
+
 def _scale(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """The divisor of every z-like feature: the std, kept off zero relative to the level so a
     perfectly constant history makes any change a capped, not infinite, z."""
@@ -202,8 +222,9 @@ def _prefix_baseline(
     shift = X[0]
     d = X - shift
     i = np.arange(n)[:, None].astype(np.float64)
-    s1 = np.cumsum(d, axis=0) - d  # sums of rows before row i
-    s2 = np.cumsum(d * d, axis=0) - d * d
+    dd = d * d
+    s1 = d.cumsum(axis=0) - d  # sums of rows before row i
+    s2 = dd.cumsum(axis=0) - dd
     safe_i = np.maximum(i, 1.0)
     mean_b = shift + s1 / safe_i
     m2_b = np.maximum(s2 - s1 * s1 / safe_i, 0.0)
@@ -217,22 +238,24 @@ def _prefix_baseline(
     return count[:, 0], mean, std
 
 
-def _admit(state: FeatureState, X: np.ndarray) -> FeatureState:
-    """``state`` with the rows of ``X`` added to the baseline (mean, m2 and co-moments)."""
-    if X.shape[0] == 0:
-        return state
+def _admitted(state: FeatureState, X: np.ndarray) -> dict[str, object]:
+    """The baseline fields (count, mean, m2, co-moments) of ``state`` with the rows of ``X``
+    added (Chan et al.'s merge): a dict for the one ``replace`` that moves the state on."""
     n = float(X.shape[0])
-    mean_b = X.mean(axis=0)
+    mean_b = np.add.reduce(X, axis=0) / n  # ndarray.mean's own arithmetic, without its wrapper
     d = X - mean_b
-    m2_b = (d * d).sum(axis=0)
+    m2_b = np.add.reduce(d * d, axis=0)
     co_b = d.T @ d
     n0 = float(state.count)
     total = n0 + n
     delta = mean_b - state.mean
-    mean = state.mean + delta * (n / total)
-    m2 = state.m2 + m2_b + delta * delta * (n0 * n / total)
-    comoment = state.comoment + co_b + np.outer(delta, delta) * (n0 * n / total)
-    return replace(state, count=int(total), mean=mean, m2=m2, comoment=comoment, gated=0)
+    weight = n0 * n / total
+    return {
+        "count": int(total),
+        "mean": state.mean + delta * (n / total),
+        "m2": state.m2 + m2_b + delta * delta * weight,
+        "comoment": state.comoment + co_b + np.multiply.outer(delta, delta) * weight,
+    }
 
 
 def _refreshed(state: FeatureState) -> FeatureState:
@@ -258,8 +281,8 @@ def _window_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
     zero = np.zeros((1, d.shape[1]))
     return (
         shift,
-        np.concatenate((zero, np.cumsum(d, axis=0))),
-        np.concatenate((zero, np.cumsum(d * d, axis=0))),
+        np.concatenate((zero, d.cumsum(axis=0))),
+        np.concatenate((zero, (d * d).cumsum(axis=0))),
     )
 
 
@@ -281,7 +304,7 @@ def _rolling(
 def _rolling_mean(values: np.ndarray, width: int, n: int) -> np.ndarray:
     """Mean of the last ``width`` rows ending at each of the last ``n`` rows of ``values``."""
     total = values.shape[0]
-    s1 = np.concatenate((np.zeros((1, values.shape[1])), np.cumsum(values, axis=0)))
+    s1 = np.concatenate((np.zeros((1, values.shape[1])), values.cumsum(axis=0)))
     end = np.arange(total - n + 1, total + 1)
     start = np.maximum(end - width, 0)
     return (s1[end] - s1[start]) / (end - start)[:, None]
@@ -310,27 +333,27 @@ def _features(
     n = X.shape[0]
     out = np.zeros((n, N_FEATURES))  # filled column by column: no stacking copies
     abs_z = np.abs(z)
-    prev = np.vstack((history[-1:], X[:-1])) if history.shape[0] else np.vstack((X[:1], X[:-1]))
+    prev = np.concatenate((history[-1:] if history.shape[0] else X[:1], X[:-1]))
     step = np.minimum(np.abs(X - prev) / scale, CAP)
-    zprev = np.vstack((last_abs_z[None, :], abs_z[:-1]))
+    zprev = np.concatenate((last_abs_z[None, :], abs_z[:-1]))
     per_channel = 1.0 / X.shape[1]  # sum × 1/C: ndarray.mean's overhead shows in the profile
-    out[:, 0] = abs_z.max(1)
-    out[:, 1] = abs_z.sum(1) * per_channel
-    out[:, 2] = step.max(1)
-    out[:, 3] = step.sum(1) * per_channel
-    out[:, 4] = zprev.max(1)
-    sums = _window_sums(np.vstack((history, X)))
+    out[:, 0] = _max(abs_z, 1)
+    out[:, 1] = _sum(abs_z, 1) * per_channel
+    out[:, 2] = _max(step, 1)
+    out[:, 3] = _sum(step, 1) * per_channel
+    out[:, 4] = _max(zprev, 1)
+    sums = _window_sums(np.concatenate((history, X)))
     levels, vols = [], []
     for column, width in ((5, SHORT), (10, LONG)):
         w_mean, w_std = _rolling(sums, width, n)
-        level = np.clip((w_mean - mean) / scale, -CAP, CAP)
-        vol = np.clip(np.log((w_std + 1e-3 * scale) / scale), -VOL_CAP, VOL_CAP)
+        level = _clip((w_mean - mean) / scale, CAP)
+        vol = _clip(np.log((w_std + 1e-3 * scale) / scale), VOL_CAP)
         abs_level = np.abs(level)
-        out[:, column] = abs_level.max(1)
-        out[:, column + 1] = abs_level.sum(1) * per_channel
-        out[:, column + 2] = vol.max(1)
-        out[:, column + 3] = vol.min(1)
-        out[:, column + 4] = vol.sum(1) * per_channel
+        out[:, column] = _max(abs_level, 1)
+        out[:, column + 1] = _sum(abs_level, 1) * per_channel
+        out[:, column + 2] = _max(vol, 1)
+        out[:, column + 3] = _min(vol, 1)
+        out[:, column + 4] = _sum(vol, 1) * per_channel
         levels.append(level)
         vols.append(vol)
     out[:, 15] = _mahalanobis(z, precision)
@@ -342,7 +365,7 @@ def _features(
     slot[:, :used, 1] = levels[1][:, slots]
     # Each z against the baseline of its own time: unlike a window mean against today's
     # baseline, it still shows how unusual the stretch was after the baseline moved on.
-    slot[:, :used, 2] = _rolling_mean(np.vstack((z_history, z))[:, slots], SLOW, n)
+    slot[:, :used, 2] = _rolling_mean(np.concatenate((z_history, z))[:, slots], SLOW, n)
     slot[:, :used, 3] = vols[1][:, slots]
     return out
 
@@ -360,7 +383,7 @@ def advance(
     X = np.asarray(X, dtype=np.float64)
     if X.ndim != 2 or X.shape[1] != state.n_channels or X.shape[0] == 0:
         raise ValueError(f"need a non-empty (n, {state.n_channels}) array, got {X.shape}")
-    if not np.all(np.isfinite(X)):
+    if not np.logical_and.reduce(np.isfinite(X), axis=None):
         raise ValueError("readings must be finite")
     n = X.shape[0]
     slots = state.slots
@@ -375,8 +398,8 @@ def advance(
         scale = _scale(std, mean)
         seen = state.seen + np.arange(seg.shape[0])
         is_warm = seen >= WARMUP
-        z = np.where(is_warm[:, None], np.clip((seg - mean) / scale, -CAP, CAP), 0.0)
-        over = is_warm & (np.abs(z).max(axis=1) > gate)
+        z = np.where(is_warm[:, None], _clip((seg - mean) / scale, CAP), 0.0)
+        over = is_warm & (_max(np.abs(z), 1) > gate)
         first = int(np.argmax(over)) if over.any() else seg.shape[0]
         forced = first == 0 and state.gated >= max_gated
         if forced:
@@ -399,15 +422,15 @@ def advance(
         warm[rows] = is_warm[:stop]
         common = {
             "seen": state.seen + stop,
-            "window": np.vstack((state.window, seg[:stop]))[-WINDOW:],
-            "z_window": np.vstack((state.z_window, z[:stop]))[-SLOW:],
+            "window": np.concatenate((state.window, seg[:stop]))[-WINDOW:],
+            "z_window": np.concatenate((state.z_window, z[:stop]))[-SLOW:],
             "last_abs_z": np.abs(z[stop - 1]),
         }
         if first == 0:  # the row at i is gated: it moves everything but the baseline
             state = replace(state, gated=state.gated + 1, **common)
         else:
             gated = state.gated if forced else 0
-            state = replace(_admit(state, seg[:stop]), gated=gated, **common)
+            state = replace(state, gated=gated, **common, **_admitted(state, seg[:stop]))
         i += stop
     return state, Scored(features, z_all, warm)
 
