@@ -454,13 +454,9 @@ def _counts(flagged: np.ndarray, actual: np.ndarray) -> Confusion:
 
 
 def _reset_scores(state: DeviceState, version: int) -> None:
-    state.hist_pos = np.zeros_like(state.hist_pos)
-    state.hist_neg = np.zeros_like(state.hist_neg)
-    state.hist_normal = np.zeros_like(state.hist_normal)
-    state.hist_normal_pos = np.zeros_like(state.hist_normal_pos)
-    state.hist_normal_neg = np.zeros_like(state.hist_normal_neg)
-    state.hist_disc_pos = np.zeros_like(state.hist_disc_pos)
-    state.hist_disc_neg = np.zeros_like(state.hist_disc_neg)
+    for name in HISTOGRAMS:  # new arrays: the last LocalRound still holds the old ones
+        counts = getattr(state, name)
+        setattr(state, name, np.zeros(counts.shape, counts.dtype))
     state.prequential = Confusion(0, 0, 0, 0)
     state.scored_version = version
 

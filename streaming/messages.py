@@ -294,8 +294,7 @@ def _reading_from_dict(obj: Any, pairs_checked: bool = True) -> Reading:
             raise InvalidMessage(problem)
     raw_ts = obj.get("timestamp")
     try:  # the fast path: an aware ISO 8601 string (the contract writes "...Z")
-        delta = _fromisoformat(raw_ts) - _EPOCH
-        timestamp_ms = delta.days * 86_400_000 + delta.seconds * 1000 + delta.microseconds // 1000
+        timestamp_ms = (_fromisoformat(raw_ts) - _EPOCH) // _MS  # floor, like epoch_ms
     except (TypeError, ValueError):  # naive (UTC by convention), or not a timestamp at all
         timestamp_ms = parse_timestamp_ms(raw_ts)
     else:

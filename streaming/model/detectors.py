@@ -174,14 +174,15 @@ def train(
     positives = float(y.sum())
     negatives = y.size - positives
     pos_w = min(negatives / positives, MAX_POSITIVE_WEIGHT) if positives and negatives else 1.0
+    n = y.size
     sample_w = np.where(y == 1.0, pos_w, 1.0)
-    sample_w /= sample_w.mean()
+    sample_w /= np.add.reduce(sample_w) / n  # mean 1 (sums / n: ndarray.mean without its wrapper)
     p = np.array(params, dtype=np.float64)
     rng = np.random.default_rng(seed)
     _sgd(network, p, X, y, sample_w, rng, learning_rate, epochs, batch_size, l2)
     s = network.logits(p, X)
-    loss = float(np.mean(sample_w * (np.logaddexp(0.0, s) - y * s)))
-    return TrainResult(p, loss, float(np.mean((s > 0.0) == (y == 1.0))))
+    loss = float(np.add.reduce(sample_w * (np.logaddexp(0.0, s) - y * s)) / n)
+    return TrainResult(p, loss, np.count_nonzero((s > 0.0) == (y == 1.0)) / n)
 
 
 def _sgd(
