@@ -216,43 +216,49 @@ def _sgd(
     n = X.shape[0]
     Xs = np.hstack((network.inputs(X), np.ones((n, 1))))
     sizes = np.minimum(batch_size, n - np.arange(n) // batch_size * batch_size)
-    scaled_w = sample_w * learning_rate
+    # Per-row factors as columns (n × 1), so the per-logit gradient is a column too and
+    # multiplies a row of w2 by broadcasting, with no per-step reshape.
+    scaled_w = (sample_w * learning_rate)[:, None]
+    y_col = y[:, None]
+    sizes = sizes[:, None]
     decay = 1.0 - learning_rate * l2
     if h == 0:
         work = p  # [w (F), b]: already the weights of [inputs, 1]
-        w = work
+        w = work[:, None]
     else:
         # [W1 | constant unit] ((F+1) × (H+1)), then [w2, b2] (H+1): one buffer, one decay.
         work = np.zeros((f + 1) * (h + 1) + h + 1)
         w1 = work[: (f + 1) * (h + 1)].reshape(f + 1, h + 1)
-        w2 = work[(f + 1) * (h + 1) :]
+        w2 = work[(f + 1) * (h + 1) :].reshape(h + 1, 1)
+        w2_row = w2.T  # views of the buffer: each step's update shows in both
         w1[:, :h] = p[: f * h + h].reshape(f + 1, h)
         w1[f, h] = _CONSTANT_UNIT_BIAS
-        w2[:] = p[f * h + h :]
+        w2[:, 0] = p[f * h + h :]
+    # ndarray.dot rather than @ below: the same products (BLAS) with half the call overhead.
     for _ in range(epochs):
         # One gather per epoch: the batches are then contiguous slices, not fancy indexing.
         order = rng.permutation(n)
-        Xe, ye = Xs[order], y[order]
+        Xe = Xs[order]
         c = scaled_w[order] / sizes  # lr × class weight / the row's batch size
-        half_c, offset = 0.5 * c, c * (0.5 - ye)
+        half_c, offset = 0.5 * c, c * (0.5 - y_col[order])
         for start in range(0, n, batch_size):
             end = start + batch_size
             xb = Xe[start:end]
             if h == 0:
-                g = half_c[start:end] * np.tanh(0.5 * (xb @ w)) + offset[start:end]
+                g = half_c[start:end] * np.tanh(0.5 * xb.dot(w)) + offset[start:end]
                 work *= decay
-                w -= xb.T @ g
+                w -= xb.T.dot(g)
                 continue
-            a = np.tanh(xb @ w1)
-            g = half_c[start:end] * np.tanh(0.5 * (a @ w2)) + offset[start:end]
-            da = g[:, None] * w2  # through w2 before this step's decay: the gradient at p
+            a = np.tanh(xb.dot(w1))
+            g = half_c[start:end] * np.tanh(0.5 * a.dot(w2)) + offset[start:end]
+            da = g * w2_row  # through w2 before this step's decay: the gradient at p
             da *= 1.0 - a * a
             work *= decay
-            w2 -= a.T @ g
-            w1 -= xb.T @ da
+            w2 -= a.T.dot(g)
+            w1 -= xb.T.dot(da)
     if h:
         p[: f * h + h] = w1[:, :h].ravel()
-        p[f * h + h :] = w2
+        p[f * h + h :] = w2[:, 0]
 
 
 _CONSTANT_UNIT_BIAS = 1000.0
