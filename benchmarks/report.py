@@ -183,6 +183,19 @@ def detection_tables(r: dict) -> list[str]:
                 for a in attacks
             )
             lines.append(f"| {rule} | {cells} |")
+    fleet = r.get("make_run_fleet")
+    if fleet:
+        newest, every = fleet["newest_prequential"], fleet["prequential"]
+        lines += [
+            "",
+            f"`make run`'s fleet ({fleet['devices']:,} synthetic devices, {fleet['readings']:,}"
+            f" readings, {fleet['training_devices']:,} of them training) federated in process:"
+            f" {fleet['versions']} versions; prequential v{newest['first_version']}-"
+            f"v{newest['last_version']} together ({newest['samples']:,} readings) F1"
+            f" {newest['f1']:.3f} / MCC {newest['mcc']:.3f}, all versions ({every['samples']:,})"
+            f" {every['f1']:.3f} / {every['mcc']:.3f}. `flead status` prints the first figure"
+            " for the live pipeline.",
+        ]
     alone = r.get("learner_alone")
     if alone:
         lines += [

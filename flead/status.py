@@ -6,10 +6,7 @@ from typing import Any
 
 from flead import db, kafka, secrets, services
 from flead.config import Settings, describe
-from streaming.model.metrics import Confusion
-
-RECENT_PREQUENTIAL = 5_000
-"""Readings of training devices the pooled prequential figure of the newest versions counts."""
+from streaming.model.metrics import Confusion, newest_pooled
 
 MANAGED_SERVICES = ("postgres", "kafka")
 
@@ -150,15 +147,12 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
             "SELECT model_version, samples, precision, recall, f1, mcc FROM prequential_metrics"
             " WHERE samples >= 100 ORDER BY model_version DESC LIMIT 1"
         ).fetchone()
-        # The newest versions together, back until RECENT_PREQUENTIAL readings are counted:
-        # one version's readings are often too few for a figure that holds still.
-        recent = conn.execute(
-            "SELECT min(model_version), max(model_version), sum(tp), sum(fp), sum(tn), sum(fn)"
-            " FROM (SELECT *, sum(tp + fp + tn + fn) OVER (ORDER BY model_version DESC)"
-            "       - (tp + fp + tn + fn) AS newer FROM prequential_evaluations) v"
-            " WHERE newer < %s",
-            (RECENT_PREQUENTIAL,),
-        ).fetchone()
+        by_version = {
+            version: Confusion(tp, fp, tn, fn)
+            for version, tp, fp, tn, fn in conn.execute(
+                "SELECT model_version, tp, fp, tn, fn FROM prequential_evaluations"
+            )
+        }
     coverage: dict[str, Any] = {
         "global_versions": versions,
         "evaluated": evaluated,
@@ -170,9 +164,9 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
     if prequential:
         keys = ("version", "samples", "precision", "recall", "f1", "mcc")
         coverage["newest_prequential"] = dict(zip(keys, prequential, strict=True))
-    if recent and recent[0] is not None:
-        first, last, *counts = recent
-        pooled = Confusion(*(int(c) for c in counts))
+    recent = newest_pooled(by_version)
+    if recent is not None:
+        first, last, pooled = recent
         coverage["recent_prequential"] = {"first_version": first, "last_version": last}
         coverage["recent_prequential"].update(pooled.as_dict())
     return coverage

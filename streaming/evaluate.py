@@ -197,6 +197,7 @@ class FederationRun:
     model: GlobalParams | None
     versions: int
     prequential: Confusion
+    prequential_by_version: dict[int, Confusion]  # the counts per version that scored them
     training_rows: tuple[np.ndarray, np.ndarray]  # pooled warm (features, labels) for central
     update_bytes: int
     model_bytes: int
@@ -224,6 +225,7 @@ def federate(
     federation = Federation(fed_config)
     detector = Detector(None, config)
     preq = Confusion(0, 0, 0, 0)
+    by_version: dict[int, Confusion] = {}
     update_bytes = model_bytes = 0
     pooled_X, pooled_y = [], []
     flags: dict[str, list[np.ndarray]] = {d.device_id: [] for d in devices}
@@ -252,8 +254,10 @@ def federate(
                 # refused, as the service dead-letters it
             if federation.due(ts):
                 version = federation.close(ts)
-                for counts in version.prequential.values():
+                for scored_by, counts in version.prequential.items():
                     preq = preq + counts
+                    earlier = by_version.get(scored_by, Confusion(0, 0, 0, 0))
+                    by_version[scored_by] = earlier + counts
                 sent = learner.as_sent(version.model, config.detector)
                 detector = Detector(sent, config)
                 if encode_sizes:
@@ -270,6 +274,7 @@ def federate(
         federation.state.current,
         federation.version,
         preq,
+        by_version,
         (X, y),
         update_bytes,
         model_bytes,

@@ -29,6 +29,9 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     monkeypatch.setattr(
         detection_quality, "data_sets", lambda devices: {"synthetic": {"num_devices": devices}}
     )
+    # make run's fleet, smaller: 60 devices of 200 readings (12,000, more than the 5,000 the
+    # newest versions are pooled back to).
+    monkeypatch.setenv("FLEAD_SYNTHETIC_DEVICES", "60")
     result = detection_quality.main(
         [
             "--devices",
@@ -56,6 +59,13 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     for method, mean in seeds["mean"].items():
         f1 = [row[method]["f1"] for row in seeds["by_seed"].values()]
         assert mean["f1"] == pytest.approx(sum(f1) / 2)
+    fleet = result["make_run_fleet"]
+    assert fleet["devices"] == 60 and 0 < fleet["training_devices"] < 60
+    assert fleet["readings"] == 60 * 200 and fleet["versions"] > 1
+    newest = fleet["newest_prequential"]
+    # Whole versions are pooled: at least 5,000 readings, fewer than all the prequential ones.
+    assert 5_000 <= newest["samples"] < fleet["prequential"]["samples"]
+    assert newest["last_version"] <= fleet["versions"]
     alone = result["learner_alone"]
     assert alone["messages"] == 20 * 200 // 50 and alone["readings_per_s"] == max(alone["passes"])
 

@@ -13,7 +13,7 @@ from sklearn.metrics import (
     recall_score,
 )
 
-from streaming.model.metrics import Confusion, confusion, majority_baseline
+from streaming.model.metrics import Confusion, confusion, majority_baseline, newest_pooled
 
 # sklearn warns when a vector holds one class only: those are cases this file means to test.
 pytestmark = pytest.mark.filterwarnings("ignore:A single label was found:UserWarning")
@@ -134,3 +134,16 @@ def test_majority_baseline_on_rare_anomalies():
     c = majority_baseline(y)
     assert c.accuracy == pytest.approx(0.98)
     assert c.f1 == 0.0 and c.mcc == 0.0
+
+
+def test_newest_pooled_counts_back_until_the_readings_are_reached():
+    # v1-v4 with 2,000 / 1,000 / 3,000 / 1,000 readings. Newest first: v4 (0 newer), v3 (1,000
+    # newer), v2 (4,000 newer) are counted; v1 is not (5,000 newer readings already).
+    rows = {1: (9, 9, 1973, 9), 2: (8, 2, 980, 10), 3: (30, 10, 2940, 20), 4: (12, 4, 980, 4)}
+    by_version = {v: Confusion(*counts) for v, counts in rows.items()}
+    first, last, pooled = newest_pooled(by_version, 5_000)
+    assert (first, last) == (2, 4)
+    assert pooled == Confusion(8 + 30 + 12, 2 + 10 + 4, 980 + 2940 + 980, 10 + 20 + 4)
+    assert newest_pooled(by_version, 1_000)[:2] == (4, 4)  # the newest alone has enough
+    assert newest_pooled(by_version, 10**6)[0] == 1  # fewer than asked: all of them
+    assert newest_pooled({}) is None

@@ -110,3 +110,25 @@ def majority_baseline(y_true: np.ndarray) -> Confusion:
     t = _binary(y_true, "y_true")
     majority = 1 if np.count_nonzero(t) > t.size / 2 else 0
     return confusion(t.astype(np.int64), np.full(t.size, majority, dtype=np.int64))
+
+
+RECENT_READINGS = 5_000
+"""Readings the newest versions' pooled prequential figure counts (:func:`newest_pooled`)."""
+
+
+def newest_pooled(
+    by_version: dict[int, Confusion], readings: int = RECENT_READINGS
+) -> tuple[int, int, Confusion] | None:
+    """``(first, last, counts)``: the prequential counts of the newest versions added up, from
+    the newest back to the version that brings the count to ``readings`` (one version's
+    readings are often too few for a figure that holds still); None without versions.
+    ``flead status`` shows it for the live pipeline, the detection benchmark for the same
+    fleet replayed in process."""
+    pooled, first = Confusion(0, 0, 0, 0), None
+    for version in sorted(by_version, reverse=True):
+        if pooled.samples >= readings:
+            break
+        pooled, first = pooled + by_version[version], version
+    if first is None:
+        return None
+    return first, max(by_version), pooled
