@@ -169,6 +169,8 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
         first, last, pooled = recent
         coverage["recent_prequential"] = {"first_version": first, "last_version": last}
         coverage["recent_prequential"].update(pooled.as_dict())
+    if by_version:  # every version's together: the figure `flead evaluate` calls prequential
+        coverage["all_prequential"] = sum(by_version.values(), Confusion(0, 0, 0, 0)).as_dict()
     return coverage
 
 
@@ -244,6 +246,13 @@ def render(report: dict[str, Any]) -> str:
                 f"  prequential v{recent['first_version']}-v{recent['last_version']} together"
                 f" ({recent['samples']:,} readings): precision {recent['precision']:.3f},"
                 f" recall {recent['recall']:.3f}, F1 {recent['f1']:.3f}, MCC {recent['mcc']:.3f}"
+            )
+        every = coverage.get("all_prequential")
+        if every and (not recent or every["samples"] != recent["samples"]):
+            lines.append(
+                f"  prequential, every version together ({every['samples']:,} readings):"
+                f" precision {every['precision']:.3f}, recall {every['recall']:.3f},"
+                f" F1 {every['f1']:.3f}, MCC {every['mcc']:.3f}"
             )
     lines += _render_wire(report.get("wire"))
     return "\n".join(lines)

@@ -199,8 +199,11 @@ def test_status_pools_the_newest_versions_prequential_counts(settings: Settings)
     assert recent["f1"] == pytest.approx(2 * 50 / (2 * 50 + 16 + 34))
     mcc = (tp * tn - fp * fn) / ((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn)) ** 0.5
     assert recent["mcc"] == pytest.approx(mcc)
+    every = json.loads(done.stdout)["evaluations"]["all_prequential"]
+    assert (every["tp"], every["fp"], every["tn"], every["fn"]) == (59, 25, 6873, 43)
     text = run_flead(settings, "status").stdout
     assert "prequential v2-v4 together (5,000 readings)" in text
+    assert "prequential, every version together (7,000 readings)" in text
 
 
 def test_status_wire_counts_every_byte_of_rounds_versions_and_readings(settings: Settings) -> None:
