@@ -193,7 +193,7 @@ def detection_tables(r: dict) -> list[str]:
             f" {fleet['versions']} versions; prequential v{newest['first_version']}-"
             f"v{newest['last_version']} together ({newest['samples']:,} readings) F1"
             f" {newest['f1']:.3f} / MCC {newest['mcc']:.3f}, all versions ({every['samples']:,})"
-            f" {every['f1']:.3f} / {every['mcc']:.3f}. `flead status` prints the first figure"
+            f" {every['f1']:.3f} / {every['mcc']:.3f}. `flead status` prints both figures"
             " for the live pipeline.",
         ]
     alone = r.get("learner_alone")
