@@ -728,7 +728,7 @@ def anomalies(
 ) -> list[Anomaly]:
     """Anomaly records of the flagged readings of a batch."""
     found = []
-    for i in np.flatnonzero(decision.flagged).tolist():
+    for i in decision.flagged.nonzero()[0].tolist():
         z = scored.z[i]
         abs_z = np.abs(z)
         top = int(np.argmax(abs_z))

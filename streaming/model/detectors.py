@@ -107,9 +107,9 @@ class Network:
         parts = self._split(params)
         if self.hidden == 0:
             w, b = parts
-            return X @ w + b
+            return X.dot(w) + b
         w1, b1, w2, b2 = parts
-        return np.tanh(X @ w1 + b1) @ w2 + b2
+        return np.tanh(X.dot(w1) + b1).dot(w2) + b2  # .dot: @'s products, less call overhead
 
     def gradient(
         self, params: np.ndarray, X: np.ndarray, y: np.ndarray, sample_w: np.ndarray
@@ -291,9 +291,9 @@ class NormalStats:
         X = np.asarray(X, dtype=np.float64)
         if X.shape[0] == 0:
             return cls.empty(X.shape[1])
-        mean = X.mean(axis=0)
+        mean = np.add.reduce(X, axis=0) / X.shape[0]  # ndarray.mean's arithmetic, no wrapper
         d = X - mean
-        co = d.T @ d
+        co = d.T.dot(d)
         # Exactly symmetric (a matrix product need not be): only its upper triangle travels.
         return cls(float(X.shape[0]), mean, (co + co.T) * 0.5)
 
@@ -401,7 +401,7 @@ def _fisher(normal: NormalStats, anomalous: NormalStats) -> tuple[np.ndarray, fl
 
 def discriminant_scores(params: np.ndarray, X: np.ndarray) -> np.ndarray:
     """The discriminant's score of each feature row (see :func:`discriminant`)."""
-    return np.asarray(X, dtype=np.float64) @ params[:-1] + params[-1]
+    return np.asarray(X, dtype=np.float64).dot(params[:-1]) + params[-1]
 
 
 # --------------------------------------------------------------------------------------------

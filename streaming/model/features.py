@@ -245,7 +245,7 @@ def _admitted(state: FeatureState, X: np.ndarray) -> dict[str, object]:
     mean_b = np.add.reduce(X, axis=0) / n  # ndarray.mean's own arithmetic, without its wrapper
     d = X - mean_b
     m2_b = np.add.reduce(d * d, axis=0)
-    co_b = d.T @ d
+    co_b = d.T.dot(d)
     n0 = float(state.count)
     total = n0 + n
     delta = mean_b - state.mean
@@ -437,4 +437,4 @@ def advance(
 
 def max_abs_z(scored: Scored) -> np.ndarray:
     """The z-score rule's statistic per reading: the largest |z| over channels."""
-    return np.abs(scored.z).max(axis=1)
+    return _max(np.abs(scored.z), 1)
