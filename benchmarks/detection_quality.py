@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
         help="measure only the learner alone and update it in the existing results file",
     )
     parser.add_argument(
+        "--against",
+        metavar="REVISION",
+        help="with --speed-only: also measure the learner of this git revision, alternating"
+        " fresh processes of both trees, and report the ratio (shared machines drift)",
+    )
+    parser.add_argument(
         "--live-only",
         action="store_true",
         help="replay only make run's fleet in process and update it in the existing results file",
@@ -72,6 +78,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     settings = load_settings()
     if args.speed_only:
+        if args.against:
+            return _updated("learner_against", learner_against(args.against, args.speed_devices))
         return update_learner_alone(settings, args.speed_devices)
     config = LearnerConfig.from_settings(settings)
     fed_config = FederationConfig.from_settings(settings)
@@ -145,6 +153,72 @@ def fold_seeds(
 def update_learner_alone(settings, devices: int) -> dict:
     """The speed figure again, the detection figures (deterministic) kept as they are."""
     return _updated("learner_alone", learner_alone(settings, devices))
+
+
+_ONE_PASS = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import streaming
+assert streaming.__file__.startswith(sys.argv[1]), streaming.__file__
+from benchmarks.detection_quality import learner_alone
+from flead.config import load_settings
+print(json.dumps(learner_alone(load_settings(), int(sys.argv[2]), repeats=1)))
+"""
+
+
+def learner_against(revision: str, devices: int, rounds: int = 3) -> dict:
+    """The learner alone of this tree and of git ``revision`` side by side: ``rounds`` times a
+    fresh process of each in turn (one pass each, CPU seconds), so both see the same machine.
+    The absolute figure moves with whoever else shares the cores; the ratio much less."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    here = Path(__file__).resolve().parent.parent
+    commit = subprocess.run(
+        ["git", "-C", str(here), "rev-parse", "--short", revision],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    with tempfile.TemporaryDirectory() as scratch:
+        other = Path(scratch) / commit
+        subprocess.run(
+            ["git", "-C", str(here), "worktree", "add", "--detach", str(other), commit],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            trees = {"this tree": here, commit: other}
+            passes: dict[str, list[float]] = {name: [] for name in trees}
+            for round_ in range(rounds):
+                for name, tree in trees.items():
+                    done = subprocess.run(
+                        [sys.executable, "-c", _ONE_PASS, str(tree), str(devices)],
+                        cwd=tree,
+                        check=True,
+                        capture_output=True,
+                        text=True,
+                    )
+                    rate = json.loads(done.stdout.strip().splitlines()[-1])["readings_per_cpu_s"]
+                    passes[name].append(rate)
+                    print(f"round {round_ + 1}: {name} {rate:,.0f} readings per CPU second")
+        finally:
+            subprocess.run(
+                ["git", "-C", str(here), "worktree", "remove", "--force", str(other)],
+                check=False,
+                capture_output=True,
+            )
+    ratios = [a / b for a, b in zip(passes["this tree"], passes[commit], strict=True)]
+    print(f"this tree / {commit}: " + ", ".join(f"{r:.3f}" for r in ratios), flush=True)
+    return {
+        "revision": commit,
+        "devices": devices,
+        "readings_per_cpu_s": passes["this tree"],
+        "revision_readings_per_cpu_s": passes[commit],
+        "ratios": ratios,
+    }
 
 
 def _updated(key: str, figures: dict) -> dict:

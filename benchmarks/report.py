@@ -212,6 +212,20 @@ def detection_tables(r: dict) -> list[str]:
             + (f", measured {alone['measured_at']}" if "measured_at" in alone else "")
             + "; the machine is shared, and CPU time leaves out what other processes took).",
         ]
+    against = r.get("learner_against")
+    if against:
+        rev = against["revision"]
+        pairs = zip(against["readings_per_cpu_s"], against["revision_readings_per_cpu_s"], strict=True)
+        lines += [
+            "",
+            f"Side by side with {rev} (`--speed-only --against {rev}`: a fresh process of each"
+            f" tree in turn, {against['devices']} devices, one pass each, readings per CPU second;"
+            f" measured {against.get('measured_at', '?')}): "
+            + ", ".join(f"{a:,.0f} against {b:,.0f}" for a, b in pairs)
+            + "; this tree is "
+            + ", ".join(f"{x:.2f}" for x in against["ratios"])
+            + " times as fast.",
+        ]
     return lines
 
 

@@ -79,3 +79,14 @@ def test_streaming_benchmark_runs(kafka_broker, postgres) -> None:
     )
     assert result["capacity"]["readings_per_s"] > 0
     assert result["sustained"]["lag_samples"]
+
+
+def test_learner_against_another_revision_runs_both_trees() -> None:
+    from benchmarks import detection_quality
+
+    result = detection_quality.learner_against("HEAD", devices=10, rounds=2)
+    assert len(result["readings_per_cpu_s"]) == len(result["revision_readings_per_cpu_s"]) == 2
+    this, other = result["readings_per_cpu_s"], result["revision_readings_per_cpu_s"]
+    expected = [a / b for a, b in zip(this, other, strict=True)]
+    assert result["ratios"] == pytest.approx(expected)
+    assert all(rate > 0 for rate in result["readings_per_cpu_s"])
