@@ -215,7 +215,9 @@ def detection_tables(r: dict) -> list[str]:
     against = r.get("learner_against")
     if against:
         rev = against["revision"]
-        pairs = zip(against["readings_per_cpu_s"], against["revision_readings_per_cpu_s"], strict=True)
+        pairs = zip(
+            against["readings_per_cpu_s"], against["revision_readings_per_cpu_s"], strict=True
+        )
         lines += [
             "",
             f"Side by side with {rev} (`--speed-only --against {rev}`: a fresh process of each"
