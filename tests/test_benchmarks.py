@@ -1,5 +1,7 @@
 """The benchmarks run (their figures are measured by `make bench`, never asserted here)."""
 
+import subprocess
+
 import pytest
 
 from benchmarks import replay_throughput, streaming_throughput
@@ -89,4 +91,12 @@ def test_learner_against_another_revision_runs_both_trees() -> None:
     this, other = result["readings_per_cpu_s"], result["revision_readings_per_cpu_s"]
     expected = [a / b for a, b in zip(this, other, strict=True)]
     assert result["ratios"] == pytest.approx(expected)
-    assert all(rate > 0 for rate in result["readings_per_cpu_s"])
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True
+    ).stdout.strip()
+    assert result["revision"] == head and result["devices"] == 10
+    # The revision's tree was a temporary worktree: none is left behind.
+    worktrees = subprocess.run(
+        ["git", "worktree", "list", "--porcelain"], check=True, capture_output=True, text=True
+    ).stdout
+    assert head not in {line.rsplit("/", 1)[-1] for line in worktrees.splitlines()}
