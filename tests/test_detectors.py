@@ -197,15 +197,17 @@ def textbook_sgd(params, X, y, f, h, *, lr, epochs, batch_size, l2, seed):
 
 
 @pytest.mark.parametrize("hidden", [0, 5])
-def test_train_is_minibatch_sgd_step_by_step(hidden):
+@pytest.mark.parametrize(("lr", "l2"), [(0.3, 0.01), (0.5, 1.0)])
+def test_train_is_minibatch_sgd_step_by_step(hidden, lr, l2):
     """The hot loop's rewrites (biases as weights of constant units, σ through tanh) leave
     every step the textbook one: the same parameters to rounding after 3 epochs of uneven
-    batches (23 rows in batches of 8)."""
+    batches (23 rows in batches of 8), also under a weight decay that halves every weight at
+    each step."""
     X, y, _ = small_problem(11, n=23)
     net = Network(N_FEATURES, hidden)
     start = net.initial(2) + np.random.default_rng(3).normal(0, 0.1, net.size)
-    kwargs = {"lr": 0.3, "epochs": 3, "batch_size": 8, "l2": 0.01, "seed": 5}
-    result = train(net, start, X, y, learning_rate=0.3, epochs=3, batch_size=8, l2=0.01, seed=5)
+    kwargs = {"lr": lr, "epochs": 3, "batch_size": 8, "l2": l2, "seed": 5}
+    result = train(net, start, X, y, learning_rate=lr, epochs=3, batch_size=8, l2=l2, seed=5)
     expected = textbook_sgd(start, X, y, N_FEATURES, hidden, **kwargs)
     np.testing.assert_allclose(result.params, expected, rtol=1e-10, atol=1e-12)
     assert not np.allclose(result.params, start)

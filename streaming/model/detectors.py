@@ -254,6 +254,7 @@ def _sgd(
             da = g * w2_row  # through w2 before this step's decay: the gradient at p
             da *= 1.0 - a * a
             work *= decay
+            w1[f, h] = _CONSTANT_UNIT_BIAS  # a constant: the decay is not for it
             w2 -= a.T.dot(g)
             w1 -= xb.T.dot(da)
     if h:
@@ -262,8 +263,8 @@ def _sgd(
 
 
 _CONSTANT_UNIT_BIAS = 1000.0
-"""The bias of :func:`_sgd`'s constant hidden unit: tanh of anything above ~19 is 1.0 in
-float64, and 1000 stays above that through any round's weight decay."""
+"""The bias of :func:`_sgd`'s constant hidden unit: tanh of anything above ~19.1 is 1.0 in
+float64 (set again after each step's weight decay)."""
 
 
 # --------------------------------------------------------------------------------------------
