@@ -126,7 +126,8 @@ def cmd_replay(settings: Settings, args: argparse.Namespace) -> int:
         total = min(total or args.limit, args.limit)
     if args.resume:
         try:
-            delivered = delivered_counts(kafka.client_config(settings, "admin"), topic)
+            config = kafka.short_lived(kafka.client_config(settings, "admin"))
+            delivered = delivered_counts(config, topic)
         except ReplayError as exc:
             print(f"replay failed: {exc}", file=sys.stderr)
             return 1

@@ -123,6 +123,16 @@ def admin(settings: Settings) -> AdminClient:
     return AdminClient(client_config(settings, "admin"))
 
 
+def short_lived(config: dict[str, object]) -> dict[str, object]:
+    """``config`` for a consumer that looks and closes (offsets, a few messages): its
+    librdkafka logs go to this module's logger, served while it polls. Printed directly, a
+    consumer that closes while its group-coordinator connection is still logging in shows a
+    benign "GroupCoordinator: SASL authentication error ... Broker transport failure" line
+    (confluentinc/confluent-kafka-python#1780) on the terminal of every ``make run``; a real
+    failure still surfaces, as the exception of the call that needed the broker."""
+    return {**config, "logger": log}
+
+
 def producer_config(settings: Settings, user: str, **overrides: object) -> dict[str, object]:
     """An idempotent producer (acks=all, ordered retries) tuned for throughput, as ``user``."""
     return client_config(
@@ -333,7 +343,8 @@ def ensure_topics(
 def _wait_for_leaders(settings: Settings, topics: list[str], timeout: float) -> None:
     """Return once every partition of ``topics`` answers offset requests: right after creation
     its leader is not elected yet, and the first client would get NOT_LEADER_FOR_PARTITION."""
-    consumer = Consumer(client_config(settings, "admin", **{"group.id": "flead-admin"}))
+    config = client_config(settings, "admin", **{"group.id": "flead-admin"})
+    consumer = Consumer(short_lived(config))
     deadline = time.monotonic() + timeout
     try:
         for topic in topics:
@@ -360,8 +371,10 @@ def _per_topic(
     consumer that only looks: it is assigned partitions and never commits."""
     metadata = admin(settings).list_topics(timeout=timeout)
     consumer = Consumer(
-        client_config(
-            settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
+        short_lived(
+            client_config(
+                settings, "admin", **{"group.id": "flead-status", "enable.auto.commit": False}
+            )
         )
     )
     try:
@@ -428,7 +441,7 @@ def group_offsets(
     """(committed, end): the sums over ``topic``'s partitions of ``group``'s committed offsets
     and of the high watermarks; None when the topic is missing or the group has not committed
     on a partition that holds messages (its lag is unknown)."""
-    consumer = Consumer(client_config(settings, "admin", **{"group.id": group}))
+    consumer = Consumer(short_lived(client_config(settings, "admin", **{"group.id": group})))
     try:
         metadata = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
         if metadata is None or metadata.error is not None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 
 import pytest
-from confluent_kafka import Consumer, KafkaError, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient
 
 from flead import kafka
@@ -119,3 +119,30 @@ def test_flink_properties_use_the_relocated_login_module(
         "org.apache.flink.kafka.shaded.org.apache.kafka.common.security.scram.ScramLoginModule"
     )
     assert 'username="edge"' in props["sasl.jaas.config"]
+
+
+def test_short_lived_consumers_close_without_a_login_error_line(secured: Settings, capfd) -> None:
+    """A consumer that looks and closes (what `flead status`, `flead wait`, `flead replay
+    --resume` and the readings sensor do) can close while its group-coordinator connection is
+    still logging in; librdkafka then prints a benign "SASL authentication error" line, about
+    one close in ten here. Routed to Python logging (kafka.short_lived), none reaches the
+    terminal in 60 closes, and the counts are still right."""
+    topic = secured.topics.readings
+    held = {_count(secured, topic) for _ in range(60)}
+    assert held == {_count(secured, topic)}
+    assert "SASL authentication error" not in capfd.readouterr().err
+
+
+def test_a_wrong_password_still_fails_loudly(secured: Settings, caplog) -> None:
+    """Routed to logging, librdkafka's real errors still reach the user: the call fails, and
+    the log says why."""
+    config = kafka.short_lived(
+        {**kafka.client_config(secured, "admin"), "sasl.password": "wrong", "group.id": "probe"}
+    )
+    consumer = Consumer(config)
+    try:
+        with caplog.at_level("ERROR", logger="flead.kafka"), pytest.raises(KafkaException):
+            consumer.list_topics(secured.topics.readings, timeout=10)
+    finally:
+        consumer.close()
+    assert any("invalid credentials" in r.getMessage() for r in caplog.records)

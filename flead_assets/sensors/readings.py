@@ -30,10 +30,12 @@ from flead_assets.resources.settings import FleadResource
 
 def _consumer(settings: Settings) -> Consumer:
     return Consumer(
-        kafka.client_config(
-            settings,
-            "dagster",
-            **{"group.id": "flead-dagster-readings-sensor", "enable.auto.commit": False},
+        kafka.short_lived(
+            kafka.client_config(
+                settings,
+                "dagster",
+                **{"group.id": "flead-dagster-readings-sensor", "enable.auto.commit": False},
+            )
         )
     )
 
