@@ -237,12 +237,7 @@ def make_run_fleet(settings, config: LearnerConfig, fed_config: FederationConfig
     prequential counts, pooled back to :data:`RECENT_READINGS` readings, are the figure
     ``flead status`` prints for the live pipeline: the same data, learner and server round,
     without Kafka, Flink and wall-clock round windows."""
-    readings = sources.synthetic_fleet(
-        num_devices=settings.synthetic_devices,
-        readings_per_device=settings.synthetic_readings_per_device,
-        anomaly_rate=settings.synthetic_anomaly_rate,
-        seed=settings.seed,
-    )
+    readings = sources.synthetic_fleet(**settings.synthetic_options())
     fleet = evaluate.collect(readings, settings.replay_batch)
     evaluate.featurize(fleet, config)
     training = [

@@ -94,15 +94,8 @@ def _source_options(settings: Settings, args: argparse.Namespace) -> tuple[dict,
             raise SystemExit("--per-sensor applies to --source skab only")
         return {"per_sensor": True, **({"path": Path(args.path)} if args.path else {})}, None
     if args.source == "synthetic":
-        devices = args.devices or settings.synthetic_devices
-        per_device = args.readings_per_device or settings.synthetic_readings_per_device
-        options = {
-            "num_devices": devices,
-            "readings_per_device": per_device,
-            "anomaly_rate": settings.synthetic_anomaly_rate,
-            "seed": settings.seed,
-        }
-        return options, devices * per_device
+        options = settings.synthetic_options(args.devices or 0, args.readings_per_device or 0)
+        return options, options["num_devices"] * options["readings_per_device"]
     if args.source in {"csv", "edge_iiot"} and not args.path:
         raise SystemExit(f"--path is required for --source {args.source}")
     return ({"path": Path(args.path)} if args.path else {}), None

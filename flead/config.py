@@ -173,6 +173,16 @@ class Settings:
     def consumer_group(self, name: str) -> str:
         return f"{self.consumer_group_prefix}-{name}"
 
+    def synthetic_options(self, devices: int = 0, per_device: int = 0) -> dict[str, Any]:
+        """The options of ``streaming.sources.synthetic_fleet`` for the fleet ``make run``
+        replays (``devices`` / ``per_device`` other than 0 change its size)."""
+        return {
+            "num_devices": devices or self.synthetic_devices,
+            "readings_per_device": per_device or self.synthetic_readings_per_device,
+            "anomaly_rate": self.synthetic_anomaly_rate,
+            "seed": self.seed,
+        }
+
     @property
     def run_dir(self) -> Path:
         return self.state_dir / "run"
