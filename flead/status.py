@@ -142,11 +142,6 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
             "SELECT model_version, accuracy, precision, recall, f1, mcc, baseline_accuracy"
             " FROM model_evaluation_summaries ORDER BY model_version DESC LIMIT 1"
         ).fetchone()
-        # The newest version the devices have reported enough test-then-train readings for.
-        prequential = conn.execute(
-            "SELECT model_version, samples, precision, recall, f1, mcc FROM prequential_metrics"
-            " WHERE samples >= 100 ORDER BY model_version DESC LIMIT 1"
-        ).fetchone()
         by_version = {
             version: Confusion(tp, fp, tn, fn)
             for version, tp, fp, tn, fn in conn.execute(
@@ -161,9 +156,11 @@ def evaluation_coverage(settings: Settings) -> dict[str, Any]:
     if latest:
         keys = ("version", "accuracy", "precision", "recall", "f1", "mcc", "baseline_accuracy")
         coverage["newest_evaluation"] = dict(zip(keys, latest, strict=True))
-    if prequential:
-        keys = ("version", "samples", "precision", "recall", "f1", "mcc")
-        coverage["newest_prequential"] = dict(zip(keys, prequential, strict=True))
+    # The newest version the devices have reported enough test-then-train readings for.
+    enough = [v for v, counts in by_version.items() if counts.samples >= 100]
+    if enough:
+        counts = by_version[max(enough)]
+        coverage["newest_prequential"] = {"version": max(enough), **counts.as_dict()}
     recent = newest_pooled(by_version)
     if recent is not None:
         first, last, pooled = recent

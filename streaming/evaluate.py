@@ -196,12 +196,16 @@ def _inflated(update: learner.LocalRound, factor: float) -> learner.LocalRound:
 class FederationRun:
     model: GlobalParams | None
     versions: int
-    prequential: Confusion
     prequential_by_version: dict[int, Confusion]  # the counts per version that scored them
     training_rows: tuple[np.ndarray, np.ndarray]  # pooled warm (features, labels) for central
     update_bytes: int
     model_bytes: int
     flags: dict[str, np.ndarray]  # per device, the decisions it made as the stream went
+
+    @property
+    def prequential(self) -> Confusion:
+        """Every version's prequential counts together."""
+        return sum(self.prequential_by_version.values(), Confusion(0, 0, 0, 0))
 
 
 def federate(
@@ -224,7 +228,6 @@ def federate(
     states = {d.device_id: learner.DeviceState() for d in devices}
     federation = Federation(fed_config)
     detector = Detector(None, config)
-    preq = Confusion(0, 0, 0, 0)
     by_version: dict[int, Confusion] = {}
     update_bytes = model_bytes = 0
     pooled_X, pooled_y = [], []
@@ -255,7 +258,6 @@ def federate(
             if federation.due(ts):
                 version = federation.close(ts)
                 for scored_by, counts in version.prequential.items():
-                    preq = preq + counts
                     earlier = by_version.get(scored_by, Confusion(0, 0, 0, 0))
                     by_version[scored_by] = earlier + counts
                 sent = learner.as_sent(version.model, config.detector)
@@ -273,7 +275,6 @@ def federate(
     return FederationRun(
         federation.state.current,
         federation.version,
-        preq,
         by_version,
         (X, y),
         update_bytes,
