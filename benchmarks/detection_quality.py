@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "poisoning": poisoning(config, fed_config, args.attack_devices),
         "make_run_fleet": make_run_fleet(settings, config, fed_config),
-        "learner_alone": learner_alone(settings, args.speed_devices),
+        "learner_alone": learner_alone(settings, args.speed_devices, network=True),
     }
     path = write_result("detection_quality", payload)
     print(f"wrote {path}")
@@ -152,7 +152,7 @@ def fold_seeds(
 
 def update_learner_alone(settings, devices: int) -> dict:
     """The speed figure again, the detection figures (deterministic) kept as they are."""
-    return _updated("learner_alone", learner_alone(settings, devices))
+    return _updated("learner_alone", learner_alone(settings, devices, network=True))
 
 
 _ONE_PASS = """
@@ -268,10 +268,14 @@ def make_run_fleet(settings, config: LearnerConfig, fed_config: FederationConfig
     }
 
 
-def learner_alone(settings, devices: int, repeats: int = 3) -> dict:
+def learner_alone(settings, devices: int, repeats: int = 3, network: bool = False) -> dict:
     """Readings per second of the learner's own loop (the streaming benchmark's
     ``python_learner``) on messages made here: the best of ``repeats`` passes, each from fresh
-    device states, so a noisy neighbour on a shared machine does not set the figure."""
+    device states, so a noisy neighbour on a shared machine does not set the figure.
+
+    ``network``: each pass is followed by one whose rounds also train the supervised network
+    (``train_network``, what ``detector=supervised`` devices do), reported under ``network``
+    beside the default's figures: what that family costs, measured side by side."""
     from benchmarks.streaming_throughput import python_learner
     from streaming.messages import encode_reading_batch
 
@@ -286,22 +290,39 @@ def learner_alone(settings, devices: int, repeats: int = 3) -> dict:
         batch.append(reading)
         if len(batch) == settings.replay_batch:
             messages.append((None, encode_reading_batch(pending.pop(reading.device_id)), None))
-    runs = [python_learner(settings, messages) for _ in range(repeats)]
+    variants = {"default": settings}
+    if network:
+        variants["network"] = replace(settings, train_network=True)
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, variant in variants.items():
+            runs[name].append(python_learner(variant, messages))
+    figures = {name: _best(found) for name, found in runs.items()}
+    for name, found in figures.items():
+        print(
+            f"learner alone ({name}): {found['readings_per_s']:,.0f} readings/s of wall time,"
+            f" {found['readings_per_cpu_s']:,.0f} per CPU second (best of {repeats})",
+            flush=True,
+        )
+    result = {
+        **figures["default"],
+        "devices": devices,
+        "messages": len(messages),
+        "readings_per_message": settings.replay_batch,
+    }
+    if network:
+        result["network"] = figures["network"]
+    return result
+
+
+def _best(runs: list[dict]) -> dict:
     passes = [run["readings_per_s"] for run in runs]
     cpu_passes = [run["readings_per_cpu_s"] for run in runs]
-    print(
-        f"learner alone: {max(passes):,.0f} readings/s of wall time, {max(cpu_passes):,.0f} per"
-        f" CPU second (best of {repeats})",
-        flush=True,
-    )
     return {
         "readings_per_s": max(passes),
         "readings_per_cpu_s": max(cpu_passes),
         "passes": passes,
         "cpu_passes": cpu_passes,
-        "devices": devices,
-        "messages": len(messages),
-        "readings_per_message": settings.replay_batch,
     }
 
 

@@ -212,6 +212,14 @@ def detection_tables(r: dict) -> list[str]:
             + (f", measured {alone['measured_at']}" if "measured_at" in alone else "")
             + "; the machine is shared, and CPU time leaves out what other processes took).",
         ]
+        network = alone.get("network")
+        if network:
+            lines[-1] += (
+                f" With the supervised network trained in every round as well"
+                f" (`FLEAD_TRAIN_NETWORK=true`, or `FLEAD_DETECTOR=supervised`), passes"
+                f" alternating with those: {network['readings_per_s']:,.0f} readings/s of wall"
+                f" time, {network['readings_per_cpu_s']:,.0f} per CPU second."
+            )
     against = r.get("learner_against")
     if against:
         rev = against["revision"]

@@ -108,6 +108,9 @@ class Settings:
     learning_rate: float = 0.2  # local SGD step
     local_epochs: int = 5  # local passes over a round's rows (README: why 5 at 0.2)
     local_batch_size: int = 16
+    # Rounds run SGD on the network only where devices score with it (detector=supervised);
+    # true: always, so the versions carry a trained network to compare (README, Detection).
+    train_network: bool = False
     positive_memory: int = 32  # anomalous rows a device remembers and replays in its rounds
     baseline_gate: float = 4.0  # readings with max |z| above this stay out of the baseline
     contamination: float = 0.02  # share of readings the label-free model's threshold flags

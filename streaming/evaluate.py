@@ -519,9 +519,12 @@ def _fold_runs(
     methods: tuple[str, ...],
     attack: str | None = None,
 ) -> dict[str, FederationRun]:
-    runs = {"federated": federate(train, config, fed_config, encode_sizes=True, attack=attack)}
+    # The network family is reported from the default federation's versions: its devices
+    # train the network as well (the default detector's figures do not depend on it).
+    main = replace(config, train_network=True) if "supervised" in methods else config
+    runs = {"federated": federate(train, main, fed_config, encode_sizes=True, attack=attack)}
     if "linear" in methods:
-        linear = replace(config, hidden=0)
+        linear = replace(config, hidden=0, train_network=True)
         runs["linear"] = federate(train, linear, replace(fed_config, hidden=0))
     if {"label_free", "label_free_gaussian", "label_free_discriminant"} & set(methods):
         runs["label_free"] = federate(train, config, fed_config, strip_labels=True)

@@ -61,6 +61,7 @@ class LearnerConfig:
     personalise: bool = True
     personal_memory: int = 100
     personal_z: float = 3.0
+    train_network: bool = False  # SGD in every round, whatever the detector (trains_network)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_round_samples <= self.train_every:
@@ -81,6 +82,14 @@ class LearnerConfig:
     def network(self) -> Network:
         return Network(features.N_POOLED, self.hidden)
 
+    @property
+    def trains_network(self) -> bool:
+        """Whether rounds run SGD on the supervised network: where the device scores with it
+        (``detector="supervised"``) or :attr:`train_network` asks. ``auto`` never picks it
+        (:func:`streaming.federation.choose_detector`), and its SGD was half of what a device
+        spent per reading, so other detectors' rounds send the network they started from."""
+        return self.train_network or self.detector == "supervised"
+
     @classmethod
     def from_settings(cls, settings) -> LearnerConfig:
         return cls(
@@ -100,6 +109,7 @@ class LearnerConfig:
             personalise=settings.personalise,
             personal_memory=settings.personal_memory,
             personal_z=settings.personal_z,
+            train_network=settings.train_network,
         )
 
 
@@ -416,7 +426,8 @@ def record(
         _reset_scores(state, detector.version)
     logits = normal = disc = None
     if detector.version:
-        logits = detector.supervised_scores(X)
+        # Only a trained network's scores calibrate it: an untrained one gets no threshold.
+        logits = detector.supervised_scores(X) if config.trains_network else None
         if logits is not None:
             state.hist_pos += detectors.histogram(logits[y == 1], LOGIT_EDGES)
             state.hist_neg += detectors.histogram(logits[y == 0], LOGIT_EDGES)
@@ -630,7 +641,7 @@ def train_round(
         X_train,
         y_train,
         learning_rate=config.learning_rate,
-        epochs=config.epochs,
+        epochs=config.epochs if config.trains_network else 0,
         batch_size=config.batch_size,
         seed=seed,
     )

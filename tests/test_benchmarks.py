@@ -70,6 +70,9 @@ def test_detection_quality_benchmark_runs(monkeypatch) -> None:
     assert newest["last_version"] <= fleet["versions"]
     alone = result["learner_alone"]
     assert alone["messages"] == 20 * 200 // 50 and alone["readings_per_s"] == max(alone["passes"])
+    network = alone["network"]  # passes that train the network too, alternating with those
+    assert len(network["passes"]) == len(alone["passes"]) == 3
+    assert network["readings_per_cpu_s"] == max(network["cpu_passes"])
 
 
 def test_streaming_benchmark_runs(kafka_broker, postgres) -> None:

@@ -46,6 +46,7 @@ def config(**overrides) -> LearnerConfig:
         "gate": float("inf"),
         "holdout_fraction": 0.1,
         "seed": 7,
+        "train_network": True,  # rounds run SGD whatever the detector (tested on its own below)
     }
     base.update(overrides)
     return LearnerConfig(**base)
@@ -279,6 +280,41 @@ def test_train_round_result_depends_on_the_global_params():
     assert not np.allclose(a.params, b.params)
 
 
+@pytest.mark.parametrize(
+    ("detector", "train_network", "trains"),
+    [
+        ("auto", False, False),
+        ("discriminant", False, False),
+        ("supervised", False, True),
+        ("auto", True, True),
+    ],
+)
+def test_rounds_train_the_network_only_where_it_is_used(detector, train_network, trains):
+    """``auto`` never scores with the network, so by default its rounds send the network they
+    started from, and its versions' scores of fresh readings do not calibrate it."""
+    cfg = config(hidden=0, epochs=2, detector=detector, train_network=train_network)
+    start = np.random.default_rng(4).normal(size=N_POOLED + 1)
+    model = global_model(cfg, start, version=2)
+    state, scored = scored_batch(cfg)
+    labels = labels_for(140)
+    labels[np.flatnonzero(labels >= 0)[::7]] = 1
+    record(state, scored, labels, Detector(model, cfg), cfg)
+    X = scored.features[scored.warm]
+    rule = rule_of(scored, cfg)[scored.warm]
+    y = np.where(labels[scored.warm] >= 0, labels[scored.warm], rule)
+    calibrated = state.hist_pos.sum() + state.hist_neg.sum()
+    update = train_round(state, "dev", model, cfg, 0)
+    assert update.samples == 50
+    assert calibrated == (np.count_nonzero(scored.warm) if trains else 0)
+    if trains:
+        assert np.abs(update.params - start).max() > 1e-3
+    else:
+        np.testing.assert_array_equal(update.params, start)
+        # What the round reports is the network it sends, on the round's rows.
+        logits = own_logits(start, X[:50])
+        assert update.accuracy == np.mean((logits > 0) == (y[:50] == 1))
+
+
 def test_label_source_majority_of_a_round():
     cfg = config()
     n = 140
@@ -442,7 +478,7 @@ def test_discriminant_decisions_are_the_linear_rule():
 
 
 def test_prequential_counts_equal_a_confusion_of_the_decisions():
-    cfg = config()
+    cfg = config(detector="supervised")
     state, scored = scored_batch(cfg)
     warm = scored.warm
     model = calibrated_model(cfg, scored.features[warm])

@@ -178,8 +178,9 @@ def train(
     sample_w = np.where(y == 1.0, pos_w, 1.0)
     sample_w /= np.add.reduce(sample_w) / n  # mean 1 (sums / n: ndarray.mean without its wrapper)
     p = np.array(params, dtype=np.float64)
-    rng = np.random.default_rng(seed)
-    _sgd(network, p, X, y, sample_w, rng, learning_rate, epochs, batch_size, l2)
+    if epochs:
+        rng = np.random.default_rng(seed)
+        _sgd(network, p, X, y, sample_w, rng, learning_rate, epochs, batch_size, l2)
     s = network.logits(p, X)
     loss = float(np.add.reduce(sample_w * (np.logaddexp(0.0, s) - y * s)) / n)
     return TrainResult(p, loss, np.count_nonzero((s > 0.0) == (y == 1.0)) / n)
