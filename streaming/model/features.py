@@ -287,18 +287,22 @@ def _window_sums(values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray
 
 
 def _rolling(
-    sums: tuple[np.ndarray, np.ndarray, np.ndarray], width: int, n: int
+    sums: tuple[np.ndarray, np.ndarray, np.ndarray], n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and population std of the last ``width`` rows ending at each of the last ``n`` rows
-    (over however many rows exist), from :func:`_window_sums`."""
+    """Mean and population std of the last ``SHORT`` and the last ``LONG`` rows ending at each
+    of the last ``n`` rows (over however many rows exist), from :func:`_window_sums`: each
+    2 × n × C, the short window first (both widths in one pass of numpy calls)."""
     shift, s1, s2 = sums
     total = s1.shape[0] - 1
     end = np.arange(total - n + 1, total + 1)
-    start = np.maximum(end - width, 0)
-    k = (end - start)[:, None].astype(np.float64)
+    start = np.maximum(end - _WIDTHS, 0)
+    k = (end - start)[:, :, None].astype(np.float64)
     m1 = (s1[end] - s1[start]) / k
     var = np.maximum((s2[end] - s2[start]) / k - m1 * m1, 0.0)
     return shift + m1, np.sqrt(var)
+
+
+_WIDTHS = np.array([[SHORT], [LONG]])
 
 
 def _rolling_mean(values: np.ndarray, width: int, n: int) -> np.ndarray:
@@ -319,6 +323,14 @@ def _mahalanobis(v: np.ndarray, precision: np.ndarray) -> np.ndarray:
     return np.minimum(np.sqrt(np.maximum(q, 0.0)), CAP)
 
 
+# The pooled block is reduced in three calls, not fifteen: the per-channel arrays it pools are
+# layers of one (7, n, C) array, |z|, step, |z| of the previous reading, |level| short and
+# long, vol short and long; each reduction over channels fills its columns of the features.
+_POOLED_MAX = [0, 2, 4, 5, 10, 7, 12]  # the columns of each layer's max
+_MEAN_LAYERS, _POOLED_MEAN = [0, 1, 3, 4, 5, 6], [1, 3, 6, 11, 9, 14]
+_POOLED_MIN = [8, 13]  # of the vol layers
+
+
 def _features(
     X: np.ndarray,
     mean: np.ndarray,
@@ -330,43 +342,35 @@ def _features(
     precision: np.ndarray,
     slots: np.ndarray,
 ) -> np.ndarray:
-    n = X.shape[0]
+    n, c = X.shape
     out = np.zeros((n, N_FEATURES))  # filled column by column: no stacking copies
-    abs_z = np.abs(z)
+    layers = np.empty((7, n, c))
+    abs_z = np.abs(z, out=layers[0])
     prev = np.concatenate((history[-1:] if history.shape[0] else X[:1], X[:-1]))
-    step = np.minimum(np.abs(X - prev) / scale, CAP)
-    zprev = np.concatenate((last_abs_z[None, :], abs_z[:-1]))
-    per_channel = 1.0 / X.shape[1]  # sum × 1/C: ndarray.mean's overhead shows in the profile
-    out[:, 0] = _max(abs_z, 1)
-    out[:, 1] = _sum(abs_z, 1) * per_channel
-    out[:, 2] = _max(step, 1)
-    out[:, 3] = _sum(step, 1) * per_channel
-    out[:, 4] = _max(zprev, 1)
-    sums = _window_sums(np.concatenate((history, X)))
-    levels, vols = [], []
-    for column, width in ((5, SHORT), (10, LONG)):
-        w_mean, w_std = _rolling(sums, width, n)
-        level = _clip((w_mean - mean) / scale, CAP)
-        vol = _clip(np.log((w_std + 1e-3 * scale) / scale), VOL_CAP)
-        abs_level = np.abs(level)
-        out[:, column] = _max(abs_level, 1)
-        out[:, column + 1] = _sum(abs_level, 1) * per_channel
-        out[:, column + 2] = _max(vol, 1)
-        out[:, column + 3] = _min(vol, 1)
-        out[:, column + 4] = _sum(vol, 1) * per_channel
-        levels.append(level)
-        vols.append(vol)
+    np.minimum(np.abs(X - prev) / scale, CAP, out=layers[1])  # step
+    layers[2, 0] = last_abs_z
+    layers[2, 1:] = abs_z[:-1]
+    w_mean, w_std = _rolling(_window_sums(np.concatenate((history, X))), n)
+    level = _clip((w_mean - mean) / scale, CAP)
+    np.abs(level, out=layers[3:5])
+    vol = layers[5:7]
+    np.log((w_std + 1e-3 * scale) / scale, out=vol)
+    np.minimum(np.maximum(vol, -VOL_CAP, out=vol), VOL_CAP, out=vol)
+    out[:, _POOLED_MAX] = _max(layers, 2).T
+    # sum × 1/C: ndarray.mean's overhead shows in the profile
+    out[:, _POOLED_MEAN] = (_sum(layers[_MEAN_LAYERS], 2) * (1.0 / c)).T
+    out[:, _POOLED_MIN] = _min(vol, 2).T
     out[:, 15] = _mahalanobis(z, precision)
-    out[:, 16] = _mahalanobis(levels[0], precision)
-    out[:, 17] = _mahalanobis(levels[1], precision)
+    out[:, 16] = _mahalanobis(level[0], precision)
+    out[:, 17] = _mahalanobis(level[1], precision)
     slot = out[:, N_POOLED:].reshape(n, SLOTS, len(SLOT_NAMES))  # a view into out
     used = slots.size
     slot[:, :used, 0] = z[:, slots]
-    slot[:, :used, 1] = levels[1][:, slots]
+    slot[:, :used, 1] = level[1][:, slots]
     # Each z against the baseline of its own time: unlike a window mean against today's
     # baseline, it still shows how unusual the stretch was after the baseline moved on.
     slot[:, :used, 2] = _rolling_mean(np.concatenate((z_history, z))[:, slots], SLOW, n)
-    slot[:, :used, 3] = vols[1][:, slots]
+    slot[:, :used, 3] = vol[1][:, slots]
     return out
 
 
