@@ -106,6 +106,9 @@ class Reading(NamedTuple):
         return self.values[0]
 
 
+_tuple_new = tuple.__new__  # a Reading of its fields in order, without __new__'s argument parsing
+
+
 def single_reading(
     device_id: str, timestamp_ms: int, value: float, label: int | None = None
 ) -> Reading:
@@ -319,9 +322,6 @@ def _reading_from_dict(obj: Any, pairs_checked: bool = True) -> Reading:
     if label is not None and (type(label) is not int or (label != 0 and label != 1)):
         raise InvalidMessage(f"label must be 0, 1, null or absent, got {_describe(label)}")
     return _tuple_new(Reading, (device_id, timestamp_ms, values, label, channels))
-
-
-_tuple_new = tuple.__new__  # Reading's fields in order, without its __new__'s argument parsing
 
 
 def reading_to_dict(reading: Reading) -> dict[str, Any]:

@@ -200,9 +200,9 @@ class Scored:
 _max, _min, _sum = np.maximum.reduce, np.minimum.reduce, np.add.reduce
 
 
-def _clip(values: np.ndarray, cap: float) -> np.ndarray:
-    """``values`` clipped to [-cap, cap] (NaN stays NaN, as with ``np.clip``)."""
-    return np.minimum(np.maximum(values, -cap), cap)
+def _clip(values: np.ndarray, cap: float, out: np.ndarray | None = None) -> np.ndarray:
+    """``values`` clipped to [-cap, cap] (NaN stays NaN, as with ``np.clip``), into ``out``."""
+    return np.minimum(np.maximum(values, -cap, out=out), cap, out=out)
 
 
 def _scale(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
@@ -324,11 +324,13 @@ def _mahalanobis(v: np.ndarray, precision: np.ndarray) -> np.ndarray:
 
 
 # The pooled block is reduced in three calls, not fifteen: the per-channel arrays it pools are
-# layers of one (7, n, C) array, |z|, step, |z| of the previous reading, |level| short and
-# long, vol short and long; each reduction over channels fills its columns of the features.
-_POOLED_MAX = [0, 2, 4, 5, 10, 7, 12]  # the columns of each layer's max
-_MEAN_LAYERS, _POOLED_MEAN = [0, 1, 3, 4, 5, 6], [1, 3, 6, 11, 9, 14]
-_POOLED_MIN = [8, 13]  # of the vol layers
+# the layers of one (7, n, C) array (|z|, step, |z| of the previous reading, |level| and vol of
+# both windows), and each reduction over channels fills its columns of the features.
+_LAYERS = ("z", "step", "zprev", f"level{SHORT}", f"level{LONG}", f"vol{SHORT}", f"vol{LONG}")
+_POOLED_MAX = [POOLED_NAMES.index(f"{layer}_max") for layer in _LAYERS]
+_MEAN_LAYERS = [i for i, layer in enumerate(_LAYERS) if f"{layer}_mean" in POOLED_NAMES]
+_POOLED_MEAN = [POOLED_NAMES.index(f"{_LAYERS[i]}_mean") for i in _MEAN_LAYERS]
+_POOLED_MIN = [POOLED_NAMES.index(f"{layer}_min") for layer in _LAYERS[5:]]  # the vol layers
 
 
 def _features(
@@ -353,9 +355,7 @@ def _features(
     w_mean, w_std = _rolling(_window_sums(np.concatenate((history, X))), n)
     level = _clip((w_mean - mean) / scale, CAP)
     np.abs(level, out=layers[3:5])
-    vol = layers[5:7]
-    np.log((w_std + 1e-3 * scale) / scale, out=vol)
-    np.minimum(np.maximum(vol, -VOL_CAP, out=vol), VOL_CAP, out=vol)
+    vol = _clip(np.log((w_std + 1e-3 * scale) / scale), VOL_CAP, out=layers[5:7])
     out[:, _POOLED_MAX] = _max(layers, 2).T
     # sum × 1/C: ndarray.mean's overhead shows in the profile
     out[:, _POOLED_MEAN] = (_sum(layers[_MEAN_LAYERS], 2) * (1.0 / c)).T
